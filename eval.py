@@ -1,0 +1,262 @@
+"""eval.py: greedy decoding over an eval set and the official metrics of the three tasks.
+
+The metrics follow the public evaluators so numbers compare with the papers:
+  - ScanNet detection: VG-LLM's evaluator (TP/FP/FN summed per class over the set, per-class P/R/F1,
+    averaged over fixed 8/20/31-class lists),
+  - ScanRefer: Acc@0.25 / Acc@0.5 (share of samples with IoU >= threshold; failures count as 0),
+  - VSI-Bench: mean score per question type, the three relative-direction types merged, overall mean.
+Rates and scores are reported x100, as the papers print them; mean IoUs and mean box counts are raw.
+The per-sample records come from rft3d.py (TASKS[task].record); this file only aggregates them.
+"""
+import json
+import math
+import os
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+# --- metrics ---
+
+# VG-LLM's fixed ScanNet class lists (src/lmms_eval/tasks/threedod/utils.py: cate8, cate20, cate31).
+# The 31-list really has "lamp" twice and the typo "towl": kept as is, so our averages compare with
+# VG-LLM's numbers ("lamp" weighs double in the 31-class average, and a "towel" class never counts).
+CLASS_LISTS = {
+    8: ["chair", "cabinet", "table", "bin", "couch", "bed", "bathtub", "toilet"],
+    20: ["chair", "pillow", "cabinet", "table", "lamp", "couch", "desk", "stand", "bed", "backpack",
+         "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave", "monitor",
+         "computer"],
+    31: ["chair", "pillow", "cabinet", "table", "lamp", "couch", "desk", "stand", "bed", "backpack",
+         "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave", "monitor",
+         "computer", "window", "shelf", "curtain", "plant", "stairs", "picture", "book", "bottle", "lamp",
+         "towl", "sink"],
+}
+DET_THRESHOLDS = ("0.25", "0.5")
+REL_DIRECTION = ("object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard")
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _finite(x):
+    """A failed sample's value (None, nan, missing) counts as 0."""
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
+
+
+def precision_recall_f1(tp, fp, fn):
+    """P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2PR/(P+R); 0 on an empty denominator (VG-LLM)."""
+    p = tp / (tp + fp) if tp + fp > 0 else 0.0
+    r = tp / (tp + fn) if tp + fn > 0 else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r > 0 else 0.0)
+
+
+def detection_metrics(records):
+    """records: {"counts": {"0.25": {label: [tp, fp, fn]}, "0.5": {...}}, "n_pred", "n_gt", "iou_gt",
+    "parsed"} per sample. Returns flat keys "{precision|recall|f1}@{thr}/{cate8|cate20|cate31|micro}",
+    "per_class" ({thr: {label: {tp, fp, fn, precision, recall, f1}}}) and sample statistics."""
+    out = {"n": len(records), "per_class": {}}
+    for thr in DET_THRESHOLDS:
+        # 1. TP/FP/FN summed per class over the whole set (not averaged per sample)
+        sums = defaultdict(lambda: [0, 0, 0])
+        for r in records:
+            for label, c in r.get("counts", {}).get(thr, {}).items():
+                for i in range(3):
+                    sums[label][i] += int(c[i])
+        # 2. per-class P/R/F1
+        per_class = {}
+        for label, (tp, fp, fn) in sorted(sums.items()):
+            p, rc, f1 = precision_recall_f1(tp, fp, fn)
+            per_class[label] = {"tp": tp, "fp": fp, "fn": fn,
+                                "precision": 100 * p, "recall": 100 * rc, "f1": 100 * f1}
+        out["per_class"][thr] = per_class
+        # 3. averages over the fixed lists: a class absent from the set counts 0, duplicates count twice
+        for n, names in CLASS_LISTS.items():
+            for m in ("precision", "recall", "f1"):
+                out[f"{m}@{thr}/cate{n}"] = _mean(per_class.get(name, {}).get(m, 0.0) for name in names)
+        # 4. micro: all labels pooled (labels outside the lists count too)
+        p, rc, f1 = precision_recall_f1(*(sum(c[i] for c in sums.values()) for i in range(3)))
+        out[f"precision@{thr}/micro"], out[f"recall@{thr}/micro"], out[f"f1@{thr}/micro"] = 100 * p, 100 * rc, 100 * f1
+    # 5. per-sample statistics: box counts (GRPO may learn to drop boxes), count accuracy, parse rate
+    out["n_pred"] = _mean(_finite(r.get("n_pred")) for r in records)
+    out["n_gt"] = _mean(_finite(r.get("n_gt")) for r in records)
+    out["count_acc"] = 100 * _mean(float(r.get("n_pred") == r.get("n_gt")) for r in records)
+    out["iou_gt"] = _mean(_finite(r.get("iou_gt")) for r in records)
+    out["parse_rate"] = 100 * _mean(float(bool(r.get("parsed"))) for r in records)
+    return out
+
+
+def grounding_metrics(records):
+    """records: {"iou", "frame_pred", "frame_gt", "unique", "parsed"}. Acc@t = share with IoU >= t
+    (ScanRefer / VG-LLM use >=); a failed sample has IoU 0. Split by unique/multiple where the record
+    says (unique is a bool; None = unknown, left out of both splits)."""
+    ious = [_finite(r.get("iou")) for r in records]
+    out = {"n": len(records), "iou": _mean(ious)}
+    splits = {"": list(range(len(records))),
+              "/unique": [i for i, r in enumerate(records) if r.get("unique") is True],
+              "/multiple": [i for i, r in enumerate(records) if r.get("unique") is False]}
+    for name, idx in splits.items():
+        if name and not idx:
+            continue
+        for t in (0.25, 0.5):
+            out[f"acc@{t}{name}"] = 100 * _mean(float(ious[i] >= t) for i in idx)
+        if name:
+            out[f"n{name}"] = len(idx)
+    out["frame_acc"] = 100 * _mean(
+        float(r.get("frame_pred") is not None and r.get("frame_pred") == r.get("frame_gt")) for r in records)
+    out["parse_rate"] = 100 * _mean(float(bool(r.get("parsed"))) for r in records)
+    return out
+
+
+def spatial_metrics(records):
+    """records: {"question_type", "score", "parsed"}. VSI-Bench: mean score per question type; the three
+    object_rel_direction_{easy,medium,hard} means averaged into one "object_rel_direction" (over the
+    sub-types present: VSI-Bench's own code assumes all three); overall = unweighted mean of the task
+    scores present (8 on the full benchmark). All x100."""
+    by_type = defaultdict(list)
+    for r in records:
+        by_type[str(r.get("question_type"))].append(_finite(r.get("score")))
+    scores = {qt: 100 * _mean(v) for qt, v in by_type.items()}
+    rel = [scores.pop(qt) for qt in REL_DIRECTION if qt in scores]
+    if rel:
+        scores["object_rel_direction"] = _mean(rel)
+    out = dict(sorted(scores.items()))
+    out["overall"] = _mean(scores.values())
+    out["parse_rate"] = 100 * _mean(float(bool(r.get("parsed"))) for r in records)
+    out["n"] = len(records)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation: greedy decoding over a dataset, sharded over ranks, per-sample records -> metrics above
+
+METRICS = {"detection": detection_metrics, "grounding": grounding_metrics, "spatial": spatial_metrics}
+PRIMARY_METRIC = {"detection": "f1@0.25/micro", "grounding": "acc@0.25", "spatial": "overall"}  # best-checkpoint choice
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16, think=True,
+             synced_gpus=False, progress=False):
+    """-> {"metrics": dict, "records": list} over the whole dataset, on every rank.
+
+    Each rank decodes a strided shard; shards are padded to equal length (the padding is dropped) so
+    every rank runs the same number of generate calls, which FSDP needs (synced_gpus)."""
+    import rft3d
+
+    task = rft3d.TASKS[task_name]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    shard = list(range(rank, len(dataset), world))
+    per_rank = -(-len(dataset) // world)
+    shard += shard[-1:] * (per_rank - len(shard))  # pad with a repeat, dropped below
+    was_training = model.training
+    model.eval()
+    records = []
+    for start in tqdm(range(0, per_rank, batch_size), desc=f"eval {task_name}", disable=not progress or rank != 0):
+        idx = shard[start:start + batch_size]
+        samples = [dataset[i] for i in idx]
+        encodings = model.encode([s.frames for s in samples])  # once per sample
+        batch = model.prompt_batch(tokenizer, [task.prompt(s, think=think) for s in samples], encodings)
+        completion = model.generate(batch, encodings, max_new_tokens=max_new_tokens, do_sample=False,
+                                    synced_gpus=synced_gpus)
+        texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
+        for j, (i, s, text) in enumerate(zip(idx, samples, texts)):
+            if start + j < len(range(rank, len(dataset), world)):  # not padding
+                records.append({"index": i, "id": s.id, "completion": text, **task.record(s, text)})
+    model.train(was_training)
+    if dist.is_initialized():
+        gathered = [None] * world
+        dist.all_gather_object(gathered, records)
+        records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+    return {"metrics": METRICS[task_name](records), "records": records}
+
+
+def print_table(task_name, metrics):
+    """A readable table: per class for detection, per question type for spatial."""
+    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for k, v in flat.items():
+        print(f"  {k:<32} {v:8.4f}" if isinstance(v, float) else f"  {k:<32} {v:8d}")
+    for k, v in metrics.items():
+        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            cols = sorted({c for x in v.values() for c in x})
+            print(f"\n  {k:<20}" + "".join(f"{c:>10}" for c in cols))
+            for name, row in sorted(v.items()):
+                print(f"  {name:<20}" + "".join(f"{row.get(c, 0):10.3f}" for c in cols))
+
+
+def viz(sample, completion):
+    """Ground truth (green) and prediction (magenta) projected on the frames; a PIL image."""
+    import data
+    from rewards import box_to_world, parse_detections, parse_grounding
+
+    if sample.task == "detection":  # both in the first frame's camera coordinates
+        return data.draw_boxes(sample.frames, sample.intrinsics, sample.cam2global, sample.boxes,
+                               parse_detections(completion), box_frame=0)
+    if sample.task == "grounding":  # both moved to the aligned world frame
+        pred, parsed = [], parse_grounding(completion)
+        if parsed is not None and 0 <= parsed[0] < len(sample.frames):
+            pred = [box_to_world(parsed[1], sample.axis_align @ sample.cam2global[parsed[0]])]
+        return data.draw_boxes(sample.frames, sample.intrinsics, sample.cam2global, [sample.world_box], pred,
+                               box_frame="world", axis_align=sample.axis_align)
+    return data.draw_boxes(sample.frames, None, None, [])  # spatial: the frames, the answer is in the JSONL
+
+
+def main(argv=None):
+    import argparse
+    from pathlib import Path
+
+    import data
+    import model as vgllm
+
+    p = argparse.ArgumentParser(description="Greedy evaluation with the official metrics (DESIGN section 4).")
+    p.add_argument("--ckpt", required=True, help="model dir: our save or a VG-LLM checkpoint")
+    p.add_argument("--task", choices=sorted(METRICS), default="detection", help="which task")
+    p.add_argument("--data", default=None, help="VG-LLM JSON / VSI-Bench file (default: synthetic test scenes)")
+    p.add_argument("--media-root", default=None, help="root of the image/video paths in --data")
+    p.add_argument("--n", type=int, default=400, help="synthetic test scenes (seed 2: never trained on)")
+    p.add_argument("--frames", type=int, default=4, help="frames per video / scene")
+    p.add_argument("--image-size", type=int, default=56, help="synthetic frame size")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    p.add_argument("--no-think", action="store_true", help="prompt without the think/answer instruction (VG-LLM checkpoints)")
+    p.add_argument("--out", default=None, help="where predictions.jsonl / metrics.json go (default: <ckpt>/eval-<task>)")
+    p.add_argument("--viz", type=int, default=0, help="write PNGs of predicted vs ground-truth boxes for N samples")
+    p.add_argument("--bf16", action="store_true", help="load in bf16 (GPU)")
+    args = p.parse_args(argv)
+
+    import rft3d
+
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.bf16 else None
+    cfg = json.loads((Path(args.ckpt) / "config.json").read_text())
+    net, tok = (vgllm.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else vgllm.load_pretrained(args.ckpt, dtype))
+    net.to(device)
+    if args.data:
+        dataset = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
+    else:
+        dataset = data.SyntheticDataset(args.task, args.n, seed=2, frames=args.frames, size=args.image_size)
+    out = evaluate(net, tok, args.task, dataset, args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task],
+                   args.batch_size, think=not args.no_think, progress=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        out_dir = Path(args.out or Path(args.ckpt) / f"eval-{args.task}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with open(out_dir / "predictions.jsonl", "w") as f:
+            for r in out["records"]:
+                f.write(json.dumps(r) + "\n")
+        (out_dir / "metrics.json").write_text(json.dumps(out["metrics"], indent=1))
+        print(f"{args.task}: {len(out['records'])} samples from {args.data or 'synthetic test scenes'}")
+        print_table(args.task, out["metrics"])
+        for r in out["records"][: args.viz]:
+            viz(dataset[r["index"]], r["completion"]).save(out_dir / f"viz-{r['index']:05d}.png")
+        print(f"wrote {out_dir}/predictions.jsonl, metrics.json" + (f" and {args.viz} PNGs" if args.viz else ""))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""rft3d.py: the task layer of 3D-RFT. For each task: sample -> prompt, sample -> SFT target, completion -> reward
+(the task's own metric, computed by rewards.py) and completion -> per-sample eval record (aggregated by eval.py).
+
+Prompts are VG-LLM's training templates word for word (DESIGN.md section 3; its checkpoints were trained on
+them): detection = "<image>\\n" per frame + the instruction; grounding = "Frame-k: <image>" per frame + the
+instruction; spatial = VSI-Bench's pre/post prompts. With think=True one sentence of ours asks for the
+<think>...</think><answer>...</answer> format that the format reward checks.
+
+Adding a fourth task: write its four functions (prompt, target, reward, record) below, give data.py samples
+with task="yourtask", and add one line to TASKS at the bottom of this file. Nothing else dispatches on tasks.
+"""
+import json
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+import rewards
+from data import DET_TEXT, GROUND_TEXT, Sample  # the VG-LLM instruction texts live next to the exporter
+
+IMAGE_PLACEHOLDER = "<image>"
+THINK = ("First think briefly inside <think> </think>, then give the final answer inside <answer> </answer>.")
+VSI_PRE = "These are frames of a video."
+VSI_MC = "Answer with the option's letter from the given choices directly."
+VSI_NUM = "Please answer the question using a single word or phrase."
+
+
+class Task(NamedTuple):
+    prompt: Callable    # (sample, think: bool) -> user text with one "<image>" per frame
+    target: Callable    # sample -> "<think>...</think><answer>...</answer>" (SFT)
+    reward: Callable    # (sample, completion, **opts) -> {"total": float, components...}
+    record: Callable    # (sample, completion) -> JSON-serialisable per-sample eval record
+
+
+def _num(x):
+    """A number at 2 decimals, never "-0.00" (one spelling per value keeps the target easy to learn)."""
+    s = f"{float(x):.2f}"
+    return "0.00" if s == "-0.00" else s
+
+
+def _box(box):
+    return "[" + ", ".join(_num(x) for x in box) + "]"
+
+
+def _with_think(text, think):
+    return (text if text.endswith("\n") else text + "\n") + THINK if think else text
+
+
+def _sft(think, answer):
+    return f"<think>{think}</think><answer>{answer}</answer>"
+
+
+# ---- 1. detection: 9-DoF boxes in the first frame's camera coordinates, reward = format + IoU + F1 ----------
+def detection_prompt(s: Sample, think=False):
+    return _with_think(f"{IMAGE_PLACEHOLDER}\n" * len(s.frames) + DET_TEXT, think)
+
+
+def detection_target(s: Sample):
+    labels = [b["label"] for b in s.boxes]
+    seen = f"I see {len(labels)} object{'s' if len(labels) != 1 else ''}: {', '.join(labels)}." if labels \
+        else "I see no objects."
+    boxes = ", ".join(f'{{"label": {json.dumps(b["label"])}, "bbox_3d": {_box(b["bbox_3d"])}}}' for b in s.boxes)
+    return _sft(seen, f"[{boxes}]")
+
+
+def detection_reward(s: Sample, completion, iou_mode="paper", **_):
+    return rewards.detection_reward(completion, s.boxes, iou_mode=iou_mode)
+
+
+def detection_record(s: Sample, completion):
+    pred = rewards.parse_detections(completion)
+    ious = [max([rewards.iou_3d(p["bbox_3d"], g["bbox_3d"]) for p in pred if p["label"] == g["label"]],
+                default=0.0) for g in s.boxes]
+    try:   # parsed = the answer is a JSON list (an empty list is a valid "nothing here")
+        parsed = bool(pred) or isinstance(json.loads(rewards.answer_text(completion)), list)
+    except ValueError:
+        parsed = False
+    return {"counts": {str(t): rewards.match_by_label(pred, s.boxes, t) for t in (0.25, 0.5)},
+            "n_pred": len(pred), "n_gt": len(s.boxes), "iou_gt": float(np.mean(ious)) if ious else 0.0,
+            "parsed": parsed}
+
+
+# ---- 2. grounding: frame index + box in that frame's camera, reward = format + frame + IoU (world) --------
+def grounding_prompt(s: Sample, think=False):
+    frames = "".join(f"Frame-{k}: {IMAGE_PLACEHOLDER}" for k in range(len(s.frames)))
+    return _with_think(f"{frames}\n" + GROUND_TEXT.format(s.description), think)
+
+
+def grounding_target(s: Sample):
+    what = f"the {s.meta['label']}" if s.meta.get("label") else "the object"
+    answer = f'{{"frame": {int(s.target_frame)}, "bbox_3d": {_box(s.target_box)}}}'
+    return _sft(f"The target is {what}, seen best in frame {int(s.target_frame)}.", answer)
+
+
+def grounding_reward(s: Sample, completion, **_):
+    return rewards.grounding_reward(completion, s.world_box, s.target_frame, s.cam2global, s.axis_align)
+
+
+def grounding_record(s: Sample, completion):
+    parsed = rewards.parse_grounding(completion)
+    iou = 0.0
+    if parsed is not None and s.cam2global is not None and 0 <= parsed[0] < len(s.cam2global):
+        E = np.asarray(s.axis_align) @ np.asarray(s.cam2global[parsed[0]])
+        iou = rewards.iou_3d(rewards.box_to_world(parsed[1], E), s.world_box)
+    return {"iou": float(iou), "frame_pred": None if parsed is None else int(parsed[0]),
+            "frame_gt": int(s.target_frame), "unique": s.meta.get("unique"), "parsed": parsed is not None}
+
+
+# ---- 3. spatial (VSI-Bench): option letter (exact match) or number (MRA), reward = format + score ------------
+def spatial_prompt(s: Sample, think=False):
+    text = IMAGE_PLACEHOLDER * len(s.frames) + f"{VSI_PRE}\n{s.question}"
+    if s.options:   # multiple choice
+        text += "\nOptions:\n" + "\n".join(s.options) + f"\n{VSI_MC}"
+    else:           # a number
+        text += f"\n{VSI_NUM}"
+    return _with_think(text, think)
+
+
+def spatial_target(s: Sample):
+    labels = [o["label"] for o in s.meta.get("objects", [])]
+    seen = f"I see {len(labels)} objects: {', '.join(labels)}." if labels else "I look at the frames."
+    return _sft(seen, s.ground_truth)
+
+
+def spatial_reward(s: Sample, completion, **_):
+    return rewards.spatial_reward(completion, s.ground_truth, s.options or None)
+
+
+def spatial_record(s: Sample, completion):
+    r = spatial_reward(s, completion)
+    return {"question_type": s.question_type, "score": float(r["accuracy"]),
+            "parsed": rewards.parse_spatial(completion) is not None}
+
+
+# ---- the task table: a fourth task is one more line here ----------------------------------------------------
+TASKS = {
+    "detection": Task(detection_prompt, detection_target, detection_reward, detection_record),
+    "grounding": Task(grounding_prompt, grounding_target, grounding_reward, grounding_record),
+    "spatial": Task(spatial_prompt, spatial_target, spatial_reward, spatial_record),
+}
+
+# Completion length caps for generation: room for the think sentence and the longest synthetic answer in
+# the tiny tokenizer (3 boxes); raise --max-new-tokens for real scenes with many objects.
+MAX_NEW_TOKENS = {"detection": 256, "grounding": 96, "spatial": 48}

@@ -1,0 +1,487 @@
+"""data.py: synthetic labels agree with the rendered pixels and with independent recomputations; the real-data
+readers read small fixtures in each layout (written here) and reject bad rows with file + row in the message."""
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+# ---- independent geometry (not data.py's): rotations by Rodrigues' formula, corners, hulls ------------------
+def rot(axis, t):
+    k = np.eye(3)[axis]
+    Kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(t) * Kx + (1 - math.cos(t)) * Kx @ Kx
+
+
+def R_zxy(a, b, c):
+    return rot(2, a) @ rot(0, b) @ rot(1, c)
+
+
+def corners(box):
+    u = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], float) - 0.5
+    return np.asarray(box[:3]) + (u * box[3:6]) @ R_zxy(*box[6:9]).T
+
+
+def hull(points):
+    """Convex hull (counter-clockwise in image coordinates with y down: we just need consistency) by the
+    monotone chain."""
+    pts = sorted(map(tuple, points))
+    cross = lambda o, a, b: (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+    lo, up = [], []
+    for p in pts:
+        while len(lo) >= 2 and cross(lo[-2], lo[-1], p) <= 0:
+            lo.pop()
+        lo.append(p)
+    for p in reversed(pts):
+        while len(up) >= 2 and cross(up[-2], up[-1], p) <= 0:
+            up.pop()
+        up.append(p)
+    return np.array(lo[:-1] + up[:-1])
+
+
+def signed_dist_inside(poly, p):
+    """Distance of points p [N,2] to the hull boundary, positive inside."""
+    e = np.roll(poly, -1, 0) - poly
+    n = np.stack([-e[:, 1], e[:, 0]], 1) / np.linalg.norm(e, axis=1, keepdims=True)
+    return ((p[:, None, :] - poly[None]) * n[None]).sum(-1).min(1)
+
+
+def scene_of(s):
+    """The scene as data.render wants it, with camera -> aligned-world poses E_k."""
+    return {"objects": s.meta["objects"], "room": s.meta["room"], "c2w": s.axis_align @ s.cam2global}
+
+
+def same_box(a, b, tol=1e-6):
+    return np.allclose(a[:6], b[:6], atol=tol) and np.allclose(R_zxy(*a[6:9]), R_zxy(*b[6:9]), atol=tol)
+
+
+# ---- Euler angles ---------------------------------------------------------------------------------------------
+def test_euler_round_trip():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        a, c = rng.uniform(-math.pi, math.pi, 2)
+        b = rng.uniform(-math.pi / 2 + 1e-3, math.pi / 2 - 1e-3)
+        assert np.allclose(data.euler_to_matrix(a, b, c), R_zxy(a, b, c), atol=1e-12)
+        assert np.allclose(data.matrix_to_euler(R_zxy(a, b, c)), (a, b, c), atol=1e-9)
+    for b in (math.pi / 2, -math.pi / 2):   # gimbal lock: angles differ, the rotation must not
+        R = R_zxy(0.3, b, -1.1)
+        assert np.allclose(R_zxy(*data.matrix_to_euler(R)), R, atol=1e-9)
+
+
+# ---- synthetic labels vs pixels -----------------------------------------------------------------------------
+def test_gt_boxes_cover_their_pixels():
+    ds = data.SyntheticDataset("detection", 12, seed=3, max_objects=3)
+    checked = 0
+    for s in ds:
+        S, H, W = s.frames.shape[:3]
+        img, ids = data.render(scene_of(s), s.intrinsics, H, W)
+        assert np.array_equal(img, s.frames)
+        v, u = np.mgrid[0:H, 0:W] + 0.5
+        pix = np.stack([u.ravel(), v.ravel()], 1)
+        E = s.axis_align @ s.cam2global
+        for b in s.boxes:
+            j = next(i for i, o in enumerate(s.meta["objects"]) if same_box(data.transform_box(b["bbox_3d"], E[0]),
+                                                                           o["box"]))
+            for k in range(S):
+                T = np.linalg.inv(E[k]) @ E[0]
+                c = corners(b["bbox_3d"]) @ T[:3, :3].T + T[:3, 3]   # the box in camera k
+                if np.any(c[:, 2] < 0.05):
+                    continue
+                uv = (c @ s.intrinsics.T)[:, :2] / c[:, 2:]
+                d = signed_dist_inside(hull(uv), pix).reshape(H, W)
+                mine = ids[k] == j
+                assert np.all(d[mine] > -1e-6), "pixels of the object fall outside its projected GT box"
+                if s.meta["objects"][j]["shape"] == "box":   # a box's silhouette is exactly the hull
+                    assert np.all(ids[k][d > 1.0] >= 0), "the projected GT box covers floor or wall pixels"
+                checked += mine.sum()
+        assert len(s.boxes) == len(s.meta["objects"])   # every object is visible somewhere
+        assert all(max(p) >= 6 for p in s.meta["pixels"])
+    assert checked > 1000
+
+
+def test_camera_boxes_map_back_to_world():
+    for s in data.SyntheticDataset("detection", 10, seed=1):
+        E0 = s.axis_align @ s.cam2global[0]
+        world = [data.transform_box(b["bbox_3d"], E0) for b in s.boxes]
+        for o in s.meta["objects"]:
+            assert sum(same_box(w, o["box"]) for w in world) == 1
+            assert abs(o["box"][2] - o["box"][5] / 2) < 1e-9 and o["box"][7] == o["box"][8] == 0   # on the floor
+        assert not np.allclose(s.axis_align, np.eye(4))   # the raw frame really differs from the aligned one
+    for s in data.SyntheticDataset("grounding", 10, seed=1):
+        E = s.axis_align @ s.cam2global[s.target_frame]
+        assert same_box(data.transform_box(s.target_box, E), s.world_box)
+        px = np.array(s.meta["pixels"][s.meta["target"]])
+        assert s.target_frame == int(np.argmax(px))
+        same = [o for o in s.meta["objects"] if o["label"] == s.meta["label"]]
+        assert s.meta["unique"] == (len(same) == 1)
+
+
+def resolve(expr, objects):
+    """Indices of the objects an expression of ours can mean (independent of data.py's generator)."""
+    colour = {c[0]: c[1] for c in data.CATEGORIES}
+    vol = lambda o: np.prod(o["box"][3:6])
+    dist = lambda a, b: np.linalg.norm(np.subtract(a["box"][:2], b["box"][:2]))
+    idx = range(len(objects))
+    m = re.fullmatch(r"The (largest|smallest) (.+)\.", expr)
+    if m:
+        cands = [i for i in idx if objects[i]["label"] == m.group(2)]
+        best = (max if m.group(1) == "largest" else min)(cands, key=lambda i: vol(objects[i]))
+        return [best]
+    m = re.fullmatch(r"The (.+) (closest to|farthest from) the (.+)\.", expr)
+    if m:
+        refs = [o for o in objects if o["label"] == m.group(3)]
+        assert len(refs) == 1
+        cands = [i for i in idx if objects[i]["label"] == m.group(1)]
+        pick = min if m.group(2) == "closest to" else max
+        return [pick(cands, key=lambda i: dist(objects[i], refs[0]))]
+    m = re.fullmatch(r"The (\w+) (box|cylinder)\.", expr)
+    if m:
+        return [i for i in idx if colour[objects[i]["label"]] == m.group(1) and objects[i]["shape"] == m.group(2)]
+    label = next(c for c in colour if expr in (f"The {c}.", f"The {colour[c]} {c} in the room."))
+    return [i for i in idx if objects[i]["label"] == label]
+
+
+def test_referring_expressions_are_unambiguous():
+    forms = set()
+    for s in data.SyntheticDataset("grounding", 80, seed=4, min_objects=2, max_objects=4):
+        assert resolve(s.description, s.meta["objects"]) == [s.meta["target"]], s.description
+        forms.add(re.sub(r"the .*", "", s.description.split(" ", 1)[1]))
+    assert len(forms) >= 4   # several kinds of expression occur
+
+
+def test_objects_do_not_interpenetrate():
+    for s in data.SyntheticDataset("detection", 30, seed=5, min_objects=3, max_objects=3):
+        obs = s.meta["objects"]
+        for i in range(len(obs)):
+            for j in range(i + 1, len(obs)):
+                assert min_footprint_distance(obs[i], obs[j]) > 0.05
+
+
+# ---- spatial answers recomputed independently -----------------------------------------------------------------
+def footprint_points(o, n=400):
+    """Points on the boundary of an object's footprint."""
+    x, y = o["box"][:2]
+    if o["shape"] == "cylinder":
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        return np.stack([x + o["box"][3] / 2 * np.cos(t), y + o["box"][3] / 2 * np.sin(t)], 1)
+    c = corners(o["box"])[[0, 4, 6, 2], :2]   # the bottom rectangle
+    t = np.linspace(0, 1, n // 4, endpoint=False)[:, None]
+    return np.concatenate([c[i] + t * (c[(i + 1) % 4] - c[i]) for i in range(4)])
+
+
+def min_footprint_distance(a, b):
+    p, q = footprint_points(a), footprint_points(b)
+    return np.sqrt(((p[:, None] - q[None]) ** 2).sum(-1)).min()
+
+
+def letter_of(s, text):
+    return next(o[0] for o in s.options if o[3:] == text)
+
+
+def test_spatial_answers_recomputed():
+    seen = set()
+    for qt in data.SPATIAL_TYPES:
+        for s in data.SyntheticDataset("spatial", 6, seed=11, question_types=[qt]):
+            seen.add(s.question_type)
+            obs, q = s.meta["objects"], s.question
+            by = {o["label"]: o for o in obs}
+            names = [n for n in by if re.search(rf"\b{n}\b", q)]
+            if s.question_type == "object_counting":
+                cat = re.search(r"How many (.+)\(s\)", q).group(1)
+                assert s.ground_truth == str(sum(o["label"] == cat for o in obs))
+            elif s.question_type == "object_size_estimation":
+                assert abs(float(s.ground_truth) - 100 * max(by[names[0]]["box"][3:6])) <= 0.5
+            elif s.question_type == "room_size_estimation":
+                x0, y0, x1, y1, _ = s.meta["room"]
+                assert abs(float(s.ground_truth) - (x1 - x0) * (y1 - y0)) <= 0.05
+            elif s.question_type == "object_abs_distance":
+                a, b = re.search(r"apart are the (.+) and the (.+) \(in meters\)", q).groups()
+                assert abs(float(s.ground_truth) - min_footprint_distance(by[a], by[b])) < 0.02
+            elif s.question_type == "object_rel_distance":
+                choices = re.search(r"\((.+)\)", q).group(1).split(", ")
+                query = re.search(r"nearest to the (.+)\?", q).group(1)
+                best = min(choices, key=lambda c: min_footprint_distance(by[c], by[query]))
+                assert s.ground_truth == letter_of(s, best)
+            elif s.question_type.startswith("object_rel_direction"):
+                p, o, t = re.search(r"next to the (.+) and looking toward the (.+), is the (.+?) (on|to) ", q).groups()[:3]
+                f = np.subtract(by[o]["box"][:2], by[p]["box"][:2])
+                v = np.subtract(by[t]["box"][:2], by[p]["box"][:2])
+                f3, v3 = np.append(f, 0), np.append(v, 0)   # z up: a positive cross product is to the left
+                left = np.cross(f3, v3)[2] > 0
+                ahead = f @ v > 0
+                cos = f @ v / np.linalg.norm(f) / np.linalg.norm(v)
+                if s.question_type.endswith("easy"):
+                    want = "left" if left else "right"
+                elif s.question_type.endswith("medium"):
+                    want = "back" if cos <= math.cos(math.radians(135)) else ("left" if left else "right")
+                else:
+                    want = ("front-" if ahead else "back-") + ("left" if left else "right")
+                assert s.ground_truth == letter_of(s, want), (q, s.options, s.ground_truth)
+            elif s.question_type == "obj_appearance_order":
+                H, W = s.frames.shape[1:3]
+                _, ids = data.render(scene_of(s), s.intrinsics, H, W)
+                cats = re.search(r"video: (.+)\?", q).group(1).split(", ")
+                first = {c: next(k for k in range(len(ids)) if (ids[k] == obs.index(by[c])).sum() >= 6) for c in cats}
+                assert s.ground_truth == letter_of(s, ", ".join(sorted(cats, key=first.get)))
+            if s.options:
+                assert [o[:3] for o in s.options] == [f"{L}. " for L in "ABCD"[:len(s.options)]]
+                assert s.ground_truth in "ABCD"[:len(s.options)]
+            else:
+                float(s.ground_truth)
+    assert seen == set(data.SPATIAL_TYPES)
+
+
+# ---- determinism, loaders -----------------------------------------------------------------------------------
+def test_same_seed_same_samples_and_workers():
+    a = data.SyntheticDataset("grounding", 6, seed=7)
+    b = data.SyntheticDataset("grounding", 6, seed=7)
+    c = data.SyntheticDataset("grounding", 6, seed=8)
+    for i in range(6):
+        assert np.array_equal(a[i].frames, b[i].frames) and a[i].target_box == b[i].target_box
+        assert a[i].description == b[i].description and np.array_equal(a[i].cam2global, b[i].cam2global)
+    assert not np.array_equal(a[0].frames, c[0].frames)
+    loader = torch.utils.data.DataLoader(a, batch_size=3, num_workers=2, collate_fn=data.collate)
+    got = [s for batch in loader for s in batch]
+    assert [s.id for s in got] == [a[i].id for i in range(6)]
+    assert all(np.array_equal(s.frames, a[i].frames) for i, s in enumerate(got))
+
+
+def test_knobs():
+    s = data.SyntheticDataset("detection", 1, seed=0, frames=6, size=(48, 64), min_objects=3, max_objects=3)[0]
+    assert s.frames.shape == (6, 48, 64, 3) and s.frames.dtype == np.uint8 and s.cam2global.shape == (6, 4, 4)
+    assert len(s.boxes) == 3
+
+
+# ---- export -> real readers ----------------------------------------------------------------------------------
+def assert_same(a, b):
+    assert a.id == b.id and a.task == b.task
+    assert np.array_equal(a.frames, b.frames)
+    assert np.allclose(a.cam2global, b.cam2global, atol=1e-9) and np.allclose(a.axis_align, b.axis_align)
+    assert np.allclose(a.intrinsics, b.intrinsics)
+    for k in ("description", "target_frame", "question", "options", "ground_truth", "question_type"):
+        assert getattr(a, k) == getattr(b, k), k
+    assert len(a.boxes) == len(b.boxes)
+    for x, y in zip(a.boxes, b.boxes):
+        assert x["label"] == y["label"] and np.allclose(x["bbox_3d"], y["bbox_3d"])
+    assert np.allclose(a.target_box or [0], b.target_box or [0]) and np.allclose(a.world_box or [0], b.world_box or [0])
+
+
+@pytest.mark.parametrize("task", data.TASK_NAMES)
+def test_export_round_trip(task, tmp_path):
+    ds = data.SyntheticDataset(task, 4, seed=2)
+    path = data.export_vgllm(ds, str(tmp_path))
+    back = data.load_dataset(task, path)
+    assert len(back) == 4 and back.n_skipped == 0
+    for i in range(4):
+        assert_same(ds[i], back[i])
+    if task == "grounding":
+        assert back[0].meta["unique"] == ds[0].meta["unique"]
+    if task != "spatial":
+        row = json.load(open(path))[0]
+        assert row["conversations"][0]["value"].count("<image>") == 4 and row["conversations"][1]["from"] == "gpt"
+
+
+def test_main_export_and_show(tmp_path):
+    data.main(["export", "--task", "detection", "--n", "3", "--out", str(tmp_path / "x")])
+    assert len(json.load(open(tmp_path / "x" / "detection.json"))) == 3
+    data.main(["show", "--task", "grounding", "--seed", "0", "--out", str(tmp_path / "g.png")])
+    assert Image.open(tmp_path / "g.png").size == (4 * 56 * 4, 56 * 4)
+
+
+def test_draw_boxes_two_colours():
+    s = data.SyntheticDataset("detection", 1, seed=0)[0]
+    pred = [dict(b, bbox_3d=list(np.add(b["bbox_3d"], [0.2, 0, 0, 0, 0, 0, 0, 0, 0]))) for b in s.boxes]
+    im = np.asarray(data.draw_boxes(s.frames, s.intrinsics, s.cam2global, s.boxes, pred))
+    assert im.shape == (56 * 4, 4 * 56 * 4, 3)
+    for col in ((60, 255, 60), (255, 60, 255)):
+        assert (im == col).all(-1).sum() > 50
+
+
+# ---- fixtures in the real layouts, written here -------------------------------------------------------------
+def write_images(root, rel_paths, size=(40, 30), seed=0):
+    rng = np.random.default_rng(seed)
+    for p in rel_paths:
+        os.makedirs(os.path.dirname(os.path.join(root, p)), exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(root, p))
+
+
+def pose(t):
+    T = np.eye(4)
+    T[:3, :3] = R_zxy(t, -1.9, 0.1)
+    T[:3, 3] = [t, 2 * t, 1.5]
+    return T
+
+
+def test_vgllm_detection_fixture(tmp_path):
+    media = tmp_path / "media"
+    imgs = [f"scannet/posed_images/scene0000_00/{k:05d}.jpg" for k in (0, 10, 20, 30)]
+    write_images(media, imgs)
+    row = {"conversations": [{"from": "human", "value": "<image>\n" * 4 + data.DET_TEXT},
+                             {"from": "gpt", "value": "```json\n[]```"}],
+           "images": imgs, "boxes": [{"bbox_3d": [0.1, 0.2, 2.0, 0.5, 0.5, 0.9, 0.1, -0.2, 0.3], "label": "chair"}],
+           "cam2img": [[577.0, 0, 319.5, 0], [0, 578.0, 239.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
+           "cam2global": [pose(k).tolist() for k in range(4)], "axis_align_matrix": np.eye(4).tolist()}
+    path = tmp_path / "scannet_det_val_4frames.json"
+    path.write_text(json.dumps([row, {k: v for k, v in row.items() if k not in ("cam2global", "cam2img")}]))
+    ds = data.load_dataset("detection", str(path), media_root=str(media))
+    s = ds[0]
+    assert s.frames.shape == (4, 30, 40, 3) and s.boxes[0]["label"] == "chair" and s.intrinsics[0, 0] == 577
+    assert np.allclose(s.cam2global[1], pose(1)) and ds[1].cam2global is None
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=data.collate)
+    assert [np.array_equal(a.frames, b.frames) for a, b in zip(next(iter(loader)), ds)] == [True, True]
+    s2 = data.load_dataset("detection", str(path), media_root=str(media), frames=2)[0]   # linspace(0, 3, 2)
+    assert len(s2.frames) == 2 and np.allclose(s2.cam2global[1], pose(3))
+
+
+def test_scanrefer_fixture(tmp_path):
+    media = tmp_path / "media"
+    imgs = [f"scannet/posed_images/scene0011_00/{k:05d}.jpg" for k in range(0, 60, 10)]
+    write_images(media, imgs)
+    A = np.eye(4)
+    A[:3, :3] = R_zxy(0.5, 0, 0)
+    A[:3, 3] = [1, -2, 0.1]
+    world = [1.0, 2.0, 0.5, 0.6, 0.4, 1.0, 0, 0, 0]
+    tokens = "".join(f"Frame-{k}: <image>" for k in range(6))
+    prompt = data.GROUND_TEXT.format("This is a brown chair. it is next to the table.")
+    base = {"images": imgs, "gt_bbox": world, "prompt": prompt, "cam2global": [pose(k).tolist() for k in range(6)],
+            "axis_align_matrix": A.tolist(), "cam2img": np.eye(4).tolist(),
+            "conversations": [{"value": f"{tokens}\n{prompt}", "from": "human"}, {"value": "", "from": "gpt"}]}
+    target_box = data.transform_box(world, np.linalg.inv(A @ pose(4)))
+    rows = [dict(base, metadata={"dataset": "scanrefer", "question_type": "multiple", "ann_id": "0",
+                                 "object_id": "7"}, target={"frame": 4, "bbox_3d": target_box}),
+            dict(base, metadata={"dataset": "scanrefer", "question_type": "unique", "ann_id": "1",
+                                 "object_id": "3"}, target=None)]
+    path = tmp_path / "scanrefer_val_6frames.json"
+    path.write_text(json.dumps(rows))
+    ds = data.load_dataset("grounding", str(path), media_root=str(media))
+    s, v = ds[0], ds[1]
+    assert s.description == "This is a brown chair. it is next to the table."
+    assert s.target_frame == 4 and np.allclose(s.target_box, target_box) and s.meta["unique"] is False
+    assert v.target_frame == -1 and v.meta["unique"] is True and np.allclose(v.world_box, world)
+    sub = data.load_dataset("grounding", str(path), media_root=str(media), frames=3)[0]   # frames 0, 2(.5->2), 5
+    assert sub.target_frame == 2 and len(sub.frames) == 3   # frame 4 -> the nearest kept frame (index 5)
+    E = A @ sub.cam2global[2]
+    assert same_box(data.transform_box(sub.target_box, E), world)
+
+
+def test_scannet_posed_folder_skips_bad_poses(tmp_path):
+    folder = tmp_path / "scene0000_00"
+    write_images(folder, [f"{k:05d}.jpg" for k in range(0, 100, 10)])
+    write_images(folder, [f"{k:05d}.png" for k in range(0, 100, 10)], size=(8, 6))   # depth maps: ignored
+    for k in range(0, 100, 10):
+        m = pose(k / 100)
+        if k == 30:
+            m[0, 0] = -np.inf
+        np.savetxt(folder / f"{k:05d}.txt", m)
+    np.savetxt(folder / "intrinsic.txt", np.diag([500.0, 500.0, 1.0, 1.0]))
+    frames, c2g, K, names = data.read_posed_folder(str(folder), 4)
+    valid = [f"{k:05d}.jpg" for k in range(0, 100, 10) if k != 30]   # 9 frames
+    assert names == [valid[i] for i in (0, 3, 5, 8)]   # round(linspace(0, 8, 4)) = 0, 3, 5, 8 (2.67 -> 3)
+    assert frames.shape == (4, 30, 40, 3) and np.all(np.isfinite(c2g)) and K[0, 0] == 500
+    assert np.allclose(c2g[1], pose(0.4))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json"])
+def test_vsibench_fixture(tmp_path, fmt):
+    folder = tmp_path / "media" / "scannet" / "scene0011_00"
+    write_images(folder, [f"{k:05d}.png" for k in range(20)])
+    rows = [{"id": 1, "dataset": "scannet", "scene_name": "scene0011_00", "question_type": "object_counting",
+             "question": "How many chair(s) are in this room?", "options": None, "ground_truth": "4"},
+            {"id": 2, "dataset": "scannet", "scene_name": "scene0011_00", "question_type": "object_rel_direction_easy",
+             "question": "If I am standing by the sofa and facing the tv, is the lamp to the left or the right of the tv?",
+             "options": ["A. left", "B. right"], "ground_truth": "B"}]
+    path = tmp_path / f"vsibench.{fmt}"
+    path.write_text("\n".join(map(json.dumps, rows)) if fmt == "jsonl" else json.dumps(rows))
+    ds = data.load_dataset("spatial", str(path), frames=8)
+    a, b = ds[0], ds[1]
+    assert a.frames.shape == (8, 30, 40, 3) and a.ground_truth == "4" and a.options == [] and a.id == "1"
+    assert b.options == ["A. left", "B. right"] and b.question_type == "object_rel_direction_easy"
+    assert a.cam2global is None
+
+
+VSI_ROW = {"id": 7, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "room_size_estimation",
+           "question": "What is the size of this room (in square meters)?", "options": None, "ground_truth": "23.6"}
+
+
+def test_vsibench_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")   # optional: data.py imports it lazily
+    import pyarrow.parquet as pq
+    write_images(tmp_path / "arkitscenes" / "41069025", [f"{k:05d}.jpg" for k in range(5)])
+    pq.write_table(pa.Table.from_pylist([VSI_ROW]), tmp_path / "test.parquet")
+    s = data.load_dataset("spatial", str(tmp_path / "test.parquet"), media_root=str(tmp_path), frames=3)[0]
+    assert s.ground_truth == "23.6" and s.options == [] and len(s.frames) == 3
+
+
+def test_vsibench_video(tmp_path):
+    av = pytest.importorskip("av")   # optional: data.py imports it lazily
+    os.makedirs(tmp_path / "arkitscenes")
+    with av.open(str(tmp_path / "arkitscenes" / "41069025.mp4"), "w") as c:
+        st = c.add_stream("mpeg4", rate=10)
+        st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+        for i in range(30):   # frame i is a flat grey of level 8 * i: the sampled indices can be read back
+            fr = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), format="rgb24")
+            c.mux(st.encode(fr))
+        c.mux(st.encode())
+    (tmp_path / "vsi.json").write_text(json.dumps([VSI_ROW]))
+    s = data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path), frames=4)[0]
+    assert s.frames.shape == (4, 48, 64, 3)
+    levels = s.frames.reshape(4, -1).mean(1) / 8
+    assert np.allclose(levels, [0, 10, 19, 29], atol=1.0)   # round(linspace(0, 29, 4)) = 0, 10, 19, 29
+
+
+# ---- bad rows -----------------------------------------------------------------------------------------------
+def test_bad_rows_raise_with_file_and_row_or_are_counted(tmp_path):
+    media = tmp_path / "media"
+    write_images(media, ["a/00000.jpg"])
+    good = {"images": ["a/00000.jpg"], "boxes": [{"label": "chair", "bbox_3d": [0] * 9}], "conversations": []}
+    rows = [good, dict(good, boxes=[{"label": "chair", "bbox_3d": [0] * 8}]),   # 8 numbers
+            {k: v for k, v in good.items() if k != "boxes"},                     # no boxes
+            dict(good, images=["a/missing.jpg"]),                                # missing file
+            dict(good, cam2global=[[[1.0] * 4] * 3]), "not a row", good]         # wrong-shaped pose, a string
+    path = tmp_path / "det.json"
+    path.write_text(json.dumps(rows))
+    for bad, what in ((1, "9 finite numbers"), (2, "boxes"), (3, "missing.jpg")):
+        p = tmp_path / f"det{bad}.json"
+        p.write_text(json.dumps([good, rows[bad]]))
+        with pytest.raises(ValueError, match=rf"{re.escape(str(p))}: row 1: .*{what}"):
+            data.load_dataset("detection", str(p), media_root=str(media))
+    ds = data.load_dataset("detection", str(path), media_root=str(media), skip_bad=True)
+    assert len(ds) == 2 and ds.n_skipped == 5 and ds[1].id == "det.json:6"
+    # a corrupt image is found when read: the error still names the file and the row
+    (media / "a" / "00000.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"det.json: row 0: cannot read"):
+        ds[0]
+    # JSONL: a line that is not JSON; VSI: a missing video
+    p = tmp_path / "vsi.jsonl"
+    p.write_text('{"id": 0}\nnot json\n' + json.dumps({"dataset": "arkitscenes", "scene_name": "41069025",
+                 "question_type": "room_size_estimation", "question": "q", "ground_truth": "20"}) + "\n")
+    with pytest.raises(ValueError, match=r"vsi.jsonl: row 0: .*dataset"):
+        data.load_dataset("spatial", str(p), media_root=str(tmp_path))
+    ds = data.load_dataset("spatial", str(p), media_root=str(tmp_path), skip_bad=True)
+    assert len(ds) == 0 and ds.n_skipped == 3
+    p.write_text(p.read_text().splitlines()[-1])
+    with pytest.raises(ValueError, match=r"vsi.jsonl: row 0: .*arkitscenes/41069025.mp4"):
+        data.load_dataset("spatial", str(p), media_root=str(tmp_path))
+
+
+def test_missing_optional_packages_give_clear_errors(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "av", None)        # as if PyAV were not installed
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    os.makedirs(tmp_path / "arkitscenes")
+    (tmp_path / "arkitscenes" / "41069025.mp4").write_bytes(b"")
+    (tmp_path / "vsi.json").write_text(json.dumps([VSI_ROW]))
+    ds = data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path))
+    with pytest.raises(ImportError, match="pip install av"):
+        ds[0]
+    (tmp_path / "x.parquet").write_bytes(b"")
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        data.load_dataset("spatial", str(tmp_path / "x.parquet"))

@@ -1,0 +1,82 @@
+"""Tests of eval.py's metric aggregation against hand-computed numbers (VG-LLM / ScanRefer / VSI-Bench)."""
+import pytest
+
+import eval as E
+
+
+def test_class_lists_are_vgllms():
+    assert [len(E.CLASS_LISTS[n]) for n in (8, 20, 31)] == [8, 20, 31]
+    assert E.CLASS_LISTS[31].count("lamp") == 2 and "towl" in E.CLASS_LISTS[31] and "towel" not in E.CLASS_LISTS[31]
+    assert E.CLASS_LISTS[20] == E.CLASS_LISTS[31][:20] and set(E.CLASS_LISTS[8]) <= set(E.CLASS_LISTS[20])
+
+
+def det_record(c25, c50=None, n_pred=0, n_gt=0, iou_gt=0.0, parsed=True):
+    return {"counts": {"0.25": c25, "0.5": c50 or {}}, "n_pred": n_pred, "n_gt": n_gt, "iou_gt": iou_gt,
+            "parsed": parsed}
+
+
+def test_detection_metrics_sums_per_class_then_averages_over_lists():
+    records = [det_record({"chair": [2, 1, 1], "lamp": [1, 0, 0]}, {"chair": [1, 2, 2]}, 4, 4, 0.5),
+               det_record({"chair": [1, 0, 2], "sofa": [0, 3, 0]}, {}, 4, 3, 0.25),
+               det_record({}, {}, 0, 0, 0.0, parsed=False)]
+    m = E.detection_metrics(records)
+    # chair: TP 3, FP 1, FN 3 over the set -> P 3/4, R 1/2, F1 0.6; lamp: 1/1/1; sofa (in no list): 0/0/0
+    chair = m["per_class"]["0.25"]["chair"]
+    assert (chair["tp"], chair["fp"], chair["fn"]) == (3, 1, 3)
+    assert (chair["precision"], chair["recall"], chair["f1"]) == pytest.approx((75.0, 50.0, 60.0))
+    assert m["f1@0.25/cate8"] == pytest.approx(60.0 / 8)          # absent classes count 0
+    assert m["precision@0.25/cate8"] == pytest.approx(75.0 / 8)
+    assert m["recall@0.25/cate8"] == pytest.approx(50.0 / 8)
+    assert m["f1@0.25/cate20"] == pytest.approx((60.0 + 100.0) / 20)
+    assert m["f1@0.25/cate31"] == pytest.approx((60.0 + 2 * 100.0) / 31)  # "lamp" is listed twice
+    # micro over all labels: TP 4, FP 4, FN 3
+    assert m["precision@0.25/micro"] == pytest.approx(50.0)
+    assert m["recall@0.25/micro"] == pytest.approx(400 / 7)
+    assert m["f1@0.25/micro"] == pytest.approx(100 * 8 / 15)
+    # IoU 0.5: chair 1/2/2 -> P 1/3, R 1/3, F1 1/3
+    assert m["f1@0.5/cate8"] == pytest.approx(100 / 3 / 8)
+    assert m["n_pred"] == pytest.approx(8 / 3) and m["n_gt"] == pytest.approx(7 / 3)
+    assert m["count_acc"] == pytest.approx(200 / 3)  # samples 1 and 3
+    assert m["iou_gt"] == pytest.approx(0.25) and m["parse_rate"] == pytest.approx(200 / 3)
+    assert m["n"] == 3
+
+
+def test_detection_metrics_empty():
+    m = E.detection_metrics([])
+    assert m["f1@0.25/cate31"] == 0.0 and m["n"] == 0 and m["parse_rate"] == 0.0
+
+
+def test_grounding_metrics():
+    records = [
+        {"iou": 0.25, "frame_pred": 3, "frame_gt": 3, "unique": True, "parsed": True},   # counts at 0.25 (>=)
+        {"iou": 0.5, "frame_pred": 1, "frame_gt": 2, "unique": False, "parsed": True},   # counts at both
+        {"iou": 0.4999, "frame_pred": 0, "frame_gt": 0, "unique": False, "parsed": True},
+        {"iou": None, "frame_pred": None, "frame_gt": 4, "unique": None, "parsed": False},  # failure
+        {"iou": 0.1, "frame_pred": 2, "frame_gt": 2, "unique": True, "parsed": True},
+    ]
+    m = E.grounding_metrics(records)
+    assert m["acc@0.25"] == pytest.approx(60.0) and m["acc@0.5"] == pytest.approx(20.0)
+    assert m["acc@0.25/unique"] == pytest.approx(50.0) and m["acc@0.5/unique"] == 0.0
+    assert m["acc@0.25/multiple"] == pytest.approx(100.0) and m["acc@0.5/multiple"] == pytest.approx(50.0)
+    assert (m["n/unique"], m["n/multiple"], m["n"]) == (2, 2, 5)
+    assert m["frame_acc"] == pytest.approx(60.0)
+    assert m["iou"] == pytest.approx((0.25 + 0.5 + 0.4999 + 0.1) / 5)
+    assert m["parse_rate"] == pytest.approx(80.0)
+    assert "acc@0.25/unique" not in E.grounding_metrics([{"iou": 1.0, "frame_pred": 0, "frame_gt": 0}])
+
+
+def test_spatial_metrics_merge_directions_and_average_tasks():
+    rec = lambda qt, s: {"question_type": qt, "score": s, "parsed": True}
+    records = [rec("object_counting", 1.0), rec("object_counting", 0.5),
+               rec("object_rel_direction_easy", 1.0),
+               rec("object_rel_direction_medium", 0.0), rec("object_rel_direction_medium", 1.0),
+               rec("object_rel_direction_hard", 0.0),
+               rec("room_size_estimation", 0.2),
+               {"question_type": "route_planning", "score": None, "parsed": False}]
+    m = E.spatial_metrics(records)
+    assert m["object_counting"] == pytest.approx(75.0)
+    assert m["object_rel_direction"] == pytest.approx((100.0 + 50.0 + 0.0) / 3)  # mean of the 3 means
+    assert "object_rel_direction_easy" not in m
+    assert m["room_size_estimation"] == pytest.approx(20.0) and m["route_planning"] == 0.0
+    assert m["overall"] == pytest.approx((75.0 + 50.0 + 20.0 + 0.0) / 4)  # unweighted over tasks
+    assert m["parse_rate"] == pytest.approx(700 / 8) and m["n"] == 8

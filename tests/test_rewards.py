@@ -1,0 +1,526 @@
+"""Tests of rewards.py against independently derived numbers: hand-computed IoUs, a Monte Carlo volume
+estimate, geometric invariances, VSI-Bench's parsing rules, and a fuzz test for totality."""
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import rewards as R
+
+PI = math.pi
+OCT = 2 * (math.sqrt(2) - 1)  # area of a unit square intersected with itself turned 45 deg (regular octagon)
+
+
+# ---- independent geometry: rotations by Rodrigues' formula, point-in-box tests ----------------------
+
+def rodrigues(axis, angle):
+    k = np.asarray(axis, float) / np.linalg.norm(axis)
+    K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(angle) * K + (1 - math.cos(angle)) * K @ K
+
+
+def rot_zxy(a, b, c):  # intrinsic Z-X-Y: first about z, then the new x, then the new y
+    return rodrigues([0, 0, 1], a) @ rodrigues([1, 0, 0], b) @ rodrigues([0, 1, 0], c)
+
+
+def corners_ref(box):
+    c, s = np.asarray(box[:3], float), np.asarray(box[3:6], float)
+    signs = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], float)
+    return c + (signs * s / 2) @ rot_zxy(*box[6:9]).T
+
+
+def inside(points, box):
+    local = (points - np.asarray(box[:3])) @ rot_zxy(*box[6:9])  # R^T (p - c) for row vectors
+    return (np.abs(local) <= np.asarray(box[3:6]) / 2).all(axis=1)
+
+
+def random_rigid(rng):
+    E = np.eye(4)
+    E[:3, :3] = rodrigues(rng.normal(size=3), rng.uniform(-PI, PI))
+    E[:3, 3] = rng.uniform(-3, 3, 3)
+    return E
+
+
+def random_box(rng, spread=0.6):
+    return [*rng.uniform(-spread, spread, 3), *rng.uniform(0.4, 2.0, 3), *rng.uniform(-PI, PI, 3)]
+
+
+def same_point_set(P, Q, tol=1e-9):
+    d = np.linalg.norm(P[:, None] - Q[None], axis=-1)
+    return d.min(1).max() < tol and d.min(0).max() < tol
+
+
+# ---- boxes and conventions ----------------------------------------------------------------------------
+
+def test_corners_follow_intrinsic_zxy():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        box = random_box(rng)
+        assert same_point_set(R.box_corners(box), corners_ref(box))
+    # the order of the rotations matters for these angles, so the check above can tell conventions apart
+    assert not np.allclose(rot_zxy(0.3, 0.5, 0.7), rodrigues([0, 1, 0], 0.7) @ rodrigues([1, 0, 0], 0.5)
+                           @ rodrigues([0, 0, 1], 0.3))
+    # yaw 90 deg turns the box's x extent onto world y
+    c = R.box_corners([0, 0, 0, 2, 1, 1, PI / 2, 0, 0])
+    assert np.allclose(np.abs(c).max(0), [0.5, 1.0, 0.5])
+
+
+def test_euler_round_trip_including_gimbal_lock():
+    rng = np.random.default_rng(1)
+    angles = [rng.uniform(-PI, PI, 3) for _ in range(50)] + [(0.4, PI / 2, 0.3), (-1.0, -PI / 2, 2.0)]
+    for a, b, c in angles:
+        M = rot_zxy(a, b, c)
+        assert np.allclose(rot_zxy(*R.matrix_to_euler(M)), M, atol=1e-9)
+
+
+def test_box_to_world_moves_corners_rigidly():
+    rng = np.random.default_rng(2)
+    for _ in range(20):
+        box, E = random_box(rng), random_rigid(rng)
+        moved = R.box_to_world(box, E)
+        expect = corners_ref(box) @ E[:3, :3].T + E[:3, 3]
+        assert same_point_set(corners_ref(moved), expect)
+        assert np.allclose(R.box_from_world(moved, E)[:6], box[:6])
+
+
+# ---- exact IoU against hand-computed values -------------------------------------------------------------
+
+@pytest.mark.parametrize("a, b, expected", [
+    # unit-ish cubes shifted along x: intersection 1 x 2 x 2 = 4, union 8 + 8 - 4
+    ([0, 0, 0, 2, 2, 2, 0, 0, 0], [1, 0, 0, 2, 2, 2, 0, 0, 0], 4 / 12),
+    # overlap in all three axes: [0,2]^3 vs x[1,2] y[.5,2.5] z[0,3]: 1 * 1.5 * 2 = 3, union 8 + 6 - 3
+    ([1, 1, 1, 2, 2, 2, 0, 0, 0], [1.5, 1.5, 1.5, 1, 2, 3, 0, 0, 0], 3 / 11),
+    # touching faces / disjoint
+    ([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 1, 1, 0, 0, 0], 0.0),
+    ([0, 0, 0, 1, 1, 1, 0, 0, 0], [5, 5, 5, 1, 1, 1, 0.3, 0.2, 0.1], 0.0),
+    # the same box
+    ([0.3, -1, 2, 1, 2, 3, 0.4, 0.5, 0.6], [0.3, -1, 2, 1, 2, 3, 0.4, 0.5, 0.6], 1.0),
+    # two unit cubes, one turned 45 deg about each of its axes: an octagonal prism of height 1
+    ([0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, PI / 4, 0, 0], OCT / (2 - OCT)),
+    ([0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, PI / 4, 0], OCT / (2 - OCT)),
+    ([0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0, PI / 4], OCT / (2 - OCT)),
+    # ... and shifted by half along the shared axis: half the prism
+    ([0, 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0.5, 1, 1, 1, PI / 4, 0, 0], (OCT / 2) / (2 - OCT / 2)),
+    # a tilted box well inside a big cube: volume ratio 6 / 1000
+    ([0, 0, 0, 10, 10, 10, 0, 0, 0], [0.5, -0.5, 1, 1, 2, 3, 0.7, -0.4, 1.1], 6 / 1000),
+    # 90 deg turns are the same box with permuted sizes
+    ([0, 0, 0, 1, 2, 3, PI / 2, 0, 0], [0, 0, 0, 2, 1, 3, 0, 0, 0], 1.0),
+    ([0, 0, 0, 1, 2, 3, 0, PI / 2, 0], [0, 0, 0, 1, 3, 2, 0, 0, 0], 1.0),
+    ([0, 0, 0, 1, 2, 3, 0, 0, PI / 2], [0, 0, 0, 3, 2, 1, 0, 0, 0], 1.0),
+    ([0, 0, 0, 1, 2, 3, PI, 0, 0], [0, 0, 0, 1, 2, 3, 0, 0, 0], 1.0),
+    # a vertex exactly on a clipping plane while its neighbours are cut off (cos, sin = 0.6, 0.8): the
+    # footprint (3.5,.5) (-.5,3.5) (-3.5,-.5) (.5,-3.5) cut at y = 0.5 keeps area 25 - 6.25 * 3 / 2
+    ([0, 0, 0, 5, 5, 1, math.atan2(4, 3), 0, 0], [0, -4.75, 0, 20, 10.5, 1, 0, 0, 0], 15.625 / (235 - 15.625)),
+    # turned 90 deg about z, then shifted: [-1,1]x[-.5,.5]x[-1.5,1.5] vs the same shifted by 0.5 in x
+    ([0, 0, 0, 1, 2, 3, PI / 2, 0, 0], [0.5, 0, 0, 2, 1, 3, 0, 0, 0], 4.5 / (12 - 4.5)),
+])
+def test_iou_analytic(a, b, expected):
+    assert R.iou_3d(a, b) == pytest.approx(expected, abs=1e-9)
+    assert R.iou_3d(b, a) == pytest.approx(expected, abs=1e-9)
+
+
+def test_iou_monte_carlo_tilted_pairs():
+    """Intersection volumes of random 9-DoF pairs vs a Monte Carlo estimate (4 sigma from the count)."""
+    rng = np.random.default_rng(123)
+    n, checked = 200_000, 0
+    while checked < 12:
+        a, b = random_box(rng), random_box(rng)
+        if R.iou_3d(a, b) < 0.05:  # keep pairs that really overlap, so the test has teeth
+            continue
+        checked += 1
+        va, vb = np.prod(a[3:6]), np.prod(b[3:6])
+        iou = R.iou_3d(a, b)
+        inter = iou * (va + vb) / (1 + iou)  # from IoU = I / (va + vb - I)
+        pts = np.vstack([corners_ref(a), corners_ref(b)])
+        lo, hi = pts.min(0), pts.max(0)
+        sample = rng.uniform(lo, hi, size=(n, 3))
+        p = (inside(sample, a) & inside(sample, b)).mean()
+        vol = np.prod(hi - lo)
+        sigma = vol * math.sqrt(max(p * (1 - p), 1 / n) / n)
+        assert abs(inter - vol * p) <= 4 * sigma, (a, b, inter, vol * p, sigma)
+
+
+def test_iou_properties_random():
+    rng = np.random.default_rng(7)
+    for _ in range(100):
+        a, b, E = random_box(rng), random_box(rng), random_rigid(rng)
+        v = R.iou_3d(a, b)
+        assert 0.0 <= v <= 1.0
+        assert R.iou_3d(b, a) == pytest.approx(v, abs=1e-9)
+        assert R.iou_3d(a, a) == pytest.approx(1.0, abs=1e-9)
+        assert R.iou_3d(R.box_to_world(a, E), R.box_to_world(b, E)) == pytest.approx(v, abs=1e-9)
+        # a yaw-only box: (dx, dy, yaw) and (dy, dx, yaw + pi/2) are the same box
+        y = [*a[:6], a[6], 0.0, 0.0]
+        y2 = [*a[:3], a[4], a[3], a[5], a[6] + PI / 2, 0.0, 0.0]
+        assert R.iou_3d(y2, b) == pytest.approx(R.iou_3d(y, b), abs=1e-9)
+        assert R.iou_3d(y, y2) == pytest.approx(1.0, abs=1e-9)
+    assert np.allclose(R.iou_3d_many(a, [a, b]), [1.0, R.iou_3d(a, b)])
+
+
+grid = st.integers(-8, 8).map(lambda i: i / 4)
+right_angles = st.integers(-2, 2).map(lambda i: i * PI / 2)
+aligned_box = st.tuples(grid, grid, grid, *[st.integers(1, 12).map(lambda i: i / 4)] * 3, right_angles,
+                        right_angles, right_angles).map(list)
+
+
+def aabb_iou(a, b):
+    """IoU of two boxes that are axis-aligned in effect (right-angle rotations), from their corner extents."""
+    (alo, ahi), (blo, bhi) = [(corners_ref(x).min(0), corners_ref(x).max(0)) for x in (a, b)]
+    inter = np.prod(np.clip(np.minimum(ahi, bhi) - np.maximum(alo, blo), 0, None))
+    return inter / (np.prod(ahi - alo) + np.prod(bhi - blo) - inter)
+
+
+@settings(max_examples=400, deadline=None)
+@given(aligned_box, aligned_box)
+def test_iou_right_angle_boxes_on_a_grid(a, b):
+    """Shared and touching faces everywhere: the tolerance logic of the clip against interval arithmetic."""
+    assert R.iou_3d(a, b) == pytest.approx(aabb_iou(a, b), abs=1e-9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(-3, 3), min_size=3, max_size=3), st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=3),
+       st.lists(st.floats(-7, 7), min_size=3, max_size=3), aligned_box)
+def test_iou_bounds_and_symmetry_extreme_shapes(c, size, angles, other):
+    a = [*c, *size, *angles]
+    v = R.iou_3d(a, other)
+    assert 0.0 <= v <= 1.0 and R.iou_3d(other, a) == pytest.approx(v, abs=1e-7)
+    assert R.iou_3d(a, a) == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("bad", [
+    [0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, -1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, float("nan"), 0, 0],
+    [float("inf"), 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0], [0] * 10, "box", None, [None] * 9,
+    ["0"] * 9, [True] * 9, {"bbox_3d": [0] * 9}, [0, 0, 0, 1e300, 1e300, 1e300, 0, 0, 0],
+])
+def test_iou_degenerate_is_zero(bad):
+    for good in ([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]):
+        assert R.iou_3d(bad, good) == 0.0 and R.iou_3d(good, bad) == 0.0
+
+
+# ---- matching, F1, detection reward ------------------------------------------------------------------
+
+def det(label, x, size=1.0):
+    return {"label": label, "bbox_3d": [x, 0, 0, size, size, size, 0, 0, 0]}
+
+
+def test_matching_is_greedy_in_output_order():
+    # unit cubes along x: IoU = o / (2 - o) with overlap o = 1 - |dx|
+    g1, g2 = det("chair", 0.0), det("chair", 0.6)
+    p1 = det("chair", 0.25)   # g1: o=.75 -> .6;  g2: o=.65 -> .481
+    p2 = det("chair", -0.1)   # g1: o=.9 -> .818; g2: o=.3 -> .176 (below .25)
+    assert R.match_detections([p1, p2], [g1, g2]) == (1, 1, 1)  # p1 takes g1, p2 is left with g2
+    assert R.match_detections([p2, p1], [g1, g2]) == (2, 0, 0)  # p2 takes g1, p1 takes g2
+    assert R.match_by_label([p1, p2], [g1, g2]) == {"chair": [1, 1, 1]}
+    # labels never mix
+    assert R.match_detections([det("table", 0.0)], [g1]) == (0, 1, 1)
+    assert R.match_by_label([det("table", 0.0)], [g1]) == {"chair": [0, 0, 1], "table": [0, 1, 0]}
+
+
+def test_matching_threshold_is_strict():
+    big = {"label": "bin", "bbox_3d": [0, 0, 0, 2, 2, 2, 0, 0, 0]}
+    quarter = {"label": "bin", "bbox_3d": [0, 0.5, 0.5, 2, 1, 1, 0, 0, 0]}  # inside, volume 2 of 8
+    assert R.iou_3d(big["bbox_3d"], quarter["bbox_3d"]) == 0.25
+    assert R.match_detections([quarter], [big]) == (0, 1, 1)
+    assert R.match_detections([quarter], [big], iou_threshold=0.2499) == (1, 0, 0)
+
+
+def test_f1():
+    assert R.f1_score(0, 0, 0) == 1.0
+    assert R.f1_score(0, 0, 2) == 0.0 and R.f1_score(0, 3, 0) == 0.0
+    assert R.f1_score(1, 1, 1) == 0.5 and R.f1_score(3, 1, 2) == 6 / 9
+
+
+def tagged(answer, think="look"):
+    return f"<think>{think}</think>\n<answer>{answer}</answer>"
+
+
+GT = [det("chair", 0.0), det("chair", 3.0), det("table", 6.0)]
+
+
+def test_detection_reward_perfect_and_partial():
+    r = R.detection_reward(tagged(json.dumps(GT)), GT)
+    assert r == pytest.approx({"total": 3.0, "format": 1.0, "iou": 1.0, "f1": 1.0, "n_pred": 3.0})
+    one = [GT[0]]  # one exact box out of three
+    paper = R.detection_reward(tagged(json.dumps(one)), GT)
+    robust = R.detection_reward(tagged(json.dumps(one)), GT, iou_mode="robust")
+    assert paper["iou"] == pytest.approx(1.0) and robust["iou"] == pytest.approx(1 / 3)
+    assert paper["f1"] == pytest.approx(2 / (2 + 0 + 2))
+    # duplicates: paper counts each copy at its best IoU, robust matches one-to-one
+    dup = json.dumps(GT + [GT[0]] * 3)
+    assert R.detection_reward(tagged(dup), GT, iou_mode="robust")["iou"] == pytest.approx(3 / 6)
+    assert R.detection_reward(tagged(dup), GT)["iou"] == pytest.approx(1.0)
+    # paper R_IoU counts a miss below the matching threshold: unit cubes 0.8 apart, IoU 0.2 / 1.8
+    near = [det("chair", 0.8)]
+    r = R.detection_reward(tagged(json.dumps(near)), GT)
+    assert (r["iou"], r["f1"]) == (pytest.approx(1 / 9), 0.0)
+    assert R.detection_reward(tagged(json.dumps(near)), GT, iou_mode="robust")["iou"] == 0.0
+    # empty scene, empty answer
+    r = R.detection_reward(tagged("[]"), [])
+    assert r == pytest.approx({"total": 2.0, "format": 1.0, "iou": 0.0, "f1": 1.0, "n_pred": 0.0})
+    assert R.detection_reward(tagged("[]"), GT)["total"] == 1.0
+
+
+def test_detection_robust_never_pays_for_dropping_boxes():
+    rng = np.random.default_rng(3)
+    gt = [det("chair", 2.0 * i) for i in range(5)]
+    pred = [{"label": "chair", "bbox_3d": [2.0 * i + rng.uniform(-.3, .3), 0, 0, 1, 1, 1, 0, 0, 0]}
+            for i in range(5)]
+    full = R.detection_reward(tagged(json.dumps(pred)), gt, iou_mode="robust")["iou"]
+    for k in range(5):
+        fewer = R.detection_reward(tagged(json.dumps(pred[:k])), gt, iou_mode="robust")["iou"]
+        assert fewer < full
+    # ... while the paper's R_IoU rewards keeping only the best box
+    best = max(range(5), key=lambda i: R.iou_3d(pred[i]["bbox_3d"], gt[i]["bbox_3d"]))
+    assert (R.detection_reward(tagged(json.dumps([pred[best]])), gt)["iou"]
+            > R.detection_reward(tagged(json.dumps(pred)), gt)["iou"])
+
+
+def test_detection_parsing_variants():
+    body = json.dumps(GT, indent=1)
+    bare = f"```json\n{body}\n```"  # a VG-LLM checkpoint's answer: no tags
+    r = R.detection_reward(bare, GT)
+    assert (r["format"], r["iou"], r["f1"]) == (0.0, pytest.approx(1.0), pytest.approx(1.0))
+    assert R.detection_reward(tagged(bare), GT)["total"] == pytest.approx(3.0)  # fence inside answer
+    # truncated at max_new_tokens: the complete lines still count (VG-LLM's line-by-line parser)
+    lines = "[\n" + ",\n".join(json.dumps(g) for g in GT) + ",\n"
+    trunc = lines + '{"label": "bed", "bbox_3d": [1, 2'
+    assert len(R.parse_detections(trunc)) == 3
+    # invalid entries are skipped, and they cost the format reward
+    mixed = GT + [{"label": "bed", "bbox_3d": [1, 2, 3]}, {"label": 5, "bbox_3d": [0] * 9}, "x"]
+    assert R.parse_detections(tagged(json.dumps(mixed))) == GT
+    assert R.detection_reward(tagged(json.dumps(mixed)), GT)["format"] == 0.0
+    assert R.parse_detections(tagged('[{"label": "a", "bbox_3d": [NaN, 0, 0, 1, 1, 1, 0, 0, 0]}]')) == []
+    assert R.parse_detections(tagged('[{"label": "a", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, true]}]')) == []
+    assert len(R.parse_detections(tagged(json.dumps(GT * 50)))) == R.MAX_BOXES
+
+
+# ---- format ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, task, expected", [
+    (tagged("[]"), "detection", 1.0),
+    ("  \n<think>a</think>  <answer> [] </answer>\n ", "detection", 1.0),
+    ("<answer>[]</answer>", "detection", 0.0),
+    ("<think>a</think><answer>[]</answer> trailing", "detection", 0.0),
+    ("<think>a</think> b <answer>[]</answer>", "detection", 0.0),
+    ("<think>a</think><answer>[]</answer><answer>[]</answer>", "detection", 0.0),
+    ("<think><think>a</think><answer>[]</answer>", "detection", 0.0),
+    ("<answer>[]</answer><think>a</think>", "detection", 0.0),
+    (tagged("[{\"label\": \"a\", \"bbox_3d\": [1, 2, 3]}]"), "detection", 0.0),
+    (tagged('{"label": "a", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "detection", 0.0),  # not a list
+    (tagged('{"frame": 2, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 1.0),
+    (tagged('```json\n{"frame": 2, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}\n```'), "grounding", 1.0),
+    (tagged('{"frame": "2", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 0.0),
+    (tagged('{"frame": 2.0, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 0.0),
+    (tagged('{"frame": true, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 0.0),
+    (tagged('{"frame": 2, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, Infinity]}'), "grounding", 0.0),
+    (tagged("B"), "spatial", 1.0),
+    (tagged("  "), "spatial", 0.0),
+    (tagged("B"), "unknown-task", 0.0),
+])
+def test_format_reward(text, task, expected):
+    assert R.format_reward(text, task) == expected
+
+
+# ---- grounding -------------------------------------------------------------------------------------
+
+def test_grounding_handmade_world_transform():
+    # camera 2 sits at (1, 2, 3) turned 90 deg about world z; axis_align shifts the world by (0, 0, 1)
+    cam = np.eye(4)
+    cam[:3, :3], cam[:3, 3] = rodrigues([0, 0, 1], PI / 2), [1, 2, 3]
+    align = np.eye(4)
+    align[2, 3] = 1.0
+    poses = np.stack([np.eye(4), np.eye(4), cam])
+    # in the camera: centre (0, 0, 1), sizes (1, 2, 3); in the world the x and y extents swap
+    text = tagged('{"frame": 2, "bbox_3d": [0, 0, 1, 1, 2, 3, 0, 0, 0]}')
+    world = [1, 2, 5, 2, 1, 3, 0, 0, 0]
+    r = R.grounding_reward(text, world, 2, poses, align)
+    assert r == pytest.approx({"total": 3.0, "format": 1.0, "frame": 1.0, "iou": 1.0})
+    # the frame term: max(0, 1 - |df| / 5)
+    assert R.grounding_reward(text, world, 0, poses, align)["frame"] == pytest.approx(0.6)
+    assert R.grounding_reward(text, world, 9, poses, align)["frame"] == 0.0
+
+
+def test_grounding_round_trip_through_any_camera():
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        poses = np.stack([random_rigid(rng) for _ in range(8)])
+        align = random_rigid(rng)
+        world = random_box(rng)
+        k = int(rng.integers(0, 8))
+        cam_box = R.box_from_world(world, align @ poses[k])
+        text = tagged(json.dumps({"frame": k, "bbox_3d": cam_box}))
+        r = R.grounding_reward(text, world, k, poses, align)
+        assert r["iou"] == pytest.approx(1.0, abs=1e-9) and r["total"] == pytest.approx(3.0, abs=1e-9)
+        # the same box claimed in another camera's frame is somewhere else
+        other = (k + 1) % 8
+        assert R.grounding_reward(text.replace(f'"frame": {k}', f'"frame": {other}'), world, k, poses,
+                                  align)["iou"] < 0.99
+
+
+def test_grounding_out_of_range_and_failures():
+    poses = np.stack([np.eye(4)] * 4)
+    box = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    r = R.grounding_reward(tagged(json.dumps({"frame": 6, "bbox_3d": box})), box, 3, poses, None)
+    assert r == pytest.approx({"total": 1.4, "format": 1.0, "frame": 0.4, "iou": 0.0})  # no pose for 6
+    r = R.grounding_reward(tagged(json.dumps({"frame": -1, "bbox_3d": box})), box, 0, poses, None)
+    assert (r["frame"], r["iou"]) == (pytest.approx(0.8), 0.0)
+    r = R.grounding_reward(tagged(json.dumps({"frame": 10**400, "bbox_3d": box})), box, 0, poses, None)
+    assert (r["frame"], r["iou"]) == (0.0, 0.0)
+    assert R.grounding_reward("no answer", box, 0, poses, None)["total"] == 0.0
+    # bare VG-LLM style answer: task reward without the format reward
+    r = R.grounding_reward('```json\n{"frame": 0, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}\n```', box, 0,
+                           poses, None)
+    assert (r["format"], r["frame"], r["iou"]) == (0.0, 1.0, pytest.approx(1.0))
+
+
+# ---- VSI-Bench ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pred, gt, expected", [
+    ("A", "A", 1.0), ("a", "A", 1.0), ("A.", "A", 1.0), ("A. 3 chairs", "A", 1.0), ("B", "A", 0.0),
+    ("The answer is A", "A", 0.0), ("A,", "A", 0.0), ("(A)", "A", 0.0), (" A", "A", 1.0), ("", "A", 0.0),
+])
+def test_choice_accuracy(pred, gt, expected):
+    assert R.choice_accuracy(pred, gt) == expected
+
+
+@pytest.mark.parametrize("pred, gt, expected", [
+    ("10", "10", 1.0), ("10.0 meters", "10", 1.0), ("3.", "3", 1.0),
+    ("15", "10", 0.1),   # |d|/g = 0.5 <= 1 - 0.5 exactly
+    ("16", "10", 0.0),
+    ("13", "10", 0.5),   # 0.3 <= 1 - t for t in .50 .. .70 (1 - .7 = 0.30000000000000004 in floats)
+    # float boundaries, pinned: mathematically 0.2 and 0.7, but 1 - 0.55 = 0.44999999999999996 < 0.45
+    # and 1 - 0.8 = 0.19999999999999996 < 0.2 in float64, exactly as in VSI-Bench's own code
+    ("14.5", "10", 0.1), ("12", "10", 0.6),
+    ("abc", "10", 0.0), ("nan", "10", 0.0), ("inf", "10", 0.0), ("1e999", "10", 0.0),
+    ("5", "0", 0.0), ("5", "x", 0.0), ("", "10", 0.0), ("3,5", "3.5", 0.0), ("-10", "10", 0.0),
+])
+def test_mra(pred, gt, expected):
+    assert R.mra(pred, gt) == pytest.approx(expected, abs=1e-12)
+
+
+def test_spatial_reward():
+    assert R.spatial_reward(tagged("B. left"), "B", options=["A. right", "B. left"]) == \
+        {"total": 2.0, "format": 1.0, "accuracy": 1.0}
+    assert R.spatial_reward("B", "B", options=["A. x", "B. y"]) == {"total": 1.0, "format": 0.0, "accuracy": 1.0}
+    assert R.spatial_reward(tagged("2.25"), "2.5")["accuracy"] == pytest.approx(0.9)  # |d|/g = 0.1
+    assert R.spatial_reward(tagged(""), "2.5") == {"total": 0.0, "format": 0.0, "accuracy": 0.0}
+
+
+# ---- totality: huge outputs and fuzzing ----------------------------------------------------------------
+
+POSES = np.stack([np.eye(4)] * 4)
+BOX = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+
+
+def all_rewards(text):
+    yield "det", R.detection_reward(text, GT)
+    yield "det_robust", R.detection_reward(text, GT, iou_mode="robust")
+    yield "ground", R.grounding_reward(text, BOX, 1, POSES, np.eye(4))
+    yield "mc", R.spatial_reward(text, "A", options=["A. a", "B. b"])
+    yield "num", R.spatial_reward(text, "3.5")
+
+
+def check_ranges(name, r):
+    assert all(isinstance(v, float) and math.isfinite(v) for v in r.values()), (name, r)
+    assert r["format"] in (0.0, 1.0)
+    parts = [v for k, v in r.items() if k not in ("total", "format", "n_pred")]
+    assert all(0.0 <= v <= 1.0 for v in parts), (name, r)
+    assert r["total"] == pytest.approx(r["format"] + sum(parts))
+    if "n_pred" in r:
+        assert 0 <= r["n_pred"] <= R.MAX_BOXES
+
+
+def megabyte_texts():
+    box = json.dumps(GT[0])
+    many = "[" + ",".join([box] * (2**20 // len(box))) + "]"
+    yield tagged(many)                                        # ~13k boxes of valid JSON
+    yield many[: 2**20 - 7]                                   # truncated, no tags
+    yield "\n".join([box + ","] * (2**20 // len(box)))        # line by line
+    yield tagged("[" * 2**20)                                 # deep nesting
+    yield "<answer>" * (2**20 // 8)                           # unclosed tags
+    yield "<think>" + "</think><answer>" * (2**20 // 16)      # many tags
+    yield tagged('{"frame": 1, "bbox_3d": [' + "9" * 2**20 + "]}")  # one huge number
+    yield "x" * 2**20
+
+
+def test_megabyte_outputs_finish():
+    for text in megabyte_texts():
+        assert len(text) >= 2**20 - 16
+        for name, r in all_rewards(text):
+            check_ranges(name, r)
+
+
+numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**300, 10**300),
+                    st.sampled_from([0, 1, -1, 0.5, 1e308, -1e-308]), st.booleans(), st.none(),
+                    st.text(max_size=3))
+boxes = st.lists(numbers, min_size=0, max_size=11) | st.lists(st.floats(-5, 5), min_size=9, max_size=9)
+entries = st.fixed_dictionaries({"label": st.sampled_from(["chair", "table", "bed"]) | numbers,
+                                 "bbox_3d": boxes}) | st.fixed_dictionaries({"frame": numbers, "bbox_3d": boxes})
+leaves = st.one_of(numbers, boxes)
+values = st.recursive(st.one_of(entries, leaves),
+                      lambda c: st.lists(c, max_size=6) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                      max_leaves=30)
+
+
+plausible_box = st.tuples(st.floats(-1, 7), st.floats(-1, 1), st.floats(-1, 1), st.floats(0.05, 3),
+                          st.floats(0.05, 3), st.floats(0.05, 3), st.floats(-4, 4), st.floats(-4, 4),
+                          st.floats(-4, 4)).map(list)
+detection = st.fixed_dictionaries({"label": st.sampled_from(["chair", "table", "bed"]), "bbox_3d": plausible_box})
+grounding = st.fixed_dictionaries({"frame": st.integers(-2, 6), "bbox_3d": plausible_box})
+spatial = st.sampled_from(["A", "a.", "B. b", " A", "3.5", "3.4 m", "nan", "4e0", "-3.5", "1e999"])
+
+
+@st.composite
+def bodies(draw):
+    kind = draw(st.integers(0, 9))
+    if kind in (4, 5):  # answers that parse: boxes near the ground truth, mixed with broken entries
+        return json.dumps(draw(st.lists(detection | entries, max_size=8)), allow_nan=True,
+                          indent=draw(st.sampled_from([None, 1])))
+    if kind in (6, 7):
+        return json.dumps(draw(grounding | entries), allow_nan=True)
+    if kind == 8:
+        return draw(spatial)
+    if kind == 0:
+        return draw(st.text(max_size=300))
+    if kind == 1:  # random text around tag and fence fragments
+        parts = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "```json", "```", "\n",
+                                 '"bbox_3d"', '"frame": ', "[", "{", "}", "]", ",", "NaN", "1e999", "A", "3.5"])
+        return "".join(draw(st.lists(parts | st.text(max_size=5), max_size=40)))
+    return json.dumps(draw(values), allow_nan=True, indent=draw(st.sampled_from([None, 1])))
+
+
+@st.composite
+def outputs(draw):
+    """Six strings per example: the body bare, tagged, fenced, truncated (bare and tagged), deeply nested."""
+    body = draw(bodies())
+    cut = body[: draw(st.integers(0, len(body)))]
+    think = draw(st.text(max_size=20))
+    return [body, tagged(body, think), tagged("```json\n" + body + "\n```"), cut, tagged(cut, think),
+            "[" * draw(st.integers(0, 3000)) + body]
+
+
+N_FUZZ = 1700  # examples x 6 strings = 10,200 strings, each scored by every reward
+
+
+@settings(max_examples=N_FUZZ, deadline=None, suppress_health_check=list(HealthCheck))
+@given(outputs())
+def test_fuzz_rewards(texts):
+    for text in texts:
+        for name, r in all_rewards(text):
+            check_ranges(name, r)
+        for task in ("detection", "grounding", "spatial"):
+            assert R.format_reward(text, task) in (0.0, 1.0)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.text(max_size=2000) | bodies())
+def test_fuzz_parsers(text):
+    dets = R.parse_detections(text)
+    assert all(len(d["bbox_3d"]) == 9 and all(math.isfinite(v) for v in d["bbox_3d"]) for d in dets)
+    g = R.parse_grounding(text)
+    assert g is None or (type(g[0]) is int and len(g[1]) == 9)
+    s = R.parse_spatial(text)
+    assert s is None or (isinstance(s, str) and s)
