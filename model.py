@@ -577,8 +577,10 @@ class VGLLM(nn.Module):
         out = self.qwen.model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
                               use_cache=False, **self._mm_inputs(image_grid_thw, encodings))
         hidden = out.last_hidden_state[:, first_position:-1]  # the positions that predict a next token
+        # Score the distribution generate() samples from: the same temperature and the same suppressed tokens.
+        suppress = torch.tensor(self.config["suppress_token_ids"], dtype=torch.long, device=hidden.device)
         logp, entropy = token_logprobs(hidden, self.qwen.lm_head, input_ids[:, first_position + 1:], temperature,
-                                       chunk_size, return_entropy)
+                                       chunk_size, return_entropy, suppress)
         if first_position > 0:
             logp = F.pad(logp, (first_position, 0))
             entropy = F.pad(entropy, (first_position, 0)) if return_entropy else None
@@ -614,8 +616,13 @@ class VGLLM(nn.Module):
 # -----------------------------------------------------------------------------------------------------------
 
 
-def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=1024, return_entropy=False):
+def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=1024, return_entropy=False, suppress=None):
     """hidden [B, L, d], targets [B, L] -> (logp [B, L], entropy [B, L] or None) of softmax(lm_head(hidden) / T).
+
+    suppress: token ids that sampling never draws (generate() sets their logits to -inf), so scoring removes
+    them from the softmax too; otherwise pi_theta would differ from the sampler by their probability mass.
+    They get a large finite negative logit rather than -inf, so a masked position whose target is one of
+    them (padding after EOS) has a finite logp and 0 * logp stays 0.
 
     Tokens are processed chunk_size at a time, each chunk under torch.utils.checkpoint: backward recomputes that
     chunk's logits instead of keeping them, so only one chunk's [chunk_size, V] logits are alive at a time. The price
@@ -625,6 +632,8 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=1024, r
 
     def chunk(h_c, y_c):
         z = lm_head(h_c).float() / temperature  # [n, V] float32
+        if suppress is not None:
+            z = z.index_fill(1, suppress, -1e9)
         lse = torch.logsumexp(z, dim=-1)
         logp = z.gather(-1, y_c[:, None])[:, 0] - lse
         if not return_entropy:

@@ -284,15 +284,12 @@ def train(args):
     groups = [{"params": [p for p in params if id(p) not in merger], "lr": args.lr, "base_lr": args.lr},
               {"params": [p for p in params if id(p) in merger], "lr": args.lr_merger, "base_lr": args.lr_merger}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    step, best = 0, {"value": -float("inf")}
-    if ckpt:  # 3. Exact resume: optimiser moments, step, every rank's RNG stream, data position.
+    step, best, state = 0, {"value": -float("inf")}, None
+    if ckpt:  # 3. Exact resume: optimiser moments, step, data position, and (below) every rank's RNG stream.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         state = torch.load(ckpt / "state.pt", weights_only=True)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         step, best = state["step"], state["extra"]["best"]
-        torch.set_rng_state(state["rng"][rank])
-    else:
-        torch.manual_seed(args.seed + rank)  # per-rank sampling streams
 
     # 4. Data: each rank reads its own slice of every global batch.
     train_set, val_set = datasets(args)
@@ -300,6 +297,11 @@ def train(args):
     sampler = StepSampler(len(train_set), per_rank, rank, world, args.seed, step, shuffle=len(train_set) < 10**7)
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
                                               num_workers=args.workers))
+    # Seed (or restore) the sampling stream only now: creating the loader iterator draws from torch's RNG.
+    if state is not None:
+        torch.set_rng_state(state["rng"][rank])
+    else:
+        torch.manual_seed(args.seed + rank)  # per-rank sampling streams
     if rank == 0:
         stage_dir.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in params)
@@ -347,8 +349,8 @@ def train(args):
             if rank == 0:
                 log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
                 log.flush()
-                tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                                                             if isinstance(v, float))[:300])
+                shown = [PRIMARY_METRIC[args.task], "parse_rate", "iou_gt", "n_pred", "count_acc", "iou", "frame_acc"]
+                tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics))
             value = metrics[PRIMARY_METRIC[args.task]]
             if value > best["value"]:
                 best = {"value": value, "step": step}

@@ -288,11 +288,12 @@ def test_chunked_logp_equals_naive_with_gradient(tok, cfg, frames):
     logp, ent = model(ids, mask, types, grid, enc, temperature=T, return_entropy=True, chunk_size=7)
     grads = torch.autograd.grad((logp * w).sum(), params)
     logits = naive_logits(model, ids, mask, types, grid, enc)[:, :-1] / T
+    logits = logits.index_fill(-1, torch.tensor(cfg["suppress_token_ids"]), -1e9)  # never sampled, never scored
     logp_ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     grads_ref = torch.autograd.grad((logp_ref * w).sum(), params)
     p = torch.softmax(logits, -1)
     assert torch.allclose(logp, logp_ref, atol=1e-5)
-    assert torch.allclose(ent, -(p * p.log()).sum(-1), atol=1e-4) and not ent.requires_grad
+    assert torch.allclose(ent, -torch.special.xlogy(p, p).sum(-1), atol=1e-4) and not ent.requires_grad
     for g, g_ref in zip(grads, grads_ref):
         assert torch.allclose(g, g_ref, atol=1e-5, rtol=1e-4)
     # skipping the prompt positions leaves the rest unchanged
@@ -439,6 +440,7 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     enc = model.encode(frames)
     _, inputs = full_batch(model, tok, enc)
     before = model(*inputs, enc).detach()
+    text = ~torch.isin(inputs[0][:, 1:], torch.tensor(cfg["suppress_token_ids"]))  # targets that can be sampled
     base = {k: v.clone() for k, v in model.qwen.state_dict().items()}
     M.apply_lora(model, rank=4, alpha=8)
     assert torch.equal(model(*inputs, enc).detach(), before)
@@ -448,10 +450,10 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
     for _ in range(2):
         opt.zero_grad()
-        (-model(*inputs, enc).mean()).backward()
+        (-model(*inputs, enc)[text].mean()).backward()
         opt.step()
     after = model(*inputs, enc).detach()
-    assert after.mean() > before.mean() + 1e-3
+    assert after[text].mean() > before[text].mean() + 1e-3
     lora_sd = model.qwen.state_dict()
     assert all(torch.equal(lora_sd[k.replace("_proj.", "_proj.base.")] if k.replace("_proj.", "_proj.base.") in lora_sd
                            else lora_sd[k], v) for k, v in base.items())  # base weights untouched

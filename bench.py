@@ -1,0 +1,513 @@
+"""bench.py: throughput, memory and learning benchmarks of rft3d. Tests never time things; this file does.
+
+    python bench.py throughput [--quick]     GRPO step breakdown, encode-once vs a naive loop, log-prob memory,
+                                             scaling over G / frames / processes (torchrun of train.py)
+    python bench.py learning [--quick]       the paper's ablation in miniature: from one SFT checkpoint,
+                                             SFT->SFT vs SFT->GRPO on synthetic grounding, paired per-scene errors
+
+Outputs (logs, checkpoints, curves as PNG, tables as JSON) go under bench_out/. Run with OMP_NUM_THREADS=1 on a
+shared CPU. Everything here uses the public pieces of model.py / grpo.py / train.py / eval.py.
+
+NOTES: measured numbers (date, device, command). Add new rows, keep the old ones.
+
+2026-11-22, CPU (2 cores shared, 1 thread), `bench.py throughput --quick`, tiny model, grounding, B=4 prompts, 56 px:
+    see the report of that date; G=8, 32 frames: encode-once step 6.0 s vs naive loop 33 s (5.5x);
+    vision tower calls per step 1 vs 128, VGGT calls 4 vs 128. Log-probs at V=151,936, 2048 tokens, d=256 fp32:
+    chunked peak ~0.9 GB vs naive ~3.7 GB (see the table printed by the run for the exact values).
+2026-11-22, CPU, `bench.py learning --quick` / full: see the tables at the end of this docstring when recorded.
+(GPU numbers: to be added by the lead.)
+"""
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import data
+import grpo
+import model as vgllm
+import rft3d
+import train
+from eval import evaluate
+
+OUT = Path("bench_out")
+V_QWEN = 151936  # Qwen2.5 vocabulary (the 3B's lm_head rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Small tools: timers, call counters, tables, PIL line plots
+
+
+class Timer:
+    """with t("phase"): ... accumulates wall seconds per phase."""
+
+    def __init__(self):
+        self.s = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.s[name] += time.perf_counter() - t0
+
+
+def count_calls(modules):
+    """Forward hooks that count calls of each named module; returns (counts dict, hook handles)."""
+    counts, handles = defaultdict(int), []
+    for name, mods in modules.items():
+        for m in mods:
+            if m is not None:
+                handles.append(m.register_forward_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1)))
+    return counts, handles
+
+
+def table(header, rows):
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).rjust(k) for x, k in zip(r, w))
+    print(line(header) + "\n" + "  ".join("-" * k for k in w))
+    for r in rows:
+        print(line(r))
+
+
+def plot(path, title, series, xlabel="step", size=(640, 400)):
+    """series: {name: (xs, ys)} -> a PNG line plot drawn with PIL.ImageDraw (matplotlib is not a dependency)."""
+    from PIL import Image, ImageDraw
+    W, H, m = size[0], size[1], 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    if not pts:
+        return
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+    sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
+    sy = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.text((m, 10), title, fill="black")
+    d.text((m, H - m + 5), f"{x0:g}", fill="black")
+    d.text((W - m - 30, H - m + 5), f"{x1:g} {xlabel}", fill="black")
+    d.text((5, H - m - 10), f"{y0:.3g}", fill="black")
+    d.text((5, m), f"{y1:.3g}", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        c = colours[k % len(colours)]
+        p = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        if len(p) > 1:
+            d.line(p, fill=c, width=2)
+        for q in p if len(p) < 30 else []:
+            d.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=c)
+        d.text((W - m - 170, m + 5 + 14 * k), name, fill=c)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. Throughput: one GRPO step, encode-once vs a naive loop
+
+
+def tiny_model(out):
+    args = train.get_args(["--task", "grounding", "--out", str(out)])
+    with contextlib.redirect_stdout(sys.stderr):
+        net, tok = vgllm.load_pretrained(train.tiny_init(args, 0))
+    return net, tok
+
+
+def grpo_args(G, max_new_tokens, **kw):
+    a = train.get_args(["--stage", "grpo", "--task", "grounding", "--G", str(G), "--max-new-tokens", str(max_new_tokens)])
+    vars(a).update(kw)
+    return a
+
+
+def step_encode_once(net, ref, tok, task, samples, opt, a, t):
+    """grpo.grpo_step's pipeline with a timer per phase and an explicit old-policy pass (as with mu > 1), so both
+    variants do the same passes: rollout, reference, old, policy. Frames are encoded once for everything."""
+    G, T, mb = a.G, a.temperature, a.micro_batch
+    with t("encode"):
+        encs = net.encode([s.frames for s in samples])
+    enc_G = [e for e in encs for _ in range(G)]
+    prompts_G = [task.prompt(s, think=True) for s in samples for _ in range(G)]
+    with t("rollout"), torch.no_grad():
+        net.eval()
+        completion = net.generate(net.prompt_batch(tok, prompts_G, enc_G), enc_G, a.max_new_tokens, temperature=T)
+        net.train()
+    with t("reward"):
+        texts = tok.batch_decode(completion, skip_special_tokens=True)
+        r = torch.tensor([task.reward(s, x)["total"] for s, x in zip([s for s in samples for _ in range(G)], texts)])
+        adv = grpo.group_advantages(r, G)
+    slices = [slice(k, k + mb) for k in range(0, len(prompts_G), mb)]
+    batches = [grpo.sequence_batch(net, tok, prompts_G[sl], enc_G[sl], completion[sl]) for sl in slices]
+    n_tok = sum(m.sum() for _, m in batches).item()
+    with t("ref+old logp"):
+        fwd = [(b, enc_G[sl]) for (b, _), sl in zip(batches, slices)]
+        old, refl = grpo.token_logprobs(net, fwd, T), grpo.token_logprobs(ref, fwd, T)
+    with t("policy fwd/bwd"):
+        total = 0.0
+        for k, ((b, mask), sl) in enumerate(zip(batches, slices)):
+            logp = net(**b, encodings=enc_G[sl], temperature=T)
+            loss, _ = grpo.grpo_loss(logp, old[k], refl[k], adv[sl], mask, 0.2, 0.2, a.beta, "token", n_tok, len(r), 1)
+            loss.backward()
+            total += loss.item()
+    with t("optimizer"):
+        grpo.finish_step(net, opt, total, 1.0)
+    return n_tok
+
+
+def step_naive(net, ref, tok, task, samples, opt, a, t):
+    """The loop one writes without the encode-once cache: every sample of every group, and every pass over it
+    (its generation, the reference, the old policy, the policy), encodes the frames again, one sequence at a time."""
+    G, T = a.G, a.temperature
+    seqs = []  # (sample, encoding of the rollout, completion [1, C])
+    for s in samples:
+        for _ in range(G):
+            with t("encode"):
+                enc = net.encode([s.frames])
+            with t("rollout"), torch.no_grad():
+                net.eval()
+                c = net.generate(net.prompt_batch(tok, [task.prompt(s, think=True)], enc), enc, a.max_new_tokens,
+                                 temperature=T)
+                net.train()
+            seqs.append((s, c))
+    with t("reward"):
+        r = torch.tensor([task.reward(s, tok.decode(c[0], skip_special_tokens=True))["total"] for s, c in seqs])
+        adv = grpo.group_advantages(r, G)
+
+    def one(m, s, c, grad):
+        with t("encode"):
+            enc = m.encode([s.frames])
+        b, mask = grpo.sequence_batch(m, tok, [task.prompt(s, think=True)], enc, c)
+        with torch.set_grad_enabled(grad):
+            return m(**b, encodings=enc, temperature=T), mask
+
+    n_tok = sum(grpo.completion_mask(c, tok.eos_token_id, tok.pad_token_id).sum().item() for _, c in seqs)
+    with t("ref+old logp"):
+        old = [one(net, s, c, False)[0] for s, c in seqs]
+        refl = [one(ref, s, c, False)[0] for s, c in seqs]
+    with t("policy fwd/bwd"):
+        total = 0.0
+        for i, (s, c) in enumerate(seqs):
+            logp, mask = one(net, s, c, True)
+            loss, _ = grpo.grpo_loss(logp, old[i], refl[i], adv[i:i + 1], mask, 0.2, 0.2, a.beta, "token", n_tok,
+                                     len(r), 1)
+            loss.backward()
+            total += loss.item()
+    with t("optimizer"):
+        grpo.finish_step(net, opt, total, 1.0)
+    return n_tok
+
+
+def time_step(fn, net, ref, tok, samples, a, repeats=1):
+    """-> (phase seconds per step, total seconds per step, completion tokens per step, encoder calls per step)."""
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)  # lr 0: the model stays the same across repeats
+    counts, hooks = count_calls({"vision": [net.qwen.model.visual, ref.qwen.model.visual], "vggt": [net.vggt, ref.vggt]})
+    t, n_tok = Timer(), 0
+    torch.manual_seed(0)
+    for _ in range(repeats):
+        n_tok += fn(net, ref, tok, rft3d.TASKS["grounding"], samples, opt, a, t)
+    for h in hooks:
+        h.remove()
+    per = {k: v / repeats for k, v in t.s.items()}
+    return per, sum(per.values()), n_tok / repeats, {k: v / repeats for k, v in counts.items()}
+
+
+def library_step(net, ref, tok, samples, a):
+    """The real grpo.grpo_step (mu = 1: no old pass), with encoder call counts."""
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)
+    counts, hooks = count_calls({"vision": [net.qwen.model.visual, ref.qwen.model.visual], "vggt": [net.vggt, ref.vggt]})
+    torch.manual_seed(0)
+    out = grpo.grpo_step(net, ref, tok, rft3d.TASKS["grounding"], samples, opt, a)
+    for h in hooks:
+        h.remove()
+    return out, dict(counts)
+
+
+def logprob_mem_child(a):
+    """Runs in a fresh process: peak memory growth of one log-prob forward + backward at Qwen's vocabulary."""
+    cuda = torch.cuda.is_available()
+    dev, dtype = ("cuda" if cuda else "cpu"), getattr(torch, a.dtype)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(a.d, V_QWEN, bias=False, device=dev, dtype=dtype)  # built in dtype: no second copy
+    head.weight.grad = torch.zeros_like(head.weight)  # gradient buffer counted as an input (same for both)
+    hidden = torch.randn(a.B, a.L, a.d, device=dev, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V_QWEN, (a.B, a.L), device=dev)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    t0 = time.perf_counter()
+    if a.variant == "chunked":
+        logp, _ = vgllm.token_logprobs(hidden, head, targets, 1.0, a.chunk)
+    else:  # the naive path: full [B, L, V] logits, log_softmax, gather
+        logp = torch.log_softmax(head(hidden).float(), -1).gather(-1, targets[..., None])[..., 0]
+    logp.sum().backward()
+    if cuda:
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    print(json.dumps({"peak_bytes": peak, "seconds": time.perf_counter() - t0}))
+
+
+def logprob_memory(B, L, d, dtype, chunk=1024):
+    rows = []
+    for variant in ("naive", "chunked"):
+        cmd = [sys.executable, __file__, "_logprob_mem", "--variant", variant, "--B", str(B), "--L", str(L),
+               "--d", str(d), "--dtype", dtype, "--chunk", str(chunk)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if res.returncode:
+            raise RuntimeError(res.stderr[-2000:])
+        rows.append((variant, json.loads(res.stdout.strip().splitlines()[-1])))
+    return rows
+
+
+def torchrun_step_time(nproc, init, out, G=8, frames=4, steps=4):
+    """step_time of train.py GRPO steps under torchrun --standalone (rank 0's metrics.jsonl, first step dropped)."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           "--stage", "grpo", "--task", "grounding", "--model", str(init), "--steps", str(steps), "--G", str(G),
+           "--frames", str(frames), "--val-size", "1", "--eval-every", "1000", "--save-every", "1000",
+           "--out", str(out)]
+    with open(Path(out).with_suffix(".log"), "w") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = [json.loads(x) for x in open(Path(out) / "grpo" / "metrics.jsonl") if '"step_time"' in x]
+    return float(np.mean([r["step_time"] for r in rows[1:]])), float(np.mean([r["completion_tokens"] for r in rows[1:]]))
+
+
+def throughput(args):
+    out = OUT / ("throughput-quick" if args.quick else "throughput")
+    out.mkdir(parents=True, exist_ok=True)
+    net, tok = tiny_model(out / "tiny")
+    ref = copy.deepcopy(net).requires_grad_(False)
+    B, G, S = args.prompts, 8, 32
+    samples = [data.SyntheticDataset("grounding", B, seed=0, frames=S)[i] for i in range(B)]
+    a = grpo_args(G, args.max_new_tokens)
+    print(f"\n== GRPO step, tiny model, grounding: B={B} prompts x G={G}, {S} frames of 56 px, "
+          f"max {args.max_new_tokens} new tokens, device {net.device} ==")
+    res = {}
+    for name, fn in (("encode-once", step_encode_once), ("naive loop", step_naive)):
+        res[name] = time_step(fn, net, ref, tok, samples, a)
+    phases = ["encode", "rollout", "reward", "ref+old logp", "policy fwd/bwd", "optimizer"]
+    table(["variant"] + phases + ["step s", "tokens", "tok/s", "vision calls", "vggt calls"],
+          [[n] + [f"{p[k]:.2f}" for k in phases] + [f"{tot:.2f}", f"{nt:.0f}", f"{nt / tot:.0f}",
+                                                   f"{c.get('vision', 0):.0f}", f"{c.get('vggt', 0):.0f}"]
+           for n, (p, tot, nt, c) in res.items()])
+    speedup = res["naive loop"][1] / res["encode-once"][1]
+    print(f"speed-up encode-once vs naive: {speedup:.1f}x (target >= 3x: {'met' if speedup >= 3 else 'MISSED'})")
+    lib, counts = library_step(net, ref, tok, samples, a)
+    print(f"grpo.grpo_step itself (mu=1, no old pass): {lib['step_time']:.2f} s/step, rollout {lib['rollout_time']:.2f} s,"
+          f" {lib['tokens_per_s']:.0f} tok/s, vision tower calls {counts.get('vision', 0)}, VGGT calls {counts.get('vggt', 0)}")
+
+    d, (Bm, Lm) = (2048, (8, 512)) if torch.cuda.is_available() else ((256, (4, 512)) if args.quick else (512, (8, 512)))
+    print(f"\n== Log-prob peak memory, V={V_QWEN:,}, {Bm}x{Lm} tokens, d={d}, forward+backward, fresh process each "
+          f"({'cuda max_memory_allocated' if torch.cuda.is_available() else 'CPU peak RSS growth'}) ==")
+    rows = {}
+    for dtype in (["float32"] if args.quick else ["float32", "bfloat16"]):
+        for v, r in logprob_memory(Bm, Lm, d, dtype):
+            rows[(dtype, v)] = r
+    table(["dtype", "variant", "peak MiB", "seconds", "chunked/naive"],
+          [[dt, v, f"{r['peak_bytes'] / 2**20:.0f}", f"{r['seconds']:.1f}",
+            f"{r['peak_bytes'] / rows[(dt, 'naive')]['peak_bytes']:.3f}" if v == "chunked" else ""]
+           for (dt, v), r in rows.items()])
+    print(f"(logits alone: {Bm * Lm * V_QWEN * 4 / 2**20:.0f} MiB in fp32; target chunked <= 1/4 of naive)")
+
+    print("\n== Scaling: encode-once step (explicit old pass), B=4 prompts ==")
+    Gs, Ss = ((2, 8), (4, 32)) if args.quick else ((2, 4, 8, 16), (4, 8, 16, 32))
+    rows = []
+    for g in Gs:
+        for s in Ss:
+            smp = [data.SyntheticDataset("grounding", B, seed=0, frames=s)[i] for i in range(B)]
+            p, tot, nt, _ = time_step(step_encode_once, net, ref, tok, smp, grpo_args(g, args.max_new_tokens))
+            rows.append([g, s, f"{tot:.2f}", f"{p['rollout']:.2f}", f"{p['policy fwd/bwd']:.2f}", f"{nt:.0f}", f"{nt / tot:.0f}"])
+    table(["G", "frames", "step s", "rollout s", "policy s", "tokens", "tok/s"], rows)
+
+    print("\n== Scaling over processes: torchrun --standalone train.py --stage grpo (4 prompts/rank, G=8, 4 frames) ==")
+    rows = []
+    for n in (1, 2):
+        st, nt = torchrun_step_time(n, out / "tiny" / "init", out / f"torchrun-{n}", steps=3 if args.quick else 5)
+        rows.append([n, f"{st:.2f}", f"{nt:.0f}", f"{nt / st:.0f}"])
+    table(["processes", "step s", "tokens/step (all ranks)", "tok/s"], rows)
+    print("(on this 2-core CPU two 1-thread ranks share the cores with everything else: the GPU numbers are the real ones)")
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. Learning: SFT -> SFT vs SFT -> GRPO from the same checkpoint (3D-RFT's ablation, ScanRefer-like)
+
+
+def run_train(argv, data_seed, log):
+    """train.main in-process, stdout/stderr to a log. The training set is pinned to `data_seed`: train.py seeds its
+    synthetic training set with 1000 + --seed, so a different training seed would otherwise mean a different
+    'fixed' training set (see the report). Returns the rows of metrics.jsonl."""
+    orig = train.datasets
+    train.datasets = lambda a: orig(argparse.Namespace(**{**vars(a), "seed": data_seed}))
+    try:
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            train.main(argv)
+    finally:
+        train.datasets = orig
+    out = argv[argv.index("--out") + 1]
+    stage = argv[argv.index("--stage") + 1]
+    return [json.loads(x) for x in open(Path(out) / stage / "metrics.jsonl")]
+
+
+def test_records(path, test_set):
+    """Per-scene test records of a saved model (greedy), cached as JSON next to the model."""
+    f = Path(path) / "test-records.json"
+    if not f.exists():
+        net, tok = vgllm.load_pretrained(str(path))
+        recs = evaluate(net, tok, "grounding", test_set, rft3d.MAX_NEW_TOKENS["grounding"])["records"]
+        f.write_text(json.dumps(recs))
+    return json.loads(f.read_text())
+
+
+def per_scene(records):
+    """-> {metric: array over scenes}: reward-independent grounding metrics, per scene."""
+    iou = np.array([float(r["iou"] or 0.0) for r in records])
+    return {"iou": iou, "acc25": (iou >= 0.25).astype(float), "acc50": (iou >= 0.5).astype(float),
+            "frame": np.array([float(r["frame_pred"] is not None and r["frame_pred"] == r["frame_gt"]) for r in records]),
+            "parse": np.array([float(r["parsed"]) for r in records])}
+
+
+METRICS = [("iou", "mean IoU", 1), ("acc25", "Acc@0.25", 100), ("acc50", "Acc@0.5", 100), ("frame", "frame acc", 100),
+           ("parse", "parse", 100)]
+
+
+def learning(args):
+    q = args.quick
+    cfg = dict(train_size=200, sft_steps=200, val=50, test=200, arm_steps=15, seeds=[0],
+               lrs={"sft": [1e-4], "grpo": [1e-4]}) if q else \
+        dict(train_size=500, sft_steps=600, val=100, test=400, arm_steps=30, seeds=[0, 1, 2],
+             lrs={"sft": [3e-5, 1e-4, 3e-4], "grpo": [3e-5, 1e-4, 3e-4]})
+    out = OUT / ("learning-quick" if q else "learning")
+    out.mkdir(parents=True, exist_ok=True)
+    test_set = data.SyntheticDataset("grounding", cfg["test"], seed=2)  # never seen, never tuned on
+    t_start = time.time()
+    common = ["--task", "grounding", "--val-size", str(cfg["val"])]
+
+    # Regime A step 1: SFT to convergence on a fixed training set, cosine lr; best on validation.
+    base = out / "base"
+    if not (base / "sft" / "best" / "config.json").exists():
+        t0 = time.time()
+        rows = run_train(["--stage", "sft", "--train-size", str(cfg["train_size"]), "--steps", str(cfg["sft_steps"]),
+                          "--out", str(base)] + common, 0, out / "base.log")
+        print(f"SFT base: {cfg['sft_steps']} steps on {cfg['train_size']} scenes in {time.time() - t0:.0f} s")
+        ev = [r for r in rows if "eval/acc@0.25" in r]
+        plot(out / "sft_base.png", "SFT base: train loss (x0.1) and val Acc@0.25 / 100",
+             {"loss x0.1": ([r["step"] for r in rows if "loss" in r], [0.1 * r["loss"] for r in rows if "loss" in r]),
+              "val acc@0.25": ([r["step"] for r in ev], [r["eval/acc@0.25"] / 100 for r in ev])})
+    start = base / "sft" / "best"
+
+    def arm(regime, stage, lr, seed):
+        """One continuation run from `start`; returns (final model dir, metrics rows, seconds)."""
+        d = out / f"{regime}-{stage}-lr{lr:g}-s{seed}"
+        if not (d / stage / "final" / "config.json").exists():
+            t0 = time.time()
+            run_train(["--stage", stage, "--model", str(start), "--lr", str(lr), "--schedule", "constant",
+                       "--warmup", "3", "--steps", str(cfg["arm_steps"]), "--seed", str(seed),
+                       "--eval-every", str(cfg["arm_steps"]), "--save-every", str(cfg["arm_steps"]),
+                       "--train-size", str(cfg["train_size"] if regime == "A" else 0), "--out", str(d)] + common,
+                      0 if regime == "A" else 100 + seed, d.with_suffix(".log"))
+            (d / "seconds").write_text(f"{time.time() - t0:.1f}")
+        rows = [json.loads(x) for x in open(d / stage / "metrics.jsonl")]
+        return d / stage / "final", rows, float((d / "seconds").read_text())
+
+    start_m = per_scene(test_records(start, test_set))
+    results, chosen = {}, {}
+    for regime in ("A", "B"):
+        for stage in ("sft", "grpo"):
+            # lr sweep on the validation split with seed 0 (regime B reuses regime A's choice to save time)
+            if regime == "A":
+                sweep = {lr: arm(regime, stage, lr, 0) for lr in cfg["lrs"][stage]}
+                val = {lr: [r for r in s[1] if "eval/iou" in r][-1]["eval/iou"] for lr, s in sweep.items()}
+                chosen[stage] = max(val, key=val.get)
+                print(f"regime A {stage}: val mean IoU by lr " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in val.items())
+                      + f" -> lr {chosen[stage]:g}")
+            runs = [arm(regime, stage, chosen[stage], s) for s in cfg["seeds"]]
+            results[(regime, stage)] = [(per_scene(test_records(p, test_set)), rows, sec) for p, rows, sec in runs]
+        plot(out / f"regime{regime}_grpo_reward.png", f"regime {regime}: GRPO train reward (format+frame+IoU)",
+             {f"seed {s}": ([r["step"] for r in rows if "reward" in r], [r["reward"] for r in rows if "reward" in r])
+              for s, (_, rows, _) in zip(cfg["seeds"], results[(regime, "grpo")])})
+        plot(out / f"regime{regime}_sft_loss.png", f"regime {regime}: SFT->SFT train loss",
+             {f"seed {s}": ([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r])
+              for s, (_, rows, _) in zip(cfg["seeds"], results[(regime, "sft")])})
+
+    # The table: absolute metrics (mean over seeds), then paired per-scene differences.
+    n = len(test_set)
+    print(f"\n== Learning: synthetic grounding (ScanRefer-like), tiny model, test {n} scenes (seed 2), "
+          f"val {cfg['val']} (seed 1) ==")
+    print(f"start = best-on-val SFT checkpoint after {cfg['sft_steps']} cosine steps on {cfg['train_size']} fixed scenes. "
+          f"Budget: equal optimiser updates, {cfg['arm_steps']} per arm (SFT: 16 scenes/step; GRPO: 4 prompts x G=8). "
+          f"Regime A: the same {cfg['train_size']} training scenes; B: fresh scenes every step. lr by val mean IoU "
+          f"(seed 0; B reuses A's). Seeds {cfg['seeds']}.")
+    rows = [["start", "-", "-", "-"] + [f"{start_m[k].mean() * s:.3f}" if s == 1 else f"{start_m[k].mean() * s:.1f}"
+                                        for k, _, s in METRICS]]
+    for (regime, stage), runs in results.items():
+        mean = {k: np.mean([m[k].mean() for m, _, _ in runs]) for k, _, _ in METRICS}
+        rows.append([f"{regime}: SFT->{stage.upper()}", f"{chosen[stage]:g}", len(runs),
+                     f"{np.mean([s for _, _, s in runs]):.0f}"] +
+                    [f"{mean[k] * s:.3f}" if s == 1 else f"{mean[k] * s:.1f}" for k, _, s in METRICS])
+    table(["arm", "lr", "seeds", "s/run"] + [name for _, name, _ in METRICS], rows)
+
+    print("\nPaired per-scene differences: mean +- standard error over scenes (per-scene values averaged over seeds)"
+          " [spread over seeds: std of the per-seed means]")
+    rows, summary = [], {}
+    for regime in ("A", "B"):
+        sft, rl = results[(regime, "sft")], results[(regime, "grpo")]
+        pairs = {"SFT->SFT - start": [(m, {k: start_m[k] for k in start_m}) for m, _, _ in sft],
+                 "SFT->GRPO - start": [(m, {k: start_m[k] for k in start_m}) for m, _, _ in rl],
+                 "GRPO - SFT": [(a[0], b[0]) for a, b in zip(rl, sft)]}
+        for name, ps in pairs.items():
+            row = [f"{regime}: {name}"]
+            for k, _, s in METRICS:
+                diffs = np.stack([a[k] - b[k] for a, b in ps])  # [seeds, scenes]
+                per = diffs.mean(0)
+                se, spread = per.std(ddof=1) / math.sqrt(n), (diffs.mean(1).std(ddof=1) if len(ps) > 1 else float("nan"))
+                row.append(f"{per.mean() * s:+.3f}±{se * s:.3f} [{spread * s:.3f}]" if s == 1 else
+                           f"{per.mean() * s:+.1f}±{se * s:.1f} [{spread * s:.1f}]")
+                summary[f"{regime}/{name}/{k}"] = (per.mean() * s, se * s, spread * s)
+            rows.append(row)
+    table(["difference"] + [name for _, name, _ in METRICS], rows)
+    for regime in ("A", "B"):
+        d, se, _ = summary[f"{regime}/GRPO - SFT/acc25"]
+        verdict = "GRPO better" if d > 2 * se else ("SFT better" if d < -2 * se else "no significant difference")
+        print(f"regime {regime}: SFT->GRPO - SFT->SFT, Acc@0.25 {d:+.1f} +- {se:.1f} points (2 SE rule: {verdict})")
+    (out / "summary.json").write_text(json.dumps({k: list(v) for k, v in summary.items()}, indent=1))
+    print(f"wall time {time.time() - t_start:.0f} s; curves and logs in {out}/")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("throughput", help="step breakdown, encode-once vs naive, log-prob memory, scaling")
+    t.add_argument("--quick", action="store_true")
+    t.add_argument("--prompts", type=int, default=4, help="B: prompts per step")
+    t.add_argument("--max-new-tokens", type=int, default=rft3d.MAX_NEW_TOKENS["grounding"])
+    lp = sub.add_parser("learning", help="SFT->SFT vs SFT->GRPO, paired per-scene test differences")
+    lp.add_argument("--quick", action="store_true")
+    c = sub.add_parser("_logprob_mem")  # internal: one measurement in a fresh process
+    for k, v in (("--B", 8), ("--L", 512), ("--d", 2048), ("--chunk", 1024)):
+        c.add_argument(k, type=int, default=v)
+    c.add_argument("--variant", choices=["naive", "chunked"])
+    c.add_argument("--dtype", default="float32")
+    args = p.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    {"throughput": throughput, "learning": learning, "_logprob_mem": logprob_mem_child}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

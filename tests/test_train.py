@@ -1,0 +1,166 @@
+"""Training end to end on the tiny default: GRPO pitfalls on a real model, DDP == 1 process, FSDP2 == DDP,
+exact resume, and SFT -> GRPO -> eval.py exiting cleanly with finite metrics."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import eval as evaluation
+import grpo
+import model as vgllm
+import rft3d
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def init_dir(tmp_path_factory):
+    """A tiny random model + tokenizer, built once for this module."""
+    out = tmp_path_factory.mktemp("init")
+    args = train.get_args(["--out", str(out), "--frames", "2"])
+    return train.tiny_init(args, rank=0)
+
+
+def params(run_dir):
+    """All tensors of a saved model directory."""
+    state = {}
+    for f in sorted(Path(run_dir).glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
+
+
+def assert_same_params(a, b, atol):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    worst = max((pa[k].float() - pb[k].float()).abs().max().item() for k in pa)
+    assert worst <= atol, f"max parameter difference {worst}"
+
+
+def torchrun(nproc, argv, tmp):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "train.py"), *argv]
+    r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return r
+
+
+# ------------------------------------------------------------------------------------------------
+# GRPO pitfalls on the real model
+
+
+def test_step0_ratio_is_one_and_kl_is_zero(init_dir):
+    """Policy == reference and pi_old == pi_theta at step 0, dropout off: ratio exactly 1, KL exactly 0
+    (mu = 2 stores logp_old from a separate no-grad pass, so this compares two different forwards)."""
+    net, tok = vgllm.load_pretrained(init_dir)
+    ref, _ = vgllm.load_pretrained(init_dir)
+    ref.requires_grad_(False).eval()
+    samples = [data.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
+    args = SimpleNamespace(G=3, temperature=0.7, max_new_tokens=12, beta=0.1, eps_low=0.2, eps_high=0.2, mu=2,
+                           adv_scale="group", agg="token", micro_batch=4, max_grad_norm=1.0, reward_opts={})
+    opt = torch.optim.SGD(net.trainable_parameters(), lr=0.0)
+    out = grpo.grpo_step(net, ref, tok, rft3d.TASKS["detection"], samples, opt, args)
+    assert out["ratio"] == 1.0 and out["kl"] == 0.0 and out["clip_frac"] == 0.0
+    assert out["completion_tokens"] > 0 and len(out["_texts"]) == 6
+
+
+def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
+    """The distribution the tokens were sampled from (transformers' processed scores at temperature T)
+    equals what model.forward scores at the same T: no temperature mismatch, no off-by-one shift."""
+    net, tok = vgllm.load_pretrained(init_dir)
+    net.eval()
+    samples = [data.SyntheticDataset("grounding", 2, seed=1, frames=2)[i] for i in range(2)]
+    enc = net.encode([s.frames for s in samples])
+    prompts = [rft3d.TASKS["grounding"].prompt(s, think=True) for s in samples]
+    batch = net.prompt_batch(tok, prompts, enc)
+    T = 0.6
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = net.qwen.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
+                                generation_config=net.generation_config(10, T), output_scores=True,
+                                return_dict_in_generate=True, **net._mm_inputs(batch["image_grid_thw"], enc))
+    P = batch["input_ids"].shape[1]
+    completion = out.sequences[:, P:]
+    sampled = torch.stack([torch.log_softmax(s.float(), -1).gather(1, completion[:, j:j + 1])[:, 0]
+                           for j, s in enumerate(out.scores)], 1)  # [B, C]
+    seq, mask = grpo.sequence_batch(net, tok, prompts, enc, completion)
+    with torch.no_grad():
+        scored = net(**seq, encodings=enc, temperature=T)[:, P - 1:]
+    m = mask[:, P - 1:].bool()
+    assert m.sum() > 0
+    torch.testing.assert_close(scored[m], sampled[m], atol=2e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed equivalence and exact resume (train.py as users run it)
+
+
+def test_ddp_two_processes_equal_one_with_accumulation(init_dir, tmp_path):
+    common = ["--stage", "sft", "--task", "detection", "--model", init_dir, "--steps", "3", "--train-size", "64",
+              "--eval-every", "100", "--save-every", "100", *FAST]
+    torchrun(2, [*common, "--batch-size", "2", "--out", str(tmp_path / "ddp")], tmp_path)
+    torchrun(2, [*common, "--batch-size", "2", "--shard", "fsdp", "--out", str(tmp_path / "fsdp")], tmp_path)
+    train.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")])  # 2 micro-batches of 2
+    assert_same_params(tmp_path / "ddp/sft/final", tmp_path / "one/sft/final", atol=1e-5)
+    assert_same_params(tmp_path / "fsdp/sft/final", tmp_path / "ddp/sft/final", atol=1e-5)
+    assert not torch.equal(params(tmp_path / "one/sft/final")["merger.mlp.0.weight"],
+                           params(init_dir)["merger.mlp.0.weight"])  # it did train
+
+
+@pytest.mark.parametrize("shard", ["ddp", "fsdp"])
+def test_grpo_runs_under_torchrun(init_dir, tmp_path, shard):
+    """Each rank owns whole groups; FSDP generation stays in lock-step (synced_gpus) and does not hang."""
+    torchrun(2, ["--stage", "grpo", "--task", "spatial", "--model", init_dir, "--steps", "2", "--G", "2",
+                 "--prompts-per-rank", "2", "--shard", shard, "--out", str(tmp_path), *FAST], tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "reward" in x] == [1, 2]
+    assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
+
+
+def test_resume_is_bit_exact(init_dir, tmp_path, monkeypatch):
+    """GRPO stopped after 1 step and resumed equals 2 uninterrupted steps, bit for bit (CPU): optimiser
+    moments, sampling RNG and data position all come back. An untrained model earns reward 0 everywhere
+    (no gradient at all), so a stand-in reward that varies with the text makes the steps move."""
+    task = rft3d.TASKS["detection"]
+    varied = lambda sample, text, **_: {"total": (len(text) % 7) / 7, "format": 0.0}
+    monkeypatch.setitem(rft3d.TASKS, "detection", task._replace(reward=varied))
+    common = ["--stage", "grpo", "--task", "detection", "--model", init_dir, "--G", "2", "--prompts-per-rank", "2",
+              "--eval-every", "100", "--save-every", "1", "--lr", "1e-2", "--mu", "2", *FAST]
+    train.main([*common, "--steps", "2", "--out", str(tmp_path / "a")])
+    train.main([*common, "--steps", "1", "--out", str(tmp_path / "b")])
+    train.main([*common, "--steps", "2", "--resume", "--out", str(tmp_path / "b")])
+    assert_same_params(tmp_path / "a/grpo/final", tmp_path / "b/grpo/final", atol=0.0)
+    assert not torch.equal(params(tmp_path / "a/grpo/final")["merger.mlp.0.weight"],
+                           params(tmp_path / "a/grpo/step-1/model")["merger.mlp.0.weight"])
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: SFT, then GRPO, then eval.py
+
+
+def test_sft_then_grpo_then_eval(tmp_path):
+    out = tmp_path / "run"
+    train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2", "--out", str(out), *FAST])
+    train.main(["--stage", "grpo", "--task", "grounding", "--steps", "2", "--G", "2", "--prompts-per-rank", "2",
+                "--out", str(out), *FAST])  # finds the SFT model in out/sft/final
+    lines = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
+    for key in ("reward", "reward_std", "zero_std_frac", "kl", "clip_frac", "ratio", "entropy", "completion_len",
+                "truncated", "reward_format", "reward_frame", "reward_iou", "lr", "grad_norm", "step_time", "tokens_per_s"):
+        assert key in lines[0] and math.isfinite(lines[0][key]), key
+    evaluation.main(["--ckpt", str(out / "grpo/final"), "--task", "grounding", "--n", "3", "--frames", "2",
+                     "--max-new-tokens", "16", "--viz", "2", "--out", str(tmp_path / "ev")])
+    metrics = json.loads((tmp_path / "ev/metrics.json").read_text())
+    for key in ("acc@0.25", "acc@0.5", "iou", "frame_acc", "parse_rate"):
+        assert math.isfinite(metrics[key]), key
+    assert len((tmp_path / "ev/predictions.jsonl").read_text().splitlines()) == 3
+    assert len(list((tmp_path / "ev").glob("viz-*.png"))) == 2
