@@ -24,6 +24,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -262,15 +263,15 @@ def logprob_mem_child(a):
     print(json.dumps({"peak_bytes": peak, "seconds": time.perf_counter() - t0}))
 
 
-def logprob_memory(B, L, d, dtype, chunk=1024):
+def logprob_memory(B, L, d, dtype, chunks=(1024, 256)):
     rows = []
-    for variant in ("naive", "chunked"):
+    for variant, chunk in [("naive", 0)] + [("chunked", c) for c in chunks]:
         cmd = [sys.executable, __file__, "_logprob_mem", "--variant", variant, "--B", str(B), "--L", str(L),
                "--d", str(d), "--dtype", dtype, "--chunk", str(chunk)]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if res.returncode:
             raise RuntimeError(res.stderr[-2000:])
-        rows.append((variant, json.loads(res.stdout.strip().splitlines()[-1])))
+        rows.append((variant if variant == "naive" else f"chunked {chunk}", json.loads(res.stdout.strip().splitlines()[-1])))
     return rows
 
 
@@ -278,8 +279,10 @@ def torchrun_step_time(nproc, init, out, G=8, frames=4, steps=4):
     """step_time of train.py GRPO steps under torchrun --standalone (rank 0's metrics.jsonl, first step dropped)."""
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "train.py",
            "--stage", "grpo", "--task", "grounding", "--model", str(init), "--steps", str(steps), "--G", str(G),
-           "--frames", str(frames), "--val-size", "1", "--eval-every", "1000", "--save-every", "1000",
+           "--frames", str(frames), "--val-size", str(nproc),  # eval.evaluate fails on ranks with no val sample (report)
+           "--eval-every", "1000", "--save-every", "1000",
            "--out", str(out)]
+    shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     with open(Path(out).with_suffix(".log"), "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = [json.loads(x) for x in open(Path(out) / "grpo" / "metrics.jsonl") if '"step_time"' in x]
@@ -314,14 +317,15 @@ def throughput(args):
     print(f"\n== Log-prob peak memory, V={V_QWEN:,}, {Bm}x{Lm} tokens, d={d}, forward+backward, fresh process each "
           f"({'cuda max_memory_allocated' if torch.cuda.is_available() else 'CPU peak RSS growth'}) ==")
     rows = {}
-    for dtype in (["float32"] if args.quick else ["float32", "bfloat16"]):
+    for dtype in (["float32", "bfloat16"] if torch.cuda.is_available() else ["float32"]):
         for v, r in logprob_memory(Bm, Lm, d, dtype):
             rows[(dtype, v)] = r
-    table(["dtype", "variant", "peak MiB", "seconds", "chunked/naive"],
+    table(["dtype", "variant (chunk tokens)", "peak MiB", "seconds", "chunked/naive"],
           [[dt, v, f"{r['peak_bytes'] / 2**20:.0f}", f"{r['seconds']:.1f}",
-            f"{r['peak_bytes'] / rows[(dt, 'naive')]['peak_bytes']:.3f}" if v == "chunked" else ""]
+            f"{r['peak_bytes'] / rows[(dt, 'naive')]['peak_bytes']:.3f}" if v != "naive" else ""]
            for (dt, v), r in rows.items()])
-    print(f"(logits alone: {Bm * Lm * V_QWEN * 4 / 2**20:.0f} MiB in fp32; target chunked <= 1/4 of naive)")
+    print(f"(logits alone: {Bm * Lm * V_QWEN * 4 / 2**20:.0f} MiB in fp32, one 1024-token chunk "
+          f"{1024 * V_QWEN * 4 / 2**20:.0f} MiB; target chunked <= 1/4 of naive; model.forward uses chunk_size=1024)")
 
     print("\n== Scaling: encode-once step (explicit old pass), B=4 prompts ==")
     Gs, Ss = ((2, 8), (4, 32)) if args.quick else ((2, 4, 8, 16), (4, 8, 16, 32))
@@ -388,7 +392,7 @@ def learning(args):
     q = args.quick
     cfg = dict(train_size=200, sft_steps=200, val=50, test=200, arm_steps=15, seeds=[0],
                lrs={"sft": [1e-4], "grpo": [1e-4]}) if q else \
-        dict(train_size=500, sft_steps=600, val=100, test=400, arm_steps=30, seeds=[0, 1, 2],
+        dict(train_size=500, sft_steps=700, val=100, test=400, arm_steps=40, seeds=[0, 1, 2],
              lrs={"sft": [3e-5, 1e-4, 3e-4], "grpo": [3e-5, 1e-4, 3e-4]})
     out = OUT / ("learning-quick" if q else "learning")
     out.mkdir(parents=True, exist_ok=True)
@@ -418,7 +422,7 @@ def learning(args):
                        "--warmup", "3", "--steps", str(cfg["arm_steps"]), "--seed", str(seed),
                        "--eval-every", str(cfg["arm_steps"]), "--save-every", str(cfg["arm_steps"]),
                        "--train-size", str(cfg["train_size"] if regime == "A" else 0), "--out", str(d)] + common,
-                      0 if regime == "A" else 100 + seed, d.with_suffix(".log"))
+                      0 if regime == "A" else 100 + seed, d.parent / f"{d.name}.log")
             (d / "seconds").write_text(f"{time.time() - t0:.1f}")
         rows = [json.loads(x) for x in open(d / stage / "metrics.jsonl")]
         return d / stage / "final", rows, float((d / "seconds").read_text())

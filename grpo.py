@@ -70,7 +70,8 @@ def sequence_batch(model, tokenizer, prompts, encodings, completion):
     completion: [N, C] token ids. Returns (batch for model.forward, mask [N, P + C - 1]) where the mask
     lines up with model.forward's log-probs: logp[:, t] scores token t + 1, so the completion token at
     position P + j is scored by logp[:, P + j - 1] (the off-by-one that shifts every causal LM loss)."""
-    batch = model.prompt_batch(tokenizer, prompts, encodings)  # left-padded [N, P]
+    batch = model.prompt_batch(tokenizer, prompts, encodings)  # left-padded [N, P], on the CPU
+    batch = {k: v.to(completion.device) for k, v in batch.items()}
     P = batch["input_ids"].shape[1]
     cmask = completion_mask(completion, tokenizer.eos_token_id, tokenizer.pad_token_id)  # [N, C]
     batch["input_ids"] = torch.cat([batch["input_ids"], completion], 1)  # [N, P + C]
@@ -126,11 +127,11 @@ def sft_step(policy, tokenizer, task, samples, optimizer, micro_batch, max_grad_
 def finish_step(policy, optimizer, loss_value, max_grad_norm):
     """Clip, then step, unless the loss is non-finite on any rank: then every rank skips together
     (a rank that stepped alone would desynchronise the replicas). Returns the grad norm (nan if skipped)."""
-    bad = all_reduce_sum(torch.tensor(float(not math.isfinite(loss_value))))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    bad = all_reduce_sum(torch.tensor(float(not math.isfinite(loss_value)), device=params[0].device))
     if bad.item() > 0:
         optimizer.zero_grad(set_to_none=True)
         return float("nan")
-    params = [p for p in policy.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

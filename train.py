@@ -229,7 +229,7 @@ def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, e
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = full_state(policy)
     optim_state = get_optimizer_state_dict(grpo.unwrap(policy), optimizer, options=opts)
-    rng = torch.get_rng_state()
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [None] * dist.get_world_size() if dist.is_initialized() else [rng]
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)  # every rank's sampling stream, so resume continues all of them
@@ -299,7 +299,9 @@ def train(args):
                                               num_workers=args.workers))
     # Seed (or restore) the sampling stream only now: creating the loader iterator draws from torch's RNG.
     if state is not None:
-        torch.set_rng_state(state["rng"][rank])
+        torch.set_rng_state(state["rng"][rank]["cpu"])
+        if state["rng"][rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"][rank]["cuda"])
     else:
         torch.manual_seed(args.seed + rank)  # per-rank sampling streams
     if rank == 0:
