@@ -186,13 +186,15 @@ def tiny_init(args, rank):
 def load_model(args, rank, path=None):
     """-> (model, tokenizer) on CPU in fp32. Frozen parts (vision tower, VGGT) have requires_grad False.
     Seeded, so a freshly initialised merger (Qwen + VGGT start) is the same in policy, reference and ranks."""
+    # fp32 master weights even for bf16 checkpoints: AdamW updates of ~1e-6 vanish in bf16. --bf16 computes in
+    # bf16 (autocast under DDP, FSDP2's MixedPrecisionPolicy) and keeps these fp32 copies for the optimiser.
     torch.manual_seed(args.seed)
     if path is None and args.qwen:
-        return vgllm.from_qwen_and_vggt(args.qwen, args.vggt)
+        return vgllm.from_qwen_and_vggt(args.qwen, args.vggt, dtype=torch.float32)
     path = path or args.model or tiny_init(args, rank)
-    if (Path(path) / "config.json").exists() and "use_vggt_feature" in json.loads((Path(path) / "config.json").read_text()):
-        return vgllm.from_vgllm(path)
-    return vgllm.load_pretrained(path)
+    if "use_vggt_feature" in json.loads((Path(path) / "config.json").read_text()):
+        return vgllm.from_vgllm(path, dtype=torch.float32)
+    return vgllm.load_pretrained(path, dtype=torch.float32)
 
 
 def wrap(net, args, device, trainable=True):
