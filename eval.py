@@ -174,16 +174,16 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
 
 
 def print_table(task_name, metrics):
-    """A readable table: per class for detection, per question type for spatial."""
-    flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    for k, v in flat.items():
-        print(f"  {k:<32} {v:8.4f}" if isinstance(v, float) else f"  {k:<32} {v:8d}")
+    """A readable table: the headline numbers, then per class (detection) at each IoU threshold."""
     for k, v in metrics.items():
-        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
-            cols = sorted({c for x in v.values() for c in x})
-            print(f"\n  {k:<20}" + "".join(f"{c:>10}" for c in cols))
-            for name, row in sorted(v.items()):
-                print(f"  {name:<20}" + "".join(f"{row.get(c, 0):10.3f}" for c in cols))
+        if isinstance(v, (int, float)):
+            print(f"  {k:<32} {v:10.4f}" if isinstance(v, float) else f"  {k:<32} {v:10d}")
+    cols = ("tp", "fp", "fn", "precision", "recall", "f1")
+    for thr, rows in metrics.get("per_class", {}).items():
+        print(f"\n  per class @ IoU {thr:<6}" + "".join(f"{c:>10}" for c in cols))
+        for label, row in sorted(rows.items()):
+            print(f"  {label:<22}" + "".join(f"{row[c]:10d}" if isinstance(row[c], int) else f"{row[c]:10.2f}"
+                                            for c in cols))
 
 
 def viz(sample, completion):

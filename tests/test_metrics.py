@@ -80,3 +80,14 @@ def test_spatial_metrics_merge_directions_and_average_tasks():
     assert m["room_size_estimation"] == pytest.approx(20.0) and m["route_planning"] == 0.0
     assert m["overall"] == pytest.approx((75.0 + 50.0 + 20.0 + 0.0) / 4)  # unweighted over tasks
     assert m["parse_rate"] == pytest.approx(700 / 8) and m["n"] == 8
+
+
+def test_print_table_shows_every_class(capsys):
+    import eval as evaluation
+    records = [{"counts": {"0.25": {"chair": [1, 0, 1], "lamp": [0, 2, 0]}, "0.5": {"chair": [0, 1, 2]}},
+                "n_pred": 3, "n_gt": 2, "iou_gt": 0.3, "parsed": True}]
+    evaluation.print_table("detection", evaluation.detection_metrics(records))
+    out = capsys.readouterr().out
+    assert "per class @ IoU 0.25" in out and "per class @ IoU 0.5" in out
+    chair = [line.split() for line in out.splitlines() if line.strip().startswith("chair")]
+    assert chair[0][1:4] == ["1", "0", "1"] and abs(float(chair[0][-1]) - 100 * 2 / 3) < 0.01  # F1 = 2TP/(2TP+FP+FN)
