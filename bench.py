@@ -10,12 +10,45 @@ shared CPU. Everything here uses the public pieces of model.py / grpo.py / train
 
 NOTES: measured numbers (date, device, command). Add new rows, keep the old ones.
 
-2026-11-22, CPU (2 cores shared, 1 thread), `bench.py throughput --quick`, tiny model, grounding, B=4 prompts, 56 px:
-    see the report of that date; G=8, 32 frames: encode-once step 6.0 s vs naive loop 33 s (5.5x);
-    vision tower calls per step 1 vs 128, VGGT calls 4 vs 128. Log-probs at V=151,936, 2048 tokens, d=256 fp32:
-    chunked peak ~0.9 GB vs naive ~3.7 GB (see the table printed by the run for the exact values).
-2026-11-22, CPU, `bench.py learning --quick` / full: see the tables at the end of this docstring when recorded.
-(GPU numbers: to be added by the lead.)
+2026-11-22, CPU (2 cores shared with another job, OMP_NUM_THREADS=1), tiny default model (2.09M params), grounding,
+B=4 prompts, 56 px frames, max 96 new tokens (random init: completions run to ~90 tokens).
+  `bench.py throughput` (4m56s):
+    GRPO step, G=8, 32 frames   encode  rollout  ref+old  policy  step s  tok/s  vision calls  VGGT calls
+      encode-once                 0.13     1.55     1.47    2.13    5.30    546             1           4
+      naive loop                  3.93     6.63     3.42    3.07   17.05    164           128         128
+    -> 3.2x (quick run: 3.1x; an earlier run 3.6x). grpo.grpo_step itself (mu=1): 4.42 s/step, 1 vision, 4 VGGT calls.
+    Log-probs, V=151,936, 8x512 tokens, d=512, fp32, fwd+bwd, peak RSS growth: naive 7134 MiB, chunked(1024) 3302 MiB
+    (0.46: target 1/4 missed at model.forward's default chunk), chunked(256) 1074 MiB (0.15).
+    Step time (s) over G x frames:  G=2: 0.74 / 0.90 / 1.18 / 1.67 (4/8/16/32 frames); G=4: 1.02 / 1.26 / 1.71 / 2.79;
+    G=8: 1.83 / 2.54 / 3.15 / 5.73; G=16: 3.65 / 4.27 / 6.06 / 10.54.
+    torchrun train.py GRPO (4 prompts/rank, G=8, 4 frames): 1 proc 1.74 s/step 1658 tok/s; 2 procs 1.91 s 3027 tok/s.
+  `bench.py learning` (18m49s; quick: 3m21s): start = best-on-val SFT (700 cosine steps, 500 fixed scenes, lr 1e-3),
+    val Acc@0.25 20 at step 560; test (400 scenes) IoU 0.112, Acc@0.25 19.0, Acc@0.5 3.2, frame 35.2, parse 99.8.
+    40 updates per arm, lr 3e-5 chosen for both (sweep 3e-5/1e-4/3e-4 on val; GRPO at 3e-4 collapsed, val IoU 0.026),
+    3 seeds. GRPO - SFT, paired per scene: regime A (fixed set) Acc@0.25 +0.5 +- 1.2, IoU +0.002 +- 0.004;
+    regime B (fresh scenes) Acc@0.25 +0.3 +- 1.3, IoU +0.001 +- 0.004: no significant difference at this budget;
+    no arm moved more than ~1 point from the start. Wall clock per arm: SFT ~20 s, GRPO ~55 s.
+  Log-probs after making the chunk's ops in place and chunk_size 512 (same setup, fp32, 8x512 tokens, d=512):
+    naive 7134 MiB, chunked(1024) 3300 MiB (0.46), chunked(512) 1817 MiB (0.25: target met at the default).
+
+2026-11-22, one NVIDIA H100 80GB HBM3 (device machine), torch 2.11.0+cu130, transformers 5.23.0, random weights in
+bf16, gradient checkpointing on, 518x392 frames (252 Qwen tokens each), 128-token answers; `bench.py gpu`:
+  model + frames        prompt tok  encode s  SFT step s  SFT MFU  rollout s (G=8)  ref logp s  policy f/b s  GRPO step s  peak GiB
+  3B + VGGT-1B, 32 fr     8192       6.1*       0.59      0.27        17.4            1.16         4.51          29.2       32.8
+  3B + VGGT-1B, 32, FSDP2 8192       2.5        0.65      0.24        18.4            1.16         4.80          26.9       36.5
+  3B + VGGT-1B, 4 fr      1080       1.3        0.37      0.06        16.6            0.36         1.45          19.8       32.5
+  7B + VGGT-1B, 32 fr     8192       2.2        1.09      0.33        13.3            2.06         7.69          25.5       74.9
+  (* includes first-call CUDA/cuDNN warm-up; MFU = 6 N_llm T / time / 989 TFLOP/s, no recompute counted; policy MFU
+  0.28 (3B) / 0.37 (7B). FSDP2 = fully_shard per decoder layer + root on one rank, encode/generate registered.)
+  The rollout dominates: transformers' generate is launch-bound, ~75 ms per decoding step for 8 sequences of the 3B
+  (profiler: GPU busy ~25% of the time; CPU in kernel launches, isin/unique of the suppress-tokens processor and
+  .item() syncs). A serving engine (vLLM / SGLang) or CUDA graphs would be the next step at real scale.
+  7B on one GPU needs FSDP over several GPUs in practice (74.9 GiB peak with bf16 weights and AdamW states).
+  Log-prob peak memory on the GPU (cuda max_memory_allocated), V=151,936, d=2048: 8x512 tokens fp32 naive 7.0 GiB,
+  chunked(512) 3.6 GiB (0.51: the [V, d] weight-gradient temporaries of the head now dominate), bf16 naive 7.0 GiB,
+  chunked(512) 2.1 GiB (0.30); 8x2048 tokens bf16 naive 27.9 GiB, chunked(512) 2.2 GiB (0.077). The chunked peak is
+  flat in sequence length, so the ratio falls below 1/4 from a few thousand tokens on (a GRPO micro-batch at 32
+  frames is 16k tokens).
 """
 import argparse
 import contextlib
@@ -263,7 +296,7 @@ def logprob_mem_child(a):
     print(json.dumps({"peak_bytes": peak, "seconds": time.perf_counter() - t0}))
 
 
-def logprob_memory(B, L, d, dtype, chunks=(1024, 256)):
+def logprob_memory(B, L, d, dtype, chunks=(1024, 512, 256)):
     rows = []
     for variant, chunk in [("naive", 0)] + [("chunked", c) for c in chunks]:
         cmd = [sys.executable, __file__, "_logprob_mem", "--variant", variant, "--B", str(B), "--L", str(L),
@@ -325,7 +358,7 @@ def throughput(args):
             f"{r['peak_bytes'] / rows[(dt, 'naive')]['peak_bytes']:.3f}" if v != "naive" else ""]
            for (dt, v), r in rows.items()])
     print(f"(logits alone: {Bm * Lm * V_QWEN * 4 / 2**20:.0f} MiB in fp32, one 1024-token chunk "
-          f"{1024 * V_QWEN * 4 / 2**20:.0f} MiB; target chunked <= 1/4 of naive; model.forward uses chunk_size=1024)")
+          f"{1024 * V_QWEN * 4 / 2**20:.0f} MiB; target chunked <= 1/4 of naive; model.forward uses chunk_size=512)")
 
     print("\n== Scaling: encode-once step (explicit old pass), B=4 prompts ==")
     Gs, Ss = ((2, 8), (4, 32)) if args.quick else ((2, 4, 8, 16), (4, 8, 16, 32))
@@ -351,16 +384,10 @@ def throughput(args):
 
 
 def run_train(argv, data_seed, log):
-    """train.main in-process, stdout/stderr to a log. The training set is pinned to `data_seed`: train.py seeds its
-    synthetic training set with 1000 + --seed, so a different training seed would otherwise mean a different
-    'fixed' training set (see the report). Returns the rows of metrics.jsonl."""
-    orig = train.datasets
-    train.datasets = lambda a: orig(argparse.Namespace(**{**vars(a), "seed": data_seed}))
-    try:
-        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-            train.main(argv)
-    finally:
-        train.datasets = orig
+    """train.main in-process, stdout/stderr to a log; the same fixed training set (--data-seed) whatever --seed.
+    Returns the rows of metrics.jsonl."""
+    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+        train.main(argv + ["--data-seed", str(data_seed)])
     out = argv[argv.index("--out") + 1]
     stage = argv[argv.index("--stage") + 1]
     return [json.loads(x) for x in open(Path(out) / stage / "metrics.jsonl")]
@@ -494,6 +521,100 @@ def learning(args):
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+# 3. Real size on a GPU, random weights in bf16: SFT step MFU, GRPO step phases at G = 8, peak memory, FSDP2
+
+
+def gpu(args):
+    """Qwen2.5-VL-3B/7B + VGGT-1B with random weights. Inputs are built by hand (no tokenizer needed for timing):
+    per frame a vision block of <|image_pad|> tokens (518 x 392 frames: 252 tokens each) and random text."""
+    dev = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    cfg = vgllm.real_config(args.model)
+    with torch.device(dev):
+        net = vgllm.VGLLM(cfg).to(torch.bfloat16)
+    net.enable_gradient_checkpointing()
+    if args.fsdp:  # FSDP2 on one GPU: the code path of --shard fsdp (no memory saving with one rank)
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        for layer in net.qwen.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(net)
+        for m in ("encode", "generate"):
+            register_fsdp_forward_method(net, m)
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-6)
+    n_llm = sum(p.numel() for p in net.qwen.model.language_model.parameters())
+    peak_flops = 989e12  # H100/H200 SXM dense bf16
+    t = Timer()
+    res = {"model": args.model, "frames": args.frames, "G": args.G, "fsdp": args.fsdp,
+           "gpu": torch.cuda.get_device_name(dev)}
+
+    # 1. encode once: Qwen vision tower + VGGT over all frames
+    frames = np.random.default_rng(0).integers(0, 255, (args.frames, 392, 518, 3), dtype=np.uint8)
+    with t("encode"):
+        enc = net.encode([frames])
+    q, g = cfg["qwen"], torch.Generator().manual_seed(0)
+    ids, types = torch.randint(0, 150000, (32,), generator=g).tolist(), [0] * 32
+    for T in enc[0].n_tokens_per_image:
+        ids += [q["vision_start_token_id"]] + [q["image_token_id"]] * T + [q["vision_end_token_id"]]
+        types += [0] + [1] * T + [0]
+    P = len(ids) + 32
+    prompt = torch.tensor(ids + torch.randint(0, 150000, (32,), generator=g).tolist(), device=dev)[None]
+    types = torch.tensor(types + [0] * 32, device=dev)[None]
+
+    def seq_batch(completion):  # [N, C] -> forward kwargs for prompt + completion
+        N = completion.shape[0]
+        return {"input_ids": torch.cat([prompt.expand(N, -1), completion], 1),
+                "attention_mask": torch.ones(N, P + completion.shape[1], dtype=torch.long, device=dev),
+                "mm_token_type_ids": torch.cat([types.expand(N, -1), torch.zeros_like(completion)], 1),
+                "image_grid_thw": torch.cat([enc[0].image_grid_thw] * N), "first_position": P - 1}
+
+    # 2. SFT step: one sample, a 128-token answer (after a warm-up step)
+    answer = torch.randint(0, 150000, (1, args.new_tokens), device=dev)
+    net.train()
+    for name in ("warm-up", "sft"):
+        torch.cuda.reset_peak_memory_stats(dev)
+        with t(name):
+            (-net(**seq_batch(answer), encodings=enc).sum() / args.new_tokens).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    res["sft_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    # MFU counts 6 N T for the LLM (not the recomputation of gradient checkpointing, nor the frozen encoders)
+    res["sft_mfu"] = 6 * n_llm * (P + args.new_tokens) / t.s["sft"] / peak_flops
+
+    # 3. GRPO step: G samples from ONE encoding, reference log-probs, policy forward/backward, optimizer
+    torch.cuda.reset_peak_memory_stats(dev)
+    enc_G = enc * args.G
+    batch = {k: v for k, v in seq_batch(answer[:, :0].expand(args.G, 0)).items() if k != "first_position"}
+    net.eval()
+    with t("rollout"):
+        completion = net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)
+    net.train()
+    mb = [slice(i, i + args.micro_batch) for i in range(0, args.G, args.micro_batch)]
+    with t("reference logp"), torch.no_grad():
+        ref = [net(**seq_batch(completion[sl]), encodings=enc_G[sl]) for sl in mb]
+    adv = torch.randn(args.G, device=dev)
+    with t("policy fwd/bwd"):
+        for k, sl in enumerate(mb):
+            logp = net(**seq_batch(completion[sl]), encodings=enc_G[sl])
+            mask = torch.zeros_like(logp)
+            mask[:, P - 1:] = 1
+            loss, _ = grpo.grpo_loss(logp, logp.detach(), ref[k], adv[sl], mask, 0.2, 0.2, 0.04, "token",
+                                     mask.sum().item() * len(mb), args.G, args.new_tokens)
+            loss.backward()
+    with t("optimizer"):
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    res["grpo_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    res["policy_mfu"] = 6 * n_llm * args.G * (P + args.new_tokens) / t.s["policy fwd/bwd"] / peak_flops
+    res.update({f"{k}_s": v for k, v in t.s.items() if k != "warm-up"}, prompt_tokens=P)
+    res["grpo_step_s"] = sum(t.s[k] for k in ("encode", "rollout", "reference logp", "policy fwd/bwd", "optimizer"))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -503,6 +624,13 @@ def main(argv=None):
     t.add_argument("--max-new-tokens", type=int, default=rft3d.MAX_NEW_TOKENS["grounding"])
     lp = sub.add_parser("learning", help="SFT->SFT vs SFT->GRPO, paired per-scene test differences")
     lp.add_argument("--quick", action="store_true")
+    gp = sub.add_parser("gpu", help="real-size random-weight SFT/GRPO step on one GPU (bf16)")
+    gp.add_argument("--model", default="qwen2.5-vl-3b", choices=["qwen2.5-vl-3b", "qwen2.5-vl-7b"])
+    gp.add_argument("--frames", type=int, default=32)
+    gp.add_argument("--G", type=int, default=8)
+    gp.add_argument("--new-tokens", type=int, default=128)
+    gp.add_argument("--micro-batch", type=int, default=2)
+    gp.add_argument("--fsdp", action="store_true")
     c = sub.add_parser("_logprob_mem")  # internal: one measurement in a fresh process
     for k, v in (("--B", 8), ("--L", 512), ("--d", 2048), ("--chunk", 1024)):
         c.add_argument(k, type=int, default=v)
@@ -510,7 +638,7 @@ def main(argv=None):
     c.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    {"throughput": throughput, "learning": learning, "_logprob_mem": logprob_mem_child}[args.cmd](args)
+    {"throughput": throughput, "learning": learning, "gpu": gpu, "_logprob_mem": logprob_mem_child}[args.cmd](args)
 
 
 if __name__ == "__main__":

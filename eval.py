@@ -150,7 +150,7 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = list(range(rank, len(dataset), world))
     per_rank = -(-len(dataset) // world)
-    shard += shard[-1:] * (per_rank - len(shard))  # pad with a repeat, dropped below
+    shard += (shard[-1:] or [0]) * (per_rank - len(shard))  # pad with a repeat (dropped below), even if empty
     was_training = model.training
     model.eval()
     records = []

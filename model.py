@@ -570,7 +570,7 @@ class VGLLM(nn.Module):
     # 6d. per-token log-probs (one call of the root module: FSDP2 wraps the root) ---------------------------
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, encodings, temperature=1.0,
-                return_entropy=False, chunk_size=1024, first_position=0):
+                return_entropy=False, chunk_size=512, first_position=0):
         """logp [B, L-1] with logp[b,t] = log softmax(logits[b,t] / temperature)[input_ids[b,t+1]] (+ entropy
         [B, L-1] of the same tempered distribution, no grad). Positions t < first_position are skipped (left 0):
         pass the prompt length - 1 to avoid computing prompt log-probs nobody uses."""
@@ -616,7 +616,7 @@ class VGLLM(nn.Module):
 # -----------------------------------------------------------------------------------------------------------
 
 
-def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=1024, return_entropy=False, suppress=None):
+def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, return_entropy=False, suppress=None):
     """hidden [B, L, d], targets [B, L] -> (logp [B, L], entropy [B, L] or None) of softmax(lm_head(hidden) / T).
 
     suppress: token ids that sampling never draws (generate() sets their logits to -inf), so scoring removes
@@ -631,9 +631,11 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=1024, r
     h, y = hidden.reshape(B * L, d), targets.reshape(B * L)
 
     def chunk(h_c, y_c):
-        z = lm_head(h_c).float() / temperature  # [n, V] float32
+        # In place where autograd allows it (the matmul's backward needs its inputs, not its output): each extra
+        # [n, V] float32 copy here would cost as much memory as the whole chunk.
+        z = lm_head(h_c).float().div_(temperature)  # [n, V] float32
         if suppress is not None:
-            z = z.index_fill(1, suppress, -1e9)
+            z.index_fill_(1, suppress, -1e9)
         lse = torch.logsumexp(z, dim=-1)
         logp = z.gather(-1, y_c[:, None])[:, 0] - lse
         if not return_entropy:

@@ -47,6 +47,7 @@ def get_args(argv=None):
     a("--media-root", default=None, help="root of the image/video paths in --data")
     a("--train-size", type=int, default=0, help="synthetic: fixed training set size (0 = fresh scenes forever)")
     a("--val-size", type=int, default=100, help="synthetic validation scenes for periodic eval")
+    a("--data-seed", type=int, default=0, help="synthetic training scenes (fixed apart from --seed: same set, new run)")
     a("--frames", type=int, default=4, help="frames sampled per video / scene")
     a("--image-size", type=int, default=56, help="synthetic frame size in pixels")
     a("--steps", type=int, default=None, help="optimiser steps (default: sft 1500, grpo 200)")
@@ -152,7 +153,7 @@ def datasets(args):
         train = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
     else:
         n = args.train_size or 10**9  # 'fresh scenes forever': item i is generated from (seed, i) on demand
-        train = data.SyntheticDataset(args.task, n, seed=1000 + args.seed, frames=args.frames, size=args.image_size)
+        train = data.SyntheticDataset(args.task, n, seed=1000 + args.data_seed, frames=args.frames, size=args.image_size)
     if args.val_data:
         val = data.load_dataset(args.task, args.val_data, media_root=args.media_root, frames=args.frames)
     else:
