@@ -261,15 +261,14 @@ def train(args):
     rank, world, device = setup_distributed()
     stage_dir = Path(args.out) / args.stage
     task = rft3d.TASKS[args.task]
-    torch.manual_seed(args.seed)
 
     # 1. Start point: a checkpoint to resume, else --model / the SFT result / the tiny default.
     ckpt = latest_checkpoint(stage_dir) if args.resume else None
     start = str(ckpt / "model") if ckpt else None
     if start is None and args.stage == "grpo" and not (args.model or args.qwen):
-        start = str(Path(args.out) / "sft" / "final")  # found by ensure_sft_warmup (main) if missing
+        start = str(Path(args.out) / "sft" / "final")  # main() runs the SFT warm-up first if it is missing
     net, tokenizer = load_model(args, rank, start)
-    if args.lora_rank:
+    if args.lora_rank:  # saves merge the adapters, so a --resume restarts them from the merged weights (not exact)
         vgllm.apply_lora(net, rank=args.lora_rank, alpha=2 * args.lora_rank)
     if args.grad_ckpt:
         net.enable_gradient_checkpointing()
