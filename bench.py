@@ -4,6 +4,8 @@
                                              scaling over G / frames / processes (torchrun of train.py)
     python bench.py learning [--quick]       the paper's ablation in miniature: from one SFT checkpoint,
                                              SFT->SFT vs SFT->GRPO on synthetic grounding, paired per-scene errors
+    python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp]
+                                             real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory
 
 Outputs (logs, checkpoints, curves as PNG, tables as JSON) go under bench_out/. Run with OMP_NUM_THREADS=1 on a
 shared CPU. Everything here uses the public pieces of model.py / grpo.py / train.py / eval.py.
