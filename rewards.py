@@ -63,7 +63,7 @@ def answer_text(text):
     return _strip_fence(text) if ans is None else ans
 
 
-def _load_json(s):
+def load_json(s):
     try:  # json raises ValueError on bad text, RecursionError on deep nesting, ValueError on 5000-digit ints
         return json.loads(s)
     except Exception:
@@ -102,14 +102,14 @@ def parse_detections(text, max_boxes=MAX_BOXES):
     When the answer is not valid JSON (e.g. truncated at max_new_tokens) fall back to VG-LLM's evaluator:
     one box per line, each line parsed on its own (trailing commas stripped), so complete lines count."""
     s = answer_text(text)
-    data = _load_json(s)
+    data = load_json(s)
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         data = []
         for line in s.split("\n"):
             if "bbox_3d" in line:
-                obj = _load_json(line.strip().strip(","))
+                obj = load_json(line.strip().strip(","))
                 data.extend(obj if isinstance(obj, list) else [obj])
                 if len(data) >= max_boxes:  # enough candidates: stop scanning a huge text
                     break
@@ -136,10 +136,10 @@ def parse_grounding(text):
     """(frame: int, box: [9 floats]) from a {"frame", "bbox_3d"} JSON answer, else None.
     Fallback like VG-LLM's evaluator: the first line that mentions bbox_3d, parsed alone."""
     s = answer_text(text)
-    obj = _load_json(s)
+    obj = load_json(s)
     if obj is None:
         line = next((l for l in s.split("\n") if "bbox_3d" in l), "")
-        obj = _load_json(line.strip().strip(","))
+        obj = load_json(line.strip().strip(","))
     return _grounding(obj)
 
 
@@ -418,7 +418,7 @@ def format_reward(text, task):
     ans = parse_answer(text)
     if task == "spatial":
         return 1.0 if ans else 0.0
-    data = _load_json(ans)
+    data = load_json(ans)
     if task == "detection":
         return float(isinstance(data, list) and all(_detection(e) is not None for e in data))
     return float(task == "grounding" and _grounding(data) is not None)

@@ -70,10 +70,8 @@ def detection_record(s: Sample, completion):
     pred = rewards.parse_detections(completion)
     ious = [max([rewards.iou_3d(p["bbox_3d"], g["bbox_3d"]) for p in pred if p["label"] == g["label"]],
                 default=0.0) for g in s.boxes]
-    try:   # parsed = the answer is a JSON list (an empty list is a valid "nothing here")
-        parsed = bool(pred) or isinstance(json.loads(rewards.answer_text(completion)), list)
-    except ValueError:
-        parsed = False
+    # parsed = the answer is a JSON list (an empty list is a valid "nothing here"); load_json is total
+    parsed = bool(pred) or isinstance(rewards.load_json(rewards.answer_text(completion)), list)
     return {"counts": {str(t): rewards.match_by_label(pred, s.boxes, t) for t in (0.25, 0.5)},
             "n_pred": len(pred), "n_gt": len(s.boxes), "iou_gt": float(np.mean(ious)) if ious else 0.0,
             "parsed": parsed}

@@ -125,3 +125,16 @@ def test_exported_data_gives_the_same_prompts_and_targets(task, tmp_path):
     for a, b in zip(ds, back):
         assert T.prompt(a, True) == T.prompt(b, True) and T.target(a) == T.target(b)
         assert T.reward(b, T.target(a)) == T.reward(a, T.target(a))
+
+
+def test_rewards_and_records_are_total_on_hostile_text():
+    """Eval records parse model output too: deep nesting, 1 MB of text, NaN and junk never raise."""
+    hostile = ["<answer>" + "[" * 100000 + "]" * 100000 + "</answer>", "[" * 200000, "x" * 1_000_000,
+               '<answer>{"frame": 1e999, "bbox_3d": [NaN, 1, 2]}</answer>', "<answer></answer>", "\x00\ud800"]
+    for name, task in rft3d.TASKS.items():
+        sample = data.SyntheticDataset(name, 1, seed=3)[0]
+        for text in hostile:
+            r = task.reward(sample, text)
+            assert all(math.isfinite(v) for v in r.values()), (name, text[:20])
+            rec = task.record(sample, text)
+            assert json.loads(json.dumps(rec)) is not None and rec["parsed"] in (True, False)
