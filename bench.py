@@ -38,6 +38,8 @@ B=4 prompts, 56 px frames, max 96 new tokens (random init: completions run to ~9
     `python eval.py --ckpt ... --task detection --n 400`. GRPO(paper) - SFT->SFT per scene: F1@0.25 +0.017 +- 0.018,
     IoU over GT -0.022 +- 0.006, boxes per scene -0.43 +- 0.03 (2.0 -> 1.54), count accuracy -0.22 +- 0.03;
     robust IoU mode: the same picture (boxes 1.56). GRPO ran at 2.3-2.6 s/step on one thread.
+    With 3 seeds per arm (--seed s --data-seed s, s = 0, 1, 2): GRPO - SFT->SFT F1@0.25 -0.017 +- 0.013,
+    IoU over GT -0.026 +- 0.005, boxes -0.54 +- 0.03 (seed spread 0.19), count accuracy -0.24 +- 0.03.
 
 2026-11-22, one NVIDIA H100 80GB HBM3 (device machine), torch 2.11.0+cu130, transformers 5.23.0, random weights in
 bf16, gradient checkpointing on, 518x392 frames (252 Qwen tokens each), 128-token answers; `bench.py gpu`:
