@@ -196,7 +196,7 @@ def step_encode_once(net, ref, tok, task, samples, opt, a, t):
     n_tok = sum(m.sum() for _, m in batches).item()
     with t("ref+old logp"):
         fwd = [(b, enc_G[sl]) for (b, _), sl in zip(batches, slices)]
-        old, refl = grpo.token_logprobs(net, fwd, T), grpo.token_logprobs(ref, fwd, T)
+        old, refl = grpo.logprobs_no_grad(net, fwd, T), grpo.logprobs_no_grad(ref, fwd, T)
     with t("policy fwd/bwd"):
         total = 0.0
         for k, ((b, mask), sl) in enumerate(zip(batches, slices)):

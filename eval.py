@@ -149,7 +149,7 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = list(range(rank, len(dataset), world))
-    per_rank = -(-len(dataset) // world)
+    n_real, per_rank = len(shard), -(-len(dataset) // world)
     shard += (shard[-1:] or [0]) * (per_rank - len(shard))  # pad with a repeat (dropped below), even if empty
     was_training = model.training
     model.eval()
@@ -163,7 +163,7 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
                                     synced_gpus=synced_gpus)
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
         for j, (i, s, text) in enumerate(zip(idx, samples, texts)):
-            if start + j < len(range(rank, len(dataset), world)):  # not padding
+            if start + j < n_real:  # not padding
                 records.append({"index": i, "id": s.id, "completion": text, **task.record(s, text)})
     model.train(was_training)
     if dist.is_initialized():

@@ -194,7 +194,7 @@ def grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, agg,
 
 
 @torch.no_grad()
-def token_logprobs(net, batches, temperature):
+def logprobs_no_grad(net, batches, temperature):
     """Log-probs of the completion tokens for each micro-batch, no grad (old policy or reference)."""
     return [net(**b, encodings=enc, temperature=temperature) for b, enc in batches]
 
@@ -252,8 +252,8 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
     # 6. Old-policy and reference log-probs, no grad, at the sampling temperature (pi_old = the policy
     #    that sampled). With mu = 1 pi_old is the current policy, so logp_old = logp.detach() below.
     model.train()  # our configs have zero dropout, so train mode scores exactly like sampling did
-    logp_old = token_logprobs(policy, fwd_batches, T) if args.mu > 1 else None
-    logp_ref = token_logprobs(ref, fwd_batches, T) if args.beta > 0 else None
+    logp_old = logprobs_no_grad(policy, fwd_batches, T) if args.mu > 1 else None
+    logp_ref = logprobs_no_grad(ref, fwd_batches, T) if args.beta > 0 else None
 
     # 7. mu optimiser updates on this rollout. Loss sums over micro-batches to the global normalisation;
     #    DDP/FSDP average gradients over ranks, hence the * world_size.

@@ -34,7 +34,7 @@ from eval import PRIMARY_METRIC, evaluate
 # The knobs (one screen). Defaults give a meaningful run of the tiny model on a CPU.
 
 
-def get_args(argv=None):
+def get_args(argv=None, stage=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--stage", choices=["sft", "grpo"], default="grpo", help="SFT (cross-entropy) or GRPO (RL on the metric)")
@@ -85,6 +85,9 @@ def get_args(argv=None):
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--out", default=None, help="output dir (default runs/<task>)")
     args = p.parse_args(argv)
+    if stage == "sft":  # the warm-up before GRPO: the same command line, with SFT's own steps and schedule
+        args.stage, args.steps, args.resume = "sft", args.sft_steps, False
+        args.lr = args.lr_merger = args.schedule = args.eval_every = args.save_every = None
     sft = args.stage == "sft"
     args.steps = args.steps or (1500 if sft else 200)
     args.lr = args.lr or (1e-3 if sft else 1e-4)
@@ -192,7 +195,7 @@ def load_model(args, rank, path=None):
     torch.manual_seed(args.seed)
     if path is None and args.qwen:
         return vgllm.from_qwen_and_vggt(args.qwen, args.vggt, dtype=torch.float32)
-    path = path or args.model or tiny_init(args, rank)
+    path = path or tiny_init(args, rank)
     if "use_vggt_feature" in json.loads((Path(path) / "config.json").read_text()):
         return vgllm.from_vgllm(path, dtype=torch.float32)
     return vgllm.load_pretrained(path, dtype=torch.float32)
@@ -262,19 +265,18 @@ def train(args):
     stage_dir = Path(args.out) / args.stage
     task = rft3d.TASKS[args.task]
 
-    # 1. Start point: a checkpoint to resume, else --model / the SFT result / the tiny default.
+    # 1. Start point: --model, else the SFT result for GRPO (main() runs the warm-up if it is missing), else
+    #    (None) the Qwen + VGGT pair or the tiny default. A resumed run loads its checkpoint instead.
+    start = args.model or (str(Path(args.out) / "sft" / "final") if args.stage == "grpo" and not args.qwen else None)
     ckpt = latest_checkpoint(stage_dir) if args.resume else None
-    start = str(ckpt / "model") if ckpt else None
-    if start is None and args.stage == "grpo" and not (args.model or args.qwen):
-        start = str(Path(args.out) / "sft" / "final")  # main() runs the SFT warm-up first if it is missing
-    net, tokenizer = load_model(args, rank, start)
+    net, tokenizer = load_model(args, rank, str(ckpt / "model") if ckpt else start)
     if args.lora_rank:  # saves merge the adapters, so a --resume restarts them from the merged weights (not exact)
         vgllm.apply_lora(net, rank=args.lora_rank, alpha=2 * args.lora_rank)
     if args.grad_ckpt:
         net.enable_gradient_checkpointing()
     ref = None
     if args.stage == "grpo" and args.beta > 0:  # the frozen reference: the start point, never updated
-        ref, _ = load_model(args, rank, str(Path(args.out) / "sft" / "final") if not (args.model or args.qwen) else None)
+        ref, _ = load_model(args, rank, start)
         ref.requires_grad_(False).eval()
         ref = wrap(ref, args, device, trainable=False)
     policy = wrap(net, args, device)
@@ -389,27 +391,10 @@ def main(argv=None):
         # The paper: RL from an un-warmed model gets no reward signal (no parseable answers), so GRPO on
         # the embedded default starts from an SFT warm-up, which we run here first, with SFT defaults.
         print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft)")
-        sft_argv = [a for a in (argv or []) if a not in ("--resume",)]
-        train(get_args(_replace_stage(sft_argv) + ["--steps", str(args.sft_steps)]))
+        train(get_args(argv, stage="sft"))
     train(args)
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _replace_stage(argv):
-    """The same command line with --stage sft and the GRPO-only knobs left at their SFT defaults."""
-    out, skip = ["--stage", "sft"], False
-    for i, a in enumerate(argv):
-        if skip:
-            skip = False
-            continue
-        if a in ("--stage", "--steps", "--lr", "--lr-merger", "--schedule", "--eval-every", "--save-every"):
-            skip = True
-            continue
-        if a.startswith(("--stage=", "--steps=", "--lr=", "--lr-merger=", "--schedule=", "--eval-every=", "--save-every=")):
-            continue
-        out.append(a)
-    return out
 
 
 if __name__ == "__main__":
