@@ -77,10 +77,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import data
+import checkpoints
 import grpo
 import model as vgllm
 import rft3d
+import scenes
 import train
 from eval import evaluate
 
@@ -165,7 +166,7 @@ def plot(path, title, series, xlabel="step", size=(640, 400)):
 def tiny_model(out):
     args = train.get_args(["--task", "grounding", "--out", str(out)])
     with contextlib.redirect_stdout(sys.stderr):
-        net, tok = vgllm.load_pretrained(train.tiny_init(args, 0))
+        net, tok = checkpoints.load_pretrained(train.tiny_init(args, 0))
     return net, tok
 
 
@@ -338,7 +339,7 @@ def throughput(args):
     net, tok = tiny_model(out / "tiny")
     ref = copy.deepcopy(net).requires_grad_(False)
     B, G, S = args.prompts, 8, 32
-    samples = [data.SyntheticDataset("grounding", B, seed=0, frames=S)[i] for i in range(B)]
+    samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S)[i] for i in range(B)]
     a = grpo_args(G, args.max_new_tokens)
     print(f"\n== GRPO step, tiny model, grounding: B={B} prompts x G={G}, {S} frames of 56 px, "
           f"max {args.max_new_tokens} new tokens, device {net.device} ==")
@@ -375,7 +376,7 @@ def throughput(args):
     rows = []
     for g in Gs:
         for s in Ss:
-            smp = [data.SyntheticDataset("grounding", B, seed=0, frames=s)[i] for i in range(B)]
+            smp = [scenes.SyntheticDataset("grounding", B, seed=0, frames=s)[i] for i in range(B)]
             p, tot, nt, _ = time_step(step_encode_once, net, ref, tok, smp, grpo_args(g, args.max_new_tokens))
             rows.append([g, s, f"{tot:.2f}", f"{p['rollout']:.2f}", f"{p['policy fwd/bwd']:.2f}", f"{nt:.0f}", f"{nt / tot:.0f}"])
     table(["G", "frames", "step s", "rollout s", "policy s", "tokens", "tok/s"], rows)
@@ -407,7 +408,7 @@ def test_records(path, test_set):
     """Per-scene test records of a saved model (greedy), cached as JSON next to the model."""
     f = Path(path) / "test-records.json"
     if not f.exists():
-        net, tok = vgllm.load_pretrained(str(path))
+        net, tok = checkpoints.load_pretrained(str(path))
         recs = evaluate(net, tok, "grounding", test_set, rft3d.MAX_NEW_TOKENS["grounding"])["records"]
         f.write_text(json.dumps(recs))
     return json.loads(f.read_text())
@@ -433,7 +434,7 @@ def learning(args):
              lrs={"sft": [3e-5, 1e-4, 3e-4], "grpo": [3e-5, 1e-4, 3e-4]})
     out = OUT / ("learning-quick" if q else "learning")
     out.mkdir(parents=True, exist_ok=True)
-    test_set = data.SyntheticDataset("grounding", cfg["test"], seed=2)  # never seen, never tuned on
+    test_set = scenes.SyntheticDataset("grounding", cfg["test"], seed=2)  # never seen, never tuned on
     t_start = time.time()
     common = ["--task", "grounding", "--val-size", str(cfg["val"])]
 

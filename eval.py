@@ -207,8 +207,9 @@ def main(argv=None):
     import argparse
     from pathlib import Path
 
+    import checkpoints
     import data
-    import model as vgllm
+    import scenes
 
     p = argparse.ArgumentParser(description="Greedy evaluation with the official metrics (DESIGN section 4).")
     p.add_argument("--ckpt", required=True, help="model dir: our save or a VG-LLM checkpoint")
@@ -233,12 +234,12 @@ def main(argv=None):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
     cfg = json.loads((Path(args.ckpt) / "config.json").read_text())
-    net, tok = (vgllm.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else vgllm.load_pretrained(args.ckpt, dtype))
+    net, tok = (checkpoints.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else checkpoints.load_pretrained(args.ckpt, dtype))
     net.to(device)
     if args.data:
         dataset = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
     else:
-        dataset = data.SyntheticDataset(args.task, args.n, seed=2, frames=args.frames, size=args.image_size)
+        dataset = scenes.SyntheticDataset(args.task, args.n, seed=2, frames=args.frames, size=args.image_size)
     out = evaluate(net, tok, args.task, dataset, args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task],
                    args.batch_size, think=not args.no_think, progress=True)
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -17,7 +17,6 @@ counts (so the token mean is global) and of logged statistics.
 """
 import math
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist

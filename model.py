@@ -9,20 +9,17 @@ What flows through this file (DESIGN.md section 5):
                                 `mm_encoder_outputs` seam, with image_grid_thw + mm_token_type_ids for 3D M-RoPE.
 
 Sections:
-    1. configs (tiny / real)            6. VGLLM: encode, fusion, prompts, forward (chunked log-probs), generate
-    2. tiny tokenizer                   7. chunked per-token log-probs
-    3. frame preprocessing              8. LoRA
-    4. VGGT aggregator (from scratch)   9. checkpoints: our saves, Qwen2.5-VL dir + VGGT file, VG-LLM dir
-    5. geometry merger
+    1. configs (tiny / real)            5. VGLLM: encode, fusion, prompts, forward (chunked log-probs), generate
+    2. tiny tokenizer                   6. chunked per-token log-probs
+    3. frame preprocessing              7. LoRA
+    4. geometry merger
 
-Nothing here imports the rest of rft3d.
+Beside it: vggt.py is the geometry encoder (VGGT's aggregator; this file uses only its documented interface,
+features [S, h*w, out_dim] + grid (h, w), so a fork can swap it), and checkpoints.py moves weights in and out
+(our saves, a Qwen2.5-VL dir + VGGT file, a VG-LLM dir). Nothing else of rft3d is imported here.
 """
-import contextlib
 import inspect
-import json
 import math
-import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from vggt import VGGT_1B, VGGTAggregator  # the geometry encoder (vggt.py)
 
 # transformers 5.17 has no `mm_encoder_outputs` argument and silently drops unknown forward kwargs: the fused image
 # embeddings would be ignored without an error. 5.18 is the first release with the seam (checked: 5.17 no, 5.18 yes).
@@ -47,8 +45,6 @@ IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2.5-VL's and VG-LLM's default system turn
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL image normalisation (OpenAI CLIP)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # VGGT normalises inside the aggregator
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # -----------------------------------------------------------------------------------------------------------
 # 1. Configs: a plain JSON-able dict {"qwen": Qwen2_5_VLConfig.to_dict(), "vggt": hyperparameters or None, ...}
@@ -59,8 +55,6 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_
                        "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
                        "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 QWEN_FIRST_SPECIAL_ID = 151643  # <|endoftext|> in the real Qwen2.5 vocabulary; specials are contiguous after it
-VGGT_1B = dict(img_size=518, patch_size=14, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-               num_register_tokens=4, patch_embed_depth=24, patch_embed_heads=16)
 
 
 def _token_fields(first_special_id, suppress_end):
@@ -193,189 +187,7 @@ def preprocess(frames, config):
     return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "vggt_images": vggt_images}
 
 # -----------------------------------------------------------------------------------------------------------
-# 4. VGGT aggregator (facebookresearch/vggt, key-compatible with facebook/VGGT-1B's `aggregator.*`)
-#    DINOv2 ViT-L/14 + 4 registers as patch embed, then depth x (frame attention, global attention) blocks.
-# -----------------------------------------------------------------------------------------------------------
-
-
-def rope_2d(x, pos, base=100.0):
-    """2D rotary embedding: the first half of each head rotates with the row y, the second half with the column x;
-    within a half, rotate-half pairing (i, i + d/2) with frequencies base^(-2j/d). x [B,heads,N,D], pos [B,N,2]."""
-    d = x.shape[-1] // 2
-    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # [d/2]
-    out = []
-    for axis, half in enumerate(x.chunk(2, dim=-1)):
-        angles = pos[..., axis, None].float() * inv_freq  # [B, N, d/2], float32 for accuracy
-        angles = torch.cat([angles, angles], dim=-1)[:, None]  # [B, 1, N, d]
-        h1, h2 = half.chunk(2, dim=-1)
-        out.append(half * angles.cos().to(x.dtype) + torch.cat([-h2, h1], dim=-1) * angles.sin().to(x.dtype))
-    return torch.cat(out, dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads, qk_norm=False, rope_base=None):
-        super().__init__()
-        self.num_heads, self.rope_base = num_heads, rope_base
-        self.qkv = nn.Linear(dim, 3 * dim)
-        # VGGT's per-head LayerNorm on q and k (torch default eps 1e-5); DINOv2 has none
-        self.q_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(dim // num_heads) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x, pos=None):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if pos is not None:
-            q, k = rope_2d(q, pos, self.rope_base), rope_2d(k, pos, self.rope_base)
-        x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, N, D]
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim, init_value):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
-
-    def forward(self, x):
-        return x * self.gamma
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block with LayerScale (DINOv2 layout: norm1, attn, ls1, norm2, mlp, ls2)."""
-
-    def __init__(self, dim, num_heads, mlp_ratio, init_values, eps, qk_norm=False, rope_base=None):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, num_heads, qk_norm, rope_base)
-        self.ls1 = LayerScale(dim, init_values)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.ls2 = LayerScale(dim, init_values)
-
-    def forward(self, x, pos=None):
-        x = x + self.ls1(self.attn(self.norm1(x), pos))
-        return x + self.ls2(self.mlp(self.norm2(x)))
-
-
-class PatchConv(nn.Module):
-    def __init__(self, patch_size, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x):  # [N,3,H,W] -> [N, h*w, C] in raster order (row-major)
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class DinoV2(nn.Module):
-    """DINOv2 ViT with registers, used by VGGT as its patch embed; returns the final-normed patch tokens only."""
-
-    def __init__(self, img_size, patch_size, dim, depth, num_heads, mlp_ratio, num_register_tokens):
-        super().__init__()
-        self.patch_size, self.grid = patch_size, img_size // patch_size  # pos_embed trained for a grid x grid image
-        self.cls_token = nn.Parameter(1e-6 * torch.randn(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, 1 + self.grid ** 2, dim))
-        self.register_tokens = nn.Parameter(1e-6 * torch.randn(1, num_register_tokens, dim))
-        self.mask_token = nn.Parameter(torch.zeros(1, dim), requires_grad=False)  # in the checkpoint, unused here
-        self.patch_embed = PatchConv(patch_size, dim)
-        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, 1.0, 1e-6) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-
-    def resample_pos_embed(self, h, w):
-        """cls + patch position embeddings, the patch part resampled bicubic (antialiased) to an h x w grid."""
-        pos = self.pos_embed.float()
-        patch = pos[:, 1:].reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
-        patch = F.interpolate(patch, size=(h, w), mode="bicubic", antialias=True)
-        return torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1).to(self.pos_embed.dtype)
-
-    def forward(self, x):  # x [N,3,H,W] normalised -> [N, h*w, C]
-        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.resample_pos_embed(h, w)
-        R = self.register_tokens.shape[1]  # registers go after cls and get no position embedding
-        x = torch.cat([x[:, :1], self.register_tokens.expand(len(x), -1, -1), x[:, 1:]], dim=1)
-        for block in self.blocks:
-            x = block(x)
-        return self.norm(x)[:, 1 + R:]
-
-
-def _first_and_rest(token, B, S):
-    """(1, 2, X, C) learned tokens -> (B*S, X, C): index 0 for the first (reference) frame, index 1 for the others."""
-    t = torch.cat([token[:, :1], token[:, 1:].expand(1, S - 1, *token.shape[2:])], dim=1)
-    return t.expand(B, S, *token.shape[2:]).reshape(B * S, *token.shape[2:])
-
-
-class VGGTAggregator(nn.Module):
-    def __init__(self, img_size=518, patch_size=14, embed_dim=1024, depth=24, num_heads=16, mlp_ratio=4.0,
-                 num_register_tokens=4, patch_embed_depth=24, patch_embed_heads=16, rope_base=100.0, init_values=0.01):
-        super().__init__()
-        C = embed_dim
-        self.patch_size, self.depth = patch_size, depth
-        self.patch_embed = DinoV2(img_size, patch_size, C, patch_embed_depth, patch_embed_heads, mlp_ratio,
-                                  num_register_tokens)
-        self.camera_token = nn.Parameter(1e-6 * torch.randn(1, 2, 1, C))
-        self.register_token = nn.Parameter(1e-6 * torch.randn(1, 2, num_register_tokens, C))
-        self.patch_start_idx = 1 + num_register_tokens
-        # aggregator blocks: torch-default LayerNorm eps (1e-5), per-head q/k LayerNorm, 2D RoPE
-        make = lambda: Block(C, num_heads, mlp_ratio, init_values, 1e-5, qk_norm=True, rope_base=rope_base)
-        self.frame_blocks = nn.ModuleList([make() for _ in range(depth)])
-        self.global_blocks = nn.ModuleList([make() for _ in range(depth)])
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 1, 3, 1, 1), persistent=False)
-        for module in self.modules():  # ViT init for a random (tiny) aggregator; real weights are loaded over it
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-
-    def positions(self, n, h, w, device):
-        """[n, 5 + h*w, 2] (y, x): special tokens at 0, patch (y, x) + 1 in raster order."""
-        yx = torch.cartesian_prod(torch.arange(h, device=device), torch.arange(w, device=device)) + 1
-        pos = torch.cat([torch.zeros(self.patch_start_idx, 2, dtype=yx.dtype, device=device), yx])
-        return pos.expand(n, -1, -1)
-
-    @staticmethod
-    def frame_attention(block, x, pos):  # x [B,S,N,C]: every frame attends within itself
-        B, S, N, C = x.shape
-        return block(x.reshape(B * S, N, C), pos.reshape(B * S, N, 2)).view(B, S, N, C)
-
-    @staticmethod
-    def global_attention(block, x, pos):  # x [B,S,N,C]: all tokens of all frames attend to each other
-        B, S, N, C = x.shape
-        return block(x.reshape(B, S * N, C), pos.reshape(B, S * N, 2)).view(B, S, N, C)
-
-    def forward(self, images, keep_layer=None):
-        """images [B,S,3,H,W] in [0,1] -> (list of depth outputs [B,S,N,2C], patch_start_idx) like the reference;
-        with keep_layer (e.g. -2) only the layers up to that one run and only its output [B,S,N,2C] is returned."""
-        B, S, _, H, W = images.shape
-        h, w = H // self.patch_size, W // self.patch_size
-        dtype = self.camera_token.dtype
-        x = ((images - self.mean) / self.std).to(dtype).reshape(B * S, 3, H, W)
-        patches = self.patch_embed(x)  # [B*S, h*w, C]
-        tokens = torch.cat([_first_and_rest(self.camera_token, B, S), _first_and_rest(self.register_token, B, S),
-                            patches], dim=1)
-        N, C = tokens.shape[1:]
-        tokens = tokens.view(B, S, N, C)
-        pos = self.positions(B * S, h, w, images.device).reshape(B, S, N, 2)
-        n_layers = self.depth if keep_layer is None else keep_layer % self.depth + 1
-        outputs = []
-        for i in range(n_layers):
-            frame_out = tokens = self.frame_attention(self.frame_blocks[i], tokens, pos)
-            global_out = tokens = self.global_attention(self.global_blocks[i], tokens, pos)
-            if keep_layer is None or i == n_layers - 1:
-                outputs.append(torch.cat([frame_out, global_out], dim=-1))  # [B,S,N,2C]
-        return (outputs if keep_layer is None else outputs[-1]), self.patch_start_idx
-
-# -----------------------------------------------------------------------------------------------------------
-# 5. Geometry merger (VG-LLM's `merger.*`): RMSNorm -> 2x2 grouping as Qwen's patch merger -> MLP to d_model
+# 4. Geometry merger (VG-LLM's `merger.*`): RMSNorm -> 2x2 grouping as Qwen's patch merger -> MLP to d_model
 # -----------------------------------------------------------------------------------------------------------
 
 
@@ -412,7 +224,7 @@ class GeometryMerger(nn.Module):
         return self.mlp(group_2x2(self.ln_q(x), h, w, self.merge))
 
 # -----------------------------------------------------------------------------------------------------------
-# 6. VGLLM
+# 5. VGLLM
 # -----------------------------------------------------------------------------------------------------------
 
 
@@ -436,13 +248,13 @@ class VGLLM(nn.Module):
         super().__init__()
         self.config = config
         self.qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config["qwen"]))
-        if _tied(self):  # Qwen2.5-VL-3B shares input and output embeddings (not tied by transformers on meta)
+        if self.tied:  # Qwen2.5-VL-3B shares input and output embeddings (not tied by transformers on meta)
             self.qwen.lm_head.weight = self.qwen.model.language_model.embed_tokens.weight
         self.vggt = self.merger = None
         if config.get("vggt"):
             self.vggt = VGGTAggregator(**config["vggt"])
             d_model = config["qwen"]["text_config"]["hidden_size"]
-            self.merger = GeometryMerger(2 * config["vggt"]["embed_dim"], config["merger_hidden"], d_model,
+            self.merger = GeometryMerger(self.vggt.out_dim, config["merger_hidden"], d_model,
                                          config["qwen"]["vision_config"]["spatial_merge_size"])
             self.vggt.requires_grad_(False)
         self.qwen.model.visual.requires_grad_(False)  # frozen: Qwen vision tower and its merger, VGGT
@@ -454,6 +266,10 @@ class VGLLM(nn.Module):
         if self.vggt is not None:
             self.vggt.eval()
         return self
+
+    @property
+    def tied(self):  # one matrix for the input embedding and the output head (Qwen2.5-VL-3B)
+        return bool(self.config["qwen"].get("tie_word_embeddings", False))
 
     @property
     def device(self):
@@ -471,7 +287,7 @@ class VGLLM(nn.Module):
     def enable_gradient_checkpointing(self):
         self.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # 6a. frozen encoders, once per sample -----------------------------------------------------------------
+    # 5a. frozen encoders, once per sample -----------------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, frames):
@@ -489,18 +305,16 @@ class VGLLM(nn.Module):
             S = len(grid)
             geometry = hw = None
             if self.vggt is not None:
-                images = x["vggt_images"].to(self.device)
+                images = x["vggt_images"].to(self.device)  # [S, 3, H', W']
                 flip = self.config.get("reference_frame", "first") == "last"  # VG-LLM's option: last frame as reference
-                tokens, start = self.vggt(images.flip(0)[None] if flip else images[None], keep_layer=-2)
-                geometry = tokens[0, :, start:]  # [S, h*w, 2C]
+                geometry, hw = self.vggt.features(images.flip(0) if flip else images)  # [S, h*w, 2C], (h, w)
                 geometry = geometry.flip(0) if flip else geometry
-                hw = (images.shape[-2] // self.vggt.patch_size, images.shape[-1] // self.vggt.patch_size)
             n_tokens = (grid.prod(-1) // merge ** 2).tolist()
             encodings.append(Encoding(tuple(vision[i:i + S]), geometry, hw, grid, n_tokens))
             i += S
         return encodings
 
-    # 6b. THE fusion point ---------------------------------------------------------------------------------
+    # 5b. THE fusion point ---------------------------------------------------------------------------------
 
     def image_embeds(self, encodings):
         """Per-image fused embeddings (vision + merger(geometry)), in batch-row order. The merger is trainable, the
@@ -527,7 +341,7 @@ class VGLLM(nn.Module):
         embeds = BaseModelOutputWithPooling(pooler_output=self.image_embeds(encodings))
         return {"image_grid_thw": image_grid_thw.to(self.device), "mm_encoder_outputs": {"image": embeds}}
 
-    # 6c. prompts ------------------------------------------------------------------------------------------
+    # 5c. prompts ------------------------------------------------------------------------------------------
 
     def prompt_batch(self, tokenizer, prompts, encodings):
         """Chat-templated, left-padded prompts with each "<image>" expanded to <|vision_start|> <|image_pad|> x T_i
@@ -567,7 +381,7 @@ class VGLLM(nn.Module):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
                 "image_grid_thw": image_grid_thw}
 
-    # 6d. per-token log-probs (one call of the root module: FSDP2 wraps the root) ---------------------------
+    # 5d. per-token log-probs (one call of the root module: FSDP2 wraps the root) ---------------------------
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, encodings, temperature=1.0,
                 return_entropy=False, chunk_size=512, first_position=0):
@@ -586,7 +400,7 @@ class VGLLM(nn.Module):
             entropy = F.pad(entropy, (first_position, 0)) if return_entropy else None
         return (logp, entropy) if return_entropy else logp
 
-    # 6e. sampling -----------------------------------------------------------------------------------------
+    # 5e. sampling -----------------------------------------------------------------------------------------
 
     def generation_config(self, max_new_tokens, temperature=1.0, do_sample=True):
         """Plain sampling at `temperature`: top_p 1 and top_k 0 (transformers' default top_k is 50), no repetition
@@ -612,7 +426,7 @@ class VGLLM(nn.Module):
         return completion.masked_fill(after_eos, self.config["pad_token_id"])
 
 # -----------------------------------------------------------------------------------------------------------
-# 7. Chunked per-token log-probs: [B, L, V] logits (V = 151k) never exist at once, in forward or backward
+# 6. Chunked per-token log-probs: [B, L, V] logits (V = 151k) never exist at once, in forward or backward
 # -----------------------------------------------------------------------------------------------------------
 
 
@@ -657,7 +471,7 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, re
     return logp, entropy
 
 # -----------------------------------------------------------------------------------------------------------
-# 8. LoRA on the LLM linears (3D-RFT used LoRA for spatial reasoning)
+# 7. LoRA on the LLM linears (3D-RFT used LoRA for spatial reasoning)
 # -----------------------------------------------------------------------------------------------------------
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -703,216 +517,3 @@ def merge_lora(model):
                     child.base.weight.copy_(child.merged_weight())
                 setattr(module, name, child.base)
     return model
-
-# -----------------------------------------------------------------------------------------------------------
-# 9. Checkpoints. Every tensor of a file lands somewhere or is a documented ignore (VGGT's heads); anything
-#    missing or unexpected raises. Large models are built with parameters on the meta device and the
-#    checkpoint tensors assigned in place (no random init, no second copy).
-# -----------------------------------------------------------------------------------------------------------
-
-VGGT_HEADS = re.compile(r"^(camera|point|depth|track)_head\.")  # VGGT's prediction heads: not used by VG-LLM features
-
-
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Build modules with parameters on the meta device (no memory, no init) but real buffers: rotary tables and
-    normalisation constants are not in checkpoints, they are computed in __init__."""
-    register = nn.Module.register_parameter
-
-    def register_on_meta(module, name, param):
-        if param is not None and not param.is_meta:  # (re-registering a meta parameter keeps it: weight tying)
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = register_on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
-def _tied(model):
-    return bool(model.config["qwen"].get("tie_word_embeddings", False))
-
-
-def _assign(model, state, fresh=()):
-    """Assign checkpoint tensors to a model built on meta. `fresh`: key prefixes that are initialised anew."""
-    expected = set(model.state_dict())
-    optional = {"qwen.lm_head.weight"} if _tied(model) else set()  # tied: stored once, as the input embedding
-    missing = sorted(k for k in expected - set(state) - optional if not k.startswith(tuple(fresh)))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise KeyError(f"checkpoint does not match the model: {len(missing)} missing {missing[:8]}, "
-                       f"{len(unexpected)} unexpected {unexpected[:8]}")
-    model.load_state_dict(state, strict=False, assign=True)  # shapes are checked here
-    if _tied(model):
-        model.qwen.lm_head.weight = model.qwen.model.language_model.embed_tokens.weight
-    if "merger." in fresh and model.merger is not None:
-        old = model.merger
-        model.merger = GeometryMerger(old.ln_q.weight.shape[0], old.mlp[0].out_features, old.mlp[2].out_features,
-                                      old.merge).to(model.qwen.lm_head.weight.dtype)
-    on_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if on_meta:
-        raise KeyError(f"tensors left without a value: {on_meta[:8]}")
-    return model
-
-
-def _build(config, state, dtype=None, fresh=()):
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    with _parameters_on_meta():
-        model = VGLLM(config)
-    return _assign(model, state, fresh)
-
-
-def _read_safetensors(path):
-    """A file, or a directory with model.safetensors or a sharded model.safetensors.index.json."""
-    if os.path.isfile(path):
-        return load_file(path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
-        return state
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    return load_file(single)
-
-
-def _full_state_dict(model, state=None):
-    """What gets saved: LoRA merged into plain weights (W + scale * B A under the plain key), the tied lm_head
-    stored once, DTensors gathered. `state`: an already gathered full state dict of `model` (FSDP2 / DDP)."""
-    state = dict(model.state_dict() if state is None else state)
-    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}  # collective
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            A, B, W = state.pop(f"{name}.lora_A"), state.pop(f"{name}.lora_B"), state.pop(f"{name}.base.weight")
-            state[f"{name}.weight"] = (W.float() + module.scale * (B.float() @ A.float())).to(W.dtype)
-            if f"{name}.base.bias" in state:
-                state[f"{name}.bias"] = state.pop(f"{name}.base.bias")
-    if _tied(model):
-        state.pop("qwen.lm_head.weight", None)
-    return {k: v.detach().contiguous() for k, v in state.items()}
-
-
-def save_pretrained(model, tokenizer, out_dir, max_shard_bytes=5 * 2 ** 30, state_dict=None):
-    """config.json (our dict) + safetensors (sharded HF-style above max_shard_bytes) + tokenizer files.
-    LoRA is merged on save (the model itself is left as it is). Under FSDP pass state_dict= a full state dict
-    gathered on every rank (e.g. torch.distributed.checkpoint's get_model_state_dict) and call on one rank."""
-    os.makedirs(out_dir, exist_ok=True)
-    state = _full_state_dict(model, state_dict)
-    shards, size = [{}], 0
-    for k in sorted(state):
-        nbytes = state[k].numel() * state[k].element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = state[k]
-        size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        total = sum(v.numel() * v.element_size() for v in state.values())
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.config, f, indent=1)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
-
-
-def load_pretrained(path, dtype=None):
-    """Layout (c), our own saves -> (model, tokenizer or None)."""
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    model = _build(config, _read_safetensors(path), dtype)
-    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
-    return model, (AutoTokenizer.from_pretrained(path) if has_tokenizer else None)
-
-
-def _qwen_key(k):
-    """transformers 4.x (model.*, visual.*, lm_head.*) or 5.x (model.language_model.*, model.visual.*) -> ours."""
-    if k.startswith(("model.language_model.", "model.visual.", "lm_head.")):
-        return "qwen." + k
-    if k.startswith("visual."):
-        return "qwen.model." + k
-    if k.startswith("model."):
-        return "qwen.model.language_model." + k[len("model."):]
-    return "unexpected." + k  # reported as unexpected by _assign
-
-
-def _qwen_dir_config(path, tokenizer, vggt, merger_hidden, image_width):
-    """Our config dict for a Qwen2.5-VL / VG-LLM directory; token ids and the suppress list from its tokenizer."""
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    flags = {k: raw.pop(k) for k in ("use_vggt_feature", "vggt_merger_hidden_dim", "reference_frame") if k in raw}
-    qwen = Qwen2_5_VLConfig(**raw).to_dict()  # 4.x flat configs (rope_scaling "mrope") are converted here
-    vocab = qwen["text_config"]["vocab_size"]
-    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    specials = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    suppress = sorted((specials | set(range(len(tokenizer), vocab))) - {eos})
-    config = {"qwen": qwen, "vggt": vggt, "merger_hidden": merger_hidden if vggt else None, "image_width": image_width,
-              "reference_frame": flags.get("reference_frame", "first"), "eos_token_id": eos, "pad_token_id": pad,
-              "suppress_token_ids": suppress}
-    return config
-
-
-def _load_vggt_file(path):
-    """VGGT-1B `model.safetensors` or `model.pt` (a plain state dict; weights_only, never arbitrary pickles)."""
-    if str(path).endswith(".safetensors"):
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def from_qwen_and_vggt(qwen_dir, vggt_file, dtype=torch.bfloat16, vggt_config=None, merger_hidden=4096,
-                       image_width=518):
-    """Layout (a): a transformers Qwen2.5-VL directory (4.x or 5.x keys) + VGGT-1B weights (`aggregator.*` used,
-    heads ignored; vggt_file=None turns the geometry branch off). The merger is freshly initialised.
-    Returns (model, tokenizer)."""
-    tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
-    vggt = (vggt_config or dict(VGGT_1B)) if vggt_file else None
-    config = _qwen_dir_config(qwen_dir, tokenizer, vggt, merger_hidden, image_width)
-    state = {_qwen_key(k): v for k, v in _read_safetensors(qwen_dir).items()}
-    ignored = 0
-    if vggt_file:
-        for k, v in _load_vggt_file(vggt_file).items():
-            if VGGT_HEADS.match(k):
-                ignored += 1
-            else:
-                state[("vggt." + k[len("aggregator."):]) if k.startswith("aggregator.") else "unexpected." + k] = v
-    model = _build(config, state, dtype, fresh=("merger.",))
-    print(f"from_qwen_and_vggt: {len(state)} tensors loaded, {ignored} VGGT head tensors ignored, merger fresh")
-    return model, tokenizer
-
-
-def from_vgllm(path, dtype=torch.bfloat16, vggt_config=None, image_width=518):
-    """Layout (b): a VG-LLM checkpoint directory (4.x keys + `vggt.aggregator.*`, ignored `vggt.*_head.*`,
-    `merger.*`; config flags use_vggt_feature, vggt_merger_hidden_dim, reference_frame). Returns (model, tokenizer)."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    use_vggt = raw.get("use_vggt_feature", False)
-    vggt = (vggt_config or dict(VGGT_1B)) if use_vggt else None
-    config = _qwen_dir_config(path, tokenizer, vggt, raw.get("vggt_merger_hidden_dim", 4096), image_width)
-    state, ignored = {}, 0
-    for k, v in _read_safetensors(path).items():
-        if k.startswith("vggt.") and VGGT_HEADS.match(k[len("vggt."):]):
-            ignored += 1
-        elif k.startswith("vggt.aggregator."):
-            state["vggt." + k[len("vggt.aggregator."):]] = v
-        elif k.startswith("merger."):
-            state[k] = v
-        else:
-            state[_qwen_key(k)] = v
-    model = _build(config, state, dtype)
-    print(f"from_vgllm: {len(state)} tensors loaded, {ignored} VGGT head tensors ignored")
-    return model, tokenizer

@@ -6,8 +6,9 @@ them): detection = "<image>\\n" per frame + the instruction; grounding = "Frame-
 instruction; spatial = VSI-Bench's pre/post prompts. With think=True one sentence of ours asks for the
 <think>...</think><answer>...</answer> format that the format reward checks.
 
-Adding a fourth task: write its four functions (prompt, target, reward, record) below, give data.py samples
-with task="yourtask", and add one line to TASKS at the bottom of this file. Nothing else dispatches on tasks.
+Adding a fourth task: write its four functions (prompt, target, reward, record) below, make samples with
+task="yourtask" (scenes.py for synthetic ones, a reader in data.py for files), and add one line to TASKS at the
+bottom of this file. Nothing else dispatches on tasks.
 """
 import json
 from typing import Callable, NamedTuple

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoints
 import data
 import grpo
 import model as vgllm
 import rft3d
+import scenes
 from eval import PRIMARY_METRIC, evaluate
 
 # --------------------------------------------------------------------------------------------------
@@ -156,11 +157,11 @@ def datasets(args):
         train = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
     else:
         n = args.train_size or 10**9  # 'fresh scenes forever': item i is generated from (seed, i) on demand
-        train = data.SyntheticDataset(args.task, n, seed=1000 + args.data_seed, frames=args.frames, size=args.image_size)
+        train = scenes.SyntheticDataset(args.task, n, seed=1000 + args.data_seed, frames=args.frames, size=args.image_size)
     if args.val_data:
         val = data.load_dataset(args.task, args.val_data, media_root=args.media_root, frames=args.frames)
     else:
-        val = data.SyntheticDataset(args.task, args.val_size, seed=1, frames=args.frames, size=args.image_size)
+        val = scenes.SyntheticDataset(args.task, args.val_size, seed=1, frames=args.frames, size=args.image_size)
     return train, val
 
 
@@ -175,12 +176,12 @@ def tiny_init(args, rank):
     if rank == 0 and not (init / "config.json").exists():
         corpus = []
         for name, task in rft3d.TASKS.items():
-            ds = data.SyntheticDataset(name, 200, seed=7, frames=args.frames, size=args.image_size)
+            ds = scenes.SyntheticDataset(name, 200, seed=7, frames=args.frames, size=args.image_size)
             corpus += [task.prompt(s, think=True) + task.target(s) for s in ds]
         tok = vgllm.build_tiny_tokenizer(corpus)
         torch.manual_seed(args.seed)
         net = vgllm.VGLLM(vgllm.tiny_config(len(tok), vggt=not args.no_geometry))
-        vgllm.save_pretrained(net, tok, init)
+        checkpoints.save_pretrained(net, tok, init)
         print(f"built the tiny default model ({sum(p.numel() for p in net.parameters()):,} parameters) -> {init}")
     if dist.is_initialized():
         dist.barrier()
@@ -194,11 +195,11 @@ def load_model(args, rank, path=None):
     # bf16 (autocast under DDP, FSDP2's MixedPrecisionPolicy) and keeps these fp32 copies for the optimiser.
     torch.manual_seed(args.seed)
     if path is None and args.qwen:
-        return vgllm.from_qwen_and_vggt(args.qwen, args.vggt, dtype=torch.float32)
+        return checkpoints.from_qwen_and_vggt(args.qwen, args.vggt, dtype=torch.float32)
     path = path or tiny_init(args, rank)
     if "use_vggt_feature" in json.loads((Path(path) / "config.json").read_text()):
-        return vgllm.from_vgllm(path, dtype=torch.float32)
-    return vgllm.load_pretrained(path, dtype=torch.float32)
+        return checkpoints.from_vgllm(path, dtype=torch.float32)
+    return checkpoints.load_pretrained(path, dtype=torch.float32)
 
 
 def wrap(net, args, device, trainable=True):
@@ -242,7 +243,7 @@ def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, e
     if rank == 0:
         tmp, final = stage_dir / f".tmp-step-{step}", stage_dir / f"step-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
-        vgllm.save_pretrained(grpo.unwrap(policy), tokenizer, tmp / "model", state_dict=model_state)
+        checkpoints.save_pretrained(grpo.unwrap(policy), tokenizer, tmp / "model", state_dict=model_state)
         torch.save({"optimizer": optim_state, "step": step, "rng": rngs, "extra": extra}, tmp / "state.pt")
         os.replace(tmp, final)
         for old in sorted(stage_dir.glob("step-*"), key=lambda d: int(d.name[5:]))[: -args.keep]:
@@ -377,7 +378,7 @@ def save_model(policy, tokenizer, path, rank):
     if rank == 0:
         tmp = path.with_name(f".tmp-{path.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        vgllm.save_pretrained(grpo.unwrap(policy), tokenizer, tmp, state_dict=state)
+        checkpoints.save_pretrained(grpo.unwrap(policy), tokenizer, tmp, state_dict=state)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     if dist.is_initialized():

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 from transformers.vision_utils import get_vision_position_ids
 
+import checkpoints as C
 import model as M
+import vggt as V
 
 CORPUS = ['<think>Two objects.</think><answer>[{"label": "chair", "bbox_3d": [0.12, -1.5, 2.0, 0.5, 0.5, 0.9, 0.0, '
           '0.0, 0.0]}, {"label": "table", "bbox_3d": [1.0, 0.3, 2.5, 1.2, 0.8, 0.7, 0.1, 0.0, 0.0]}]</answer>'] * 20 + [
@@ -87,7 +90,7 @@ def expected_vggt_layout(C=1024, depth=24, pe_depth=24, heads=16, R=4, grid=37, 
 
 def test_vggt_full_size_layout_on_meta():
     with torch.device("meta"):
-        agg = M.VGGTAggregator(**M.VGGT_1B)
+        agg = V.VGGTAggregator(**V.VGGT_1B)
     got = {k: tuple(v.shape) for k, v in agg.state_dict().items()}
     assert got == expected_vggt_layout()
     assert len(got) == 1210
@@ -98,7 +101,7 @@ def test_real_configs_on_meta():
     counts = {}
     for name in ("qwen2.5-vl-3b", "qwen2.5-vl-7b"):
         cfg = M.real_config(name)
-        with M._parameters_on_meta():
+        with C._parameters_on_meta():
             model = M.VGLLM(cfg)
         counts[name] = sum(p.numel() for p in model.qwen.parameters())
         assert sum(p.numel() for p in model.vggt.parameters()) == 909_112_320
@@ -128,9 +131,9 @@ def test_rope_2d_formula_and_relative_invariance():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
     pos = lambda y, x: torch.tensor([[[y, x]]])
-    assert torch.allclose(M.rope_2d(q, pos(3, 5)), rope_reference(q, 3, 5))
-    assert torch.allclose(M.rope_2d(q, pos(0, 0)), q)
-    dot = lambda p1, p2: (M.rope_2d(q, pos(*p1)) * M.rope_2d(k, pos(*p2))).sum()
+    assert torch.allclose(V.rope_2d(q, pos(3, 5)), rope_reference(q, 3, 5))
+    assert torch.allclose(V.rope_2d(q, pos(0, 0)), q)
+    dot = lambda p1, p2: (V.rope_2d(q, pos(*p1)) * V.rope_2d(k, pos(*p2))).sum()
     base = dot((2, 7), (5, 1))
     for shift in ((1, 0), (0, 3), (4, 9)):  # q.k depends only on the 2D offset
         assert torch.allclose(base, dot((2 + shift[0], 7 + shift[1]), (5 + shift[0], 1 + shift[1])))
@@ -139,7 +142,7 @@ def test_rope_2d_formula_and_relative_invariance():
 
 def test_global_attention_equals_frame_attention_for_one_frame(cfg):
     torch.manual_seed(0)
-    agg = M.VGGTAggregator(**cfg["vggt"])
+    agg = V.VGGTAggregator(**cfg["vggt"])
     block = agg.global_blocks[0]
     x = torch.randn(2, 1, 5 + 16, 64)
     pos = agg.positions(2, 4, 4, "cpu").view(2, 1, 21, 2)
@@ -151,7 +154,7 @@ def test_global_attention_equals_frame_attention_for_one_frame(cfg):
 def test_pos_embed_resampling_is_identity_at_native_grid():
     torch.manual_seed(0)
     for img_size in (56, 518):  # tiny 4x4 and VGGT-1B's 37x37
-        dino = M.DinoV2(img_size, 14, 8, 0, 2, 4.0, 4)
+        dino = V.DinoV2(img_size, 14, 8, 0, 2, 4.0, 4)
         g = img_size // 14
         assert torch.allclose(dino.resample_pos_embed(g, g), dino.pos_embed, atol=1e-5)
         assert dino.resample_pos_embed(g - 1, g + 2).shape == (1, 1 + (g - 1) * (g + 2), 8)
@@ -159,7 +162,7 @@ def test_pos_embed_resampling_is_identity_at_native_grid():
 
 def test_aggregator_outputs_and_lean_path(cfg):
     torch.manual_seed(0)
-    agg = M.VGGTAggregator(**cfg["vggt"]).eval().requires_grad_(False)
+    agg = V.VGGTAggregator(**cfg["vggt"]).eval().requires_grad_(False)
     agg.camera_token.normal_()  # make the first-frame / other-frame tokens clearly different
     agg.register_token.normal_()
     images = torch.rand(1, 3, 3, 56, 70)  # non-square: 4 x 5 patches
@@ -174,6 +177,9 @@ def test_aggregator_outputs_and_lean_path(cfg):
     assert torch.allclose(swapped[:, [0, 2, 1]], outputs[-1], atol=1e-5)
     swapped0, _ = agg(images[:, [1, 0, 2]], keep_layer=-1)
     assert not torch.allclose(swapped0[:, [1, 0, 2]], outputs[-1], atol=1e-4)
+    # the interface model.py uses: layer -2's patch tokens of one video and the patch grid
+    features, hw = agg.features(images[0])
+    assert hw == (4, 5) and agg.out_dim == 128 and torch.equal(features, outputs[-2][0, :, start:])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,7 +252,7 @@ def test_tiny_tokenizer(tok, cfg, tmp_path):
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert len(tok(text, add_special_tokens=False)["input_ids"]) < len(text) / 2  # merges do happen
     tok.save_pretrained(tmp_path)
-    again = M.AutoTokenizer.from_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
     assert again(text)["input_ids"] == tok(text)["input_ids"] and again.pad_token_id == tok.pad_token_id
     chat = again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
@@ -457,10 +463,10 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     lora_sd = model.qwen.state_dict()
     assert all(torch.equal(lora_sd[k.replace("_proj.", "_proj.base.")] if k.replace("_proj.", "_proj.base.") in lora_sd
                            else lora_sd[k], v) for k, v in base.items())  # base weights untouched
-    M.save_pretrained(model, tok, tmp_path / "a")  # merged on save, model unchanged
-    M.save_pretrained(model, tok, tmp_path / "b", state_dict=model.state_dict())  # a gathered (FSDP) state dict
+    C.save_pretrained(model, tok, tmp_path / "a")  # merged on save, model unchanged
+    C.save_pretrained(model, tok, tmp_path / "b", state_dict=model.state_dict())  # a gathered (FSDP) state dict
     for d in ("a", "b"):
-        loaded, _ = M.load_pretrained(tmp_path / d)
+        loaded, _ = C.load_pretrained(tmp_path / d)
         assert torch.allclose(loaded(*inputs, enc), after, atol=1e-5)
     M.merge_lora(model)
     assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
@@ -471,18 +477,37 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
 # checkpoints
 # ----------------------------------------------------------------------------------------------------------
 
+def test_checkpoint_saved_before_the_vggt_split_loads_with_identical_logits():
+    """tests/fixtures/premove-micro was saved (with its logits on fixed inputs) by commit 2a6b898, when VGGT still
+    lived inside model.py. The same bytes must load into today's classes and give the same logits."""
+    from safetensors.torch import load_file
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "premove-micro")
+    net, tok = C.load_pretrained(fixture)
+    net.eval()
+    frames = np.random.RandomState(0).randint(0, 256, (2, 28, 28, 3), dtype=np.uint8)
+    enc = net.encode([frames])
+    b = net.prompt_batch(tok, ["<image><image>chair 0.12"], enc)
+    with torch.no_grad():
+        logits = net.qwen(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                          mm_token_type_ids=b["mm_token_type_ids"], use_cache=False,
+                          **net._mm_inputs(b["image_grid_thw"], enc)).logits
+    expected = load_file(os.path.join(fixture, "expected_logits.safetensors"))["logits"]
+    torch.testing.assert_close(logits[0, -8:], expected, rtol=0, atol=1e-6)
+    assert net.vggt is not None and net.merger is not None  # the geometry branch took part
+
+
 def test_save_load_identical_logits(tok, cfg, frames, tmp_path):
     model = make_model(cfg)
     enc = model.encode(frames)
     _, inputs = full_batch(model, tok, enc)
     with torch.no_grad():
         ref = model(*inputs, enc)
-    M.save_pretrained(model, tok, tmp_path / "one")
-    M.save_pretrained(model, tok, tmp_path / "sharded", max_shard_bytes=1_000_000)
+    C.save_pretrained(model, tok, tmp_path / "one")
+    C.save_pretrained(model, tok, tmp_path / "sharded", max_shard_bytes=1_000_000)
     assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path / "sharded") if f.startswith("model-0000")]) > 1
     for d in ("one", "sharded"):
-        loaded, tok2 = M.load_pretrained(tmp_path / d)
+        loaded, tok2 = C.load_pretrained(tmp_path / d)
         enc2 = loaded.encode(frames)  # encoders reload too
         with torch.no_grad():
             assert torch.equal(loaded(*inputs, enc2), ref)
@@ -493,10 +518,10 @@ def test_save_load_identical_logits(tok, cfg, frames, tmp_path):
     tied_cfg["qwen"]["tie_word_embeddings"] = True
     tied = make_model(tied_cfg)
     assert tied.qwen.lm_head.weight is tied.qwen.model.language_model.embed_tokens.weight
-    M.save_pretrained(tied, tok, tmp_path / "tied")
-    M.save_pretrained(tied, tok, tmp_path / "tied_sd", state_dict=tied.state_dict())  # both names, shared memory
+    C.save_pretrained(tied, tok, tmp_path / "tied")
+    C.save_pretrained(tied, tok, tmp_path / "tied_sd", state_dict=tied.state_dict())  # both names, shared memory
     for d in ("tied", "tied_sd"):
-        loaded, _ = M.load_pretrained(tmp_path / d)
+        loaded, _ = C.load_pretrained(tmp_path / d)
         assert loaded.qwen.lm_head.weight is loaded.qwen.model.language_model.embed_tokens.weight
         with torch.no_grad():
             assert torch.equal(loaded(*inputs, enc), tied(*inputs, enc))
@@ -571,7 +596,7 @@ def test_layout_a_qwen_dir_and_vggt_file(tok, cfg, frames, tmp_path, qwen_layout
     torch.save(vggt_with_heads(source), tmp_path / "model.pt")
     kw = dict(dtype=None, vggt_config=cfg["vggt"], merger_hidden=cfg["merger_hidden"], image_width=56)
     for vggt_file in ("model.safetensors", "model.pt"):
-        model, tok2 = M.from_qwen_and_vggt(str(tmp_path / "qwen"), str(tmp_path / vggt_file), **kw)
+        model, tok2 = C.from_qwen_and_vggt(str(tmp_path / "qwen"), str(tmp_path / vggt_file), **kw)
         assert_same_weights(model, source)
         assert model.config["suppress_token_ids"] == cfg["suppress_token_ids"]
         assert model.merger.mlp[0].weight.requires_grad and model.merger.mlp[0].weight.abs().sum() > 0  # fresh
@@ -585,11 +610,11 @@ def test_layout_a_qwen_dir_and_vggt_file(tok, cfg, frames, tmp_path, qwen_layout
     missing.pop(sorted(missing)[3])
     write_dir(tmp_path / "missing", flat_4x_config(cfg) | {"tie_word_embeddings": tied}, missing, tok)
     with pytest.raises(KeyError, match="1 missing"):
-        M.from_qwen_and_vggt(str(tmp_path / "missing"), str(tmp_path / "model.pt"), **kw)
+        C.from_qwen_and_vggt(str(tmp_path / "missing"), str(tmp_path / "model.pt"), **kw)
     extra = vggt_with_heads(source) | {"something_else.weight": torch.zeros(2)}
     save_file(extra, str(tmp_path / "extra.safetensors"))
     with pytest.raises(KeyError, match="1 unexpected"):
-        M.from_qwen_and_vggt(str(tmp_path / "qwen"), str(tmp_path / "extra.safetensors"), **kw)
+        C.from_qwen_and_vggt(str(tmp_path / "qwen"), str(tmp_path / "extra.safetensors"), **kw)
 
 
 def test_layout_b_vgllm_dir(tok, cfg, frames, tmp_path):
@@ -601,7 +626,7 @@ def test_layout_b_vgllm_dir(tok, cfg, frames, tmp_path):
     config = flat_4x_config(cfg) | {"use_vggt_feature": True, "vggt_merger_hidden_dim": cfg["merger_hidden"],
                                     "reference_frame": "first"}
     write_dir(tmp_path / "vgllm", config, state, tok)
-    model, tok2 = M.from_vgllm(str(tmp_path / "vgllm"), dtype=None, vggt_config=cfg["vggt"], image_width=56)
+    model, tok2 = C.from_vgllm(str(tmp_path / "vgllm"), dtype=None, vggt_config=cfg["vggt"], image_width=56)
     assert_same_weights(model, source, skip=())
     enc = model.encode(frames)
     _, inputs = full_batch(model, tok2, enc)
@@ -610,4 +635,4 @@ def test_layout_b_vgllm_dir(tok, cfg, frames, tmp_path):
     state.pop("merger.mlp.2.bias")
     write_dir(tmp_path / "broken", config, state, tok)
     with pytest.raises(KeyError, match="merger.mlp.2.bias"):
-        M.from_vgllm(str(tmp_path / "broken"), dtype=None, vggt_config=cfg["vggt"], image_width=56)
+        C.from_vgllm(str(tmp_path / "broken"), dtype=None, vggt_config=cfg["vggt"], image_width=56)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import data
+import scenes
 import rft3d
 
 DET = ("Detect the 3D bounding boxes in the camera coordinate system of the first frame.",
@@ -18,7 +19,7 @@ GROUND = ("Localize the first clear frame in the video showing the object descri
 
 
 def samples(task, n=8, **kw):
-    return list(data.SyntheticDataset(task, n, seed=21, **kw))
+    return list(scenes.SyntheticDataset(task, n, seed=21, **kw))
 
 
 def test_task_table():
@@ -119,7 +120,7 @@ def test_bare_vgllm_answer_scores_task_but_not_format():
 
 @pytest.mark.parametrize("task", ["detection", "grounding", "spatial"])
 def test_exported_data_gives_the_same_prompts_and_targets(task, tmp_path):
-    ds = data.SyntheticDataset(task, 3, seed=5)
+    ds = scenes.SyntheticDataset(task, 3, seed=5)
     back = data.load_dataset(task, data.export_vgllm(ds, str(tmp_path)))
     T = rft3d.TASKS[task]
     for a, b in zip(ds, back):
@@ -132,7 +133,7 @@ def test_rewards_and_records_are_total_on_hostile_text():
     hostile = ["<answer>" + "[" * 100000 + "]" * 100000 + "</answer>", "[" * 200000, "x" * 1_000_000,
                '<answer>{"frame": 1e999, "bbox_3d": [NaN, 1, 2]}</answer>', "<answer></answer>", "\x00\ud800"]
     for name, task in rft3d.TASKS.items():
-        sample = data.SyntheticDataset(name, 1, seed=3)[0]
+        sample = scenes.SyntheticDataset(name, 1, seed=3)[0]
         for text in hostile:
             r = task.reward(sample, text)
             assert all(math.isfinite(v) for v in r.values()), (name, text[:20])

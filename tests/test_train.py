@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
+import checkpoints
 import eval as evaluation
 import grpo
-import model as vgllm
 import rft3d
+import scenes
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +62,10 @@ def torchrun(nproc, argv, tmp):
 def test_step0_ratio_is_one_and_kl_is_zero(init_dir):
     """Policy == reference and pi_old == pi_theta at step 0, dropout off: ratio exactly 1, KL exactly 0
     (mu = 2 stores logp_old from a separate no-grad pass, so this compares two different forwards)."""
-    net, tok = vgllm.load_pretrained(init_dir)
-    ref, _ = vgllm.load_pretrained(init_dir)
+    net, tok = checkpoints.load_pretrained(init_dir)
+    ref, _ = checkpoints.load_pretrained(init_dir)
     ref.requires_grad_(False).eval()
-    samples = [data.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
+    samples = [scenes.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
     args = SimpleNamespace(G=3, temperature=0.7, max_new_tokens=12, beta=0.1, eps_low=0.2, eps_high=0.2, mu=2,
                            adv_scale="group", agg="token", micro_batch=4, max_grad_norm=1.0, reward_opts={})
     opt = torch.optim.SGD(net.trainable_parameters(), lr=0.0)
@@ -77,9 +77,9 @@ def test_step0_ratio_is_one_and_kl_is_zero(init_dir):
 def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
     """The distribution the tokens were sampled from (transformers' processed scores at temperature T)
     equals what model.forward scores at the same T: no temperature mismatch, no off-by-one shift."""
-    net, tok = vgllm.load_pretrained(init_dir)
+    net, tok = checkpoints.load_pretrained(init_dir)
     net.eval()
-    samples = [data.SyntheticDataset("grounding", 2, seed=1, frames=2)[i] for i in range(2)]
+    samples = [scenes.SyntheticDataset("grounding", 2, seed=1, frames=2)[i] for i in range(2)]
     enc = net.encode([s.frames for s in samples])
     prompts = [rft3d.TASKS["grounding"].prompt(s, think=True) for s in samples]
     batch = net.prompt_batch(tok, prompts, enc)

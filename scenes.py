@@ -1,0 +1,420 @@
+"""scenes.py: the synthetic 3D world of rft3d, the embedded default on which every command runs offline.
+
+A scene is a room (checkered floor, walls) with upright coloured boxes and cylinders, seen by a moving camera with
+known intrinsics and poses, ray cast by our own numpy renderer. Ground truth is exact and follows the real-data
+conventions (DESIGN.md section 3) so the same code trains on ScanNet:
+  detection   9-DoF boxes in the FIRST frame's camera coordinates, sorted left to right
+  grounding   an unambiguous referring expression -> the frame where the object is largest + its box in that camera
+  spatial     VSI-Bench-style questions with computable answers (8 of its 9 types)
+Sample i of a set is a pure function of (seed, i): the same scenes on every machine, "fresh data" = a new index.
+
+Sections: 1. the world (categories, layout, cameras, renderer)   2. ground truth per task
+3. SyntheticDataset. To change the world (difficulty, new categories, another task) this is the file to edit.
+Builds on data.py (Sample, box geometry); nothing above it is imported here.
+"""
+import itertools
+import math
+
+import numpy as np
+import torch
+
+from data import SPATIAL_TYPES, TASK_NAMES, Sample, euler_to_matrix, transform_box
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. The world: a room (checkered floor, walls) with upright boxes and cylinders on the floor
+# ----------------------------------------------------------------------------------------------------------
+# name, colour, shape, size ranges (x, y, z) in metres; a cylinder's x = y = diameter and its yaw is 0 (a
+# cylinder's yaw cannot be seen). Each category has its own colour, so a tiny model can tell them apart.
+CATEGORIES = [
+    ("chair", "red", (220, 45, 45), "box", (0.45, 0.6), (0.45, 0.6), (0.8, 1.0)),
+    ("table", "orange", (245, 150, 35), "box", (0.9, 1.4), (0.6, 0.9), (0.65, 0.8)),
+    ("cabinet", "blue", (45, 80, 225), "box", (0.5, 0.9), (0.4, 0.6), (1.0, 1.5)),
+    ("sofa", "purple", (150, 60, 190), "box", (1.4, 2.0), (0.75, 0.95), (0.6, 0.85)),
+    ("tv", "cyan", (30, 200, 210), "box", (0.8, 1.2), (0.1, 0.2), (0.5, 0.75)),
+    ("trash can", "green", (50, 180, 70), "cylinder", (0.3, 0.45), None, (0.45, 0.65)),
+    ("lamp", "yellow", (240, 220, 40), "cylinder", (0.25, 0.35), None, (1.2, 1.6)),
+    ("stool", "pink", (245, 120, 185), "cylinder", (0.35, 0.5), None, (0.45, 0.6)),
+]
+CAT = {c[0]: c for c in CATEGORIES}
+LIGHT = np.array([0.4, 0.3, 1.0]) / np.linalg.norm([0.4, 0.3, 1.0])
+FLOOR = (np.array([170, 160, 140]), np.array([125, 118, 105]))   # checker tones, 0.5 m squares
+WALL, CEILING, WALL_HEIGHT = np.array([190, 196, 206]), np.array([228, 228, 232]), 2.6
+
+
+def footprint(o):
+    """2D footprint: ("circle", centre, radius) or ("poly", [4,2] corners) of an upright object."""
+    c = np.asarray(o["box"][:2], float)
+    if o["shape"] == "cylinder":
+        return ("circle", c, o["box"][3] / 2)
+    ca, sa = math.cos(o["box"][6]), math.sin(o["box"][6])
+    half = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * np.array(o["box"][3:5]) / 2
+    return ("poly", c + half @ np.array([[ca, sa], [-sa, ca]]))
+
+
+def _point_poly_dist(p, poly):
+    edges = np.roll(poly, -1, 0) - poly
+    rel = p - poly
+    if np.all(edges[:, 0] * rel[:, 1] - edges[:, 1] * rel[:, 0] >= 0):   # inside (counter-clockwise corners)
+        return 0.0
+    t = np.clip((rel * edges).sum(1) / (edges ** 2).sum(1), 0, 1)
+    return float(np.min(np.linalg.norm(rel - t[:, None] * edges, axis=1)))
+
+
+def footprint_distance(o1, o2):
+    """Closest-point distance between two objects standing on the floor (0 if they touch). Both start at
+    z = 0, so their height ranges overlap and the 3D closest-point distance is the 2D footprint distance."""
+    f1, f2 = footprint(o1), footprint(o2)
+    if f1[0] == "circle" and f2[0] == "circle":
+        return max(0.0, float(np.linalg.norm(f1[1] - f2[1])) - f1[2] - f2[2])
+    if f1[0] == "circle" or f2[0] == "circle":
+        (_, c, r), (_, poly) = (f1, f2) if f1[0] == "circle" else (f2, f1)
+        return max(0.0, _point_poly_dist(c, poly) - r)
+    p, q = f1[1], f2[1]
+    for poly in (p, q):   # separating axis test: overlapping convex polygons have distance 0
+        e = np.roll(poly, -1, 0) - poly
+        normals = np.stack([-e[:, 1], e[:, 0]], 1)
+        if not any((p @ n).max() < (q @ n).min() or (q @ n).max() < (p @ n).min() for n in normals):
+            continue
+        return min(min(_point_poly_dist(v, q) for v in p), min(_point_poly_dist(v, p) for v in q))
+    return 0.0
+
+
+def look_at(eye, target):
+    """4x4 OpenCV camera-to-world for a camera at eye looking at target, world z up."""
+    f = target - eye
+    f = f / np.linalg.norm(f)
+    r = np.cross(f, [0.0, 0.0, 1.0])
+    r = r / np.linalg.norm(r)
+    T = np.eye(4)
+    T[:3, :3] = np.stack([r, np.cross(f, r), f], 1)   # columns: x right, y down, z forward
+    T[:3, 3] = eye
+    return T
+
+
+def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1):
+    """Objects (aligned world, upright, non-interpenetrating footprints), room and camera poses.
+    orbit: the camera circles the objects by `motion` radians (default 0.6) looking at their centre.
+    pan:   the camera stands still and turns by `motion` radians (default 2.0) across objects spread
+           around it, so objects enter the view one after another (used for appearance order)."""
+    objects, tries = [], 0
+    while len(objects) < n_objects and tries < 200:
+        tries += 1
+        name, colour, rgb, shape, rx, ry, rz = CATEGORIES[rng.integers(len(CATEGORIES))]
+        dx, dz = rng.uniform(*rx), rng.uniform(*rz)
+        dy, yaw = (dx, 0.0) if shape == "cylinder" else (rng.uniform(*ry), rng.uniform(-math.pi / 2, math.pi / 2))
+        if camera == "pan":   # spread around a camera at the origin facing +x
+            ang, dist = rng.uniform(-1.3, 1.3), rng.uniform(1.8, 3.0)
+            xy = dist * np.array([math.cos(ang), math.sin(ang)])
+        else:                 # within a disc around the origin
+            ang, dist = rng.uniform(-math.pi, math.pi), 1.2 * math.sqrt(rng.uniform())
+            xy = dist * np.array([math.cos(ang), math.sin(ang)])
+        o = {"label": name, "shape": shape, "box": [xy[0], xy[1], dz / 2, dx, dy, dz, yaw, 0.0, 0.0]}
+        if all(footprint_distance(o, p) > gap for p in objects):
+            objects.append(o)
+    S = frames
+    s = np.linspace(-0.5, 0.5, S) if S > 1 else np.zeros(1)
+    height = rng.uniform(1.3, 1.8)
+    if camera == "pan":
+        eye = np.array([0.0, 0.0, height])
+        heading = (motion if motion is not None else 2.0) * s + rng.uniform(-0.1, 0.1)
+        targets = np.stack([2.4 * np.cos(heading), 2.4 * np.sin(heading), np.full(S, 0.4)], 1)
+        c2w = np.stack([look_at(eye, t) for t in targets])
+    else:
+        centre = np.mean([o["box"][:2] for o in objects], 0) if objects else np.zeros(2)
+        radius, phi0 = rng.uniform(2.2, 3.0), rng.uniform(-math.pi, math.pi)
+        phi = phi0 + (motion if motion is not None else 0.6) * s
+        c2w = []
+        for k in range(S):
+            eye = np.array([centre[0] + radius * math.cos(phi[k]), centre[1] + radius * math.sin(phi[k]), height])
+            target = np.array([*(centre + rng.uniform(-0.2, 0.2, 2)), 0.4])
+            c2w.append(look_at(eye + rng.uniform(-0.05, 0.05, 3), target))
+        c2w = np.stack(c2w)
+    # room: the bounding rectangle of objects and cameras plus random margins; then shift so that the room's
+    # corner is the aligned world origin (like ScanNet's axis-aligned frame, floor at z = 0)
+    pts = np.concatenate([c2w[:, :2, 3]] + [footprint_corners(o) for o in objects])
+    lo = pts.min(0) - rng.uniform(0.4, 1.5, 2)
+    hi = pts.max(0) + rng.uniform(0.4, 1.5, 2)
+    for o in objects:
+        o["box"][0] -= lo[0]
+        o["box"][1] -= lo[1]
+        o["box"] = [float(x) for x in o["box"]]
+    c2w[:, :2, 3] -= lo
+    return {"objects": objects, "room": [0.0, 0.0, float(hi[0] - lo[0]), float(hi[1] - lo[1]), WALL_HEIGHT],
+            "c2w": c2w}
+
+
+def footprint_corners(o):
+    f = footprint(o)
+    return f[1] if f[0] == "poly" else f[1] + f[2] * np.array([[1, 0], [-1, 0], [0, 1], [0, -1.0]])
+
+
+def intrinsics_for(H, W):
+    """Pinhole K with a ~67 degree horizontal field of view."""
+    f = 0.75 * W
+    return np.array([[f, 0, W / 2], [0, f, H / 2], [0, 0, 1.0]])
+
+
+def _hit(ob, ol, dl):
+    """Ray parameter t of the first hit with an object, inf on a miss. Object-local rays: origins ol [S,1,3],
+    directions dl [S,N,3]."""
+    half = np.array(ob["box"][3:6]) / 2
+    if ob["shape"] == "box":   # slab test
+        t1, t2 = (-half - ol) / dl, (half - ol) / dl
+        t, t_far = np.minimum(t1, t2).max(-1), np.maximum(t1, t2).min(-1)
+        return np.where((t <= t_far) & (t > 0), t, np.inf)
+    r = half[0]                # vertical cylinder: the side (a quadratic in x, y) and the two caps
+    a = dl[..., 0] ** 2 + dl[..., 1] ** 2
+    b = 2 * (ol[..., 0] * dl[..., 0] + ol[..., 1] * dl[..., 1])
+    disc = b * b - 4 * a * (ol[..., 0] ** 2 + ol[..., 1] ** 2 - r * r)
+    ts = (-b - np.sqrt(np.maximum(disc, 0))) / (2 * a)
+    ts = np.where((disc > 0) & (ts > 0) & (np.abs(ol[..., 2] + ts * dl[..., 2]) <= half[2]), ts, np.inf)
+    tc = (np.where(dl[..., 2] < 0, half[2], -half[2]) - ol[..., 2]) / dl[..., 2]
+    pc = ol[..., :2] + tc[..., None] * dl[..., :2]
+    return np.minimum(ts, np.where(((pc ** 2).sum(-1) <= r * r) & (tc > 0), tc, np.inf))
+
+
+def _normal(ob, p):
+    """Object-local outward normals at surface points p [M,3]: the face whose surface p is closest to."""
+    half = np.array(ob["box"][3:6]) / 2
+    if ob["shape"] == "box":
+        axis = np.argmax(np.abs(p) / half, 1)
+        return np.eye(3)[axis] * np.sign(p[np.arange(len(p)), axis])[:, None]
+    radial = np.linalg.norm(p[:, :2], axis=1)
+    cap = np.abs(p[:, 2]) / half[2] >= radial / half[0]
+    side = np.concatenate([p[:, :2] / np.maximum(radial, 1e-9)[:, None], np.zeros((len(p), 1))], 1)
+    return np.where(cap[:, None], np.array([0, 0, 1.0]) * np.sign(p[:, 2:3]), side)
+
+
+def render(scene, K, H, W):
+    """Ray cast all frames at once. Returns images uint8 [S,H,W,3] and an object-id buffer int16 [S,H,W]
+    (object index, -1 floor, -2 wall, -3 ceiling). scene["c2w"] is camera -> aligned world."""
+    c2w, objects = scene["c2w"], scene["objects"]
+    S = len(c2w)
+    v, u = np.mgrid[0:H, 0:W] + 0.5
+    d_cam = np.stack([(u - K[0, 2]) / K[0, 0], (v - K[1, 2]) / K[1, 1], np.ones_like(u)], -1).reshape(-1, 3)
+    d = d_cam @ c2w[:, :3, :3].transpose(0, 2, 1)                   # [S,N,3] ray directions (world)
+    o = c2w[:, None, :3, 3]                                         # [S,1,3] ray origins: camera centres
+    x0, y0, x1, y1, h = scene["room"]
+    local = []
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # the room: each ray leaves the room box through the floor, a wall or the ceiling
+        t_exit = np.where(d > 0, (np.array([x1, y1, h]) - o) / d, (np.array([x0, y0, 0.0]) - o) / d)
+        face = np.argmin(t_exit, -1)
+        best = np.take_along_axis(t_exit, face[..., None], -1)[..., 0]   # [S,N] nearest hit so far
+        ids = np.where(face < 2, -2, np.where(d[..., 2] < 0, -1, -3)).astype(np.int16)
+        for j, ob in enumerate(objects):
+            R = euler_to_matrix(*ob["box"][6:9])
+            local.append(((o - ob["box"][:3]) @ R, d @ R))           # object-local rays
+            t = _hit(ob, *local[-1])
+            m = t < best
+            best[m], ids[m] = t[m], j
+    # shading: checkered floor, walls by orientation, objects flat-shaded by their face normal
+    hitp = o + best[..., None] * d
+    img = np.empty((S, H * W, 3))
+    checker = (np.floor(hitp[..., 0] / 0.5) + np.floor(hitp[..., 1] / 0.5)) % 2 == 0
+    img[(ids == -1) & checker], img[(ids == -1) & ~checker] = FLOOR
+    img[ids == -2] = WALL * np.where(face[ids == -2] == 0, 0.85, 1.0)[:, None]
+    img[ids == -3] = CEILING
+    for j, (ob, (ol, dl)) in enumerate(zip(objects, local)):
+        m = ids == j
+        if m.any():
+            n = _normal(ob, np.broadcast_to(ol, dl.shape)[m] + best[m][:, None] * dl[m])
+            light = n @ euler_to_matrix(*ob["box"][6:9]).T @ LIGHT
+            img[m] = np.array(CAT[ob["label"]][2]) * (0.6 + 0.4 * np.clip(light, 0, 1))[:, None]
+    return img.reshape(S, H, W, 3).clip(0, 255).astype(np.uint8), ids.reshape(S, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Ground truth for the three tasks
+# ----------------------------------------------------------------------------------------------------------
+NEEDS = {"grounding": 1, "object_counting": 1, "object_size_estimation": 1, "object_abs_distance": 2,
+         "object_rel_distance": 3, "obj_appearance_order": 3, "object_rel_direction_easy": 3,
+         "object_rel_direction_medium": 3, "object_rel_direction_hard": 3}   # objects needed at least
+LETTERS = "ABCDEFGH"
+
+
+def _mc(rng, correct, wrong):
+    """Shuffle the correct answer among the wrong ones -> (["A. ..", ..], letter)."""
+    opts = [correct] + list(wrong)
+    order = rng.permutation(len(opts))
+    return [f"{LETTERS[i]}. {opts[j]}" for i, j in enumerate(order)], LETTERS[int(np.argmin(order))]
+
+
+def direction_angle(p, o, q):
+    """Signed angle (degrees, counter-clockwise = left) of q seen from p while facing o, on the floor plane."""
+    f, v = np.subtract(o[:2], p[:2]), np.subtract(q[:2], p[:2])
+    return math.degrees(math.atan2(f[0] * v[1] - f[1] * v[0], f @ v))
+
+
+def spatial_question(rng, qtype, objects, room, first_seen):
+    """(question, options, ground_truth) for a VSI-Bench question type, or None when this scene cannot pose
+    it unambiguously. Only objects whose category is unique in the scene are referred to by name."""
+    labels = [o["label"] for o in objects]
+    uniq = [o for o in objects if labels.count(o["label"]) == 1]
+    pick = lambda k: [uniq[i] for i in rng.permutation(len(uniq))[:k]]
+    if qtype == "object_counting":
+        cat = sorted(set(labels))[rng.integers(len(set(labels)))]
+        return f"How many {cat}(s) can be found in this room?", [], str(labels.count(cat))
+    if qtype == "object_size_estimation" and uniq:
+        o = pick(1)[0]
+        q = f"How long is the longest side (length, width or height) of the {o['label']}, in centimeters?"
+        return q, [], str(round(max(o["box"][3:6]) * 100))
+    if qtype == "room_size_estimation":
+        return "How large is the floor area of this room, in square meters?", [], f"{room[2] * room[3]:.1f}"
+    if qtype == "object_abs_distance" and len(uniq) >= 2:
+        a, b = pick(2)
+        dist = footprint_distance(a, b)
+        if dist >= 0.2:
+            q = (f"Measured between the closest points of the two objects, how far apart are the {a['label']} "
+                 f"and the {b['label']} (in meters)?")
+            return q, [], f"{dist:.2f}"
+    if qtype == "object_rel_distance" and len(uniq) >= 3:
+        query, *choices = pick(5)
+        dist = sorted((footprint_distance(query, c), c["label"]) for c in choices)
+        if dist[1][0] - dist[0][0] >= 0.15:
+            options, gt = _mc(rng, dist[0][1], [n for _, n in dist[1:]])
+            names = ", ".join(x[3:] for x in options)
+            return (f"Measured between closest points, which of these objects ({names}) is nearest to the "
+                    f"{query['label']}?", options, gt)
+    if qtype.startswith("object_rel_direction") and len(uniq) >= 3:
+        p, o, q = pick(3)
+        if np.linalg.norm(np.subtract(o["box"][:2], p["box"][:2])) < 0.3 or \
+           np.linalg.norm(np.subtract(q["box"][:2], p["box"][:2])) < 0.3:
+            return None
+        ang = direction_angle(p["box"], o["box"], q["box"])
+        stem = f"Standing next to the {p['label']} and looking toward the {o['label']}, is the {q['label']}"
+        if qtype.endswith("easy") and 15 < abs(ang) < 165:
+            return (f"{stem} on the left or on the right of the {o['label']}?",
+                    *_mc(rng, "left" if ang > 0 else "right", ["right" if ang > 0 else "left"]))
+        if qtype.endswith("medium") and abs(ang) > 15 and abs(abs(ang) - 135) > 10:
+            ans = "back" if abs(ang) >= 135 else ("left" if ang > 0 else "right")
+            return (f"{stem} on my left, on my right, or behind me? Something is behind me if I would need to turn "
+                    f"by 135 degrees or more to face it.", *_mc(rng, ans, [w for w in ("left", "right", "back")
+                                                                         if w != ans]))
+        if qtype.endswith("hard") and min(abs(ang - x) for x in (-180, -90, 0, 90, 180)) > 10:
+            ans = ("front" if abs(ang) < 90 else "back") + ("-left" if ang > 0 else "-right")
+            quads = ["front-left", "front-right", "back-left", "back-right"]
+            return (f"{stem} to my front-left, front-right, back-left or back-right? Think of the quadrants of a "
+                    f"plane where I stand at the origin and face the positive y-axis.",
+                    *_mc(rng, ans, [w for w in quads if w != ans]))
+    if qtype == "obj_appearance_order":
+        seen = sorted((first_seen[i], o["label"]) for i, o in enumerate(objects) if labels.count(o["label"]) == 1)
+        firsts = [f for f, _ in seen]
+        seen = [s for s in seen if firsts.count(s[0]) == 1][:4]   # each category must first appear alone
+        if len(seen) >= 3:
+            order = [n for _, n in seen]
+            perms = [list(p) for p in itertools.permutations(order) if list(p) != order]
+            wrong = [", ".join(perms[i]) for i in rng.permutation(len(perms))[:3]]
+            options, gt = _mc(rng, ", ".join(order), wrong)
+            cats = ", ".join(order[i] for i in rng.permutation(len(order)))
+            return f"In what order do these categories first appear in the video: {cats}?", options, gt
+    return None
+
+
+def grounding_expression(rng, objects, t):
+    """An unambiguous referring expression for objects[t], or None."""
+    o = objects[t]
+    name, colour, shape = o["label"], CAT[o["label"]][1], o["shape"]
+    same = [p for p in objects if p["label"] == name and p is not o]
+    if not same:
+        return [f"The {name}.", f"The {colour} {shape}.", f"The {colour} {name} in the room."][rng.integers(3)]
+    exprs = []
+    vol = lambda p: float(np.prod(p["box"][3:6]))
+    if all(vol(o) > 1.3 * vol(p) for p in same):
+        exprs.append(f"The largest {name}.")
+    if all(vol(p) > 1.3 * vol(o) for p in same):
+        exprs.append(f"The smallest {name}.")
+    dist = lambda a, b: float(np.linalg.norm(np.subtract(a["box"][:2], b["box"][:2])))
+    for ref in objects:
+        if sum(p["label"] == ref["label"] for p in objects) != 1:
+            continue
+        if all(dist(o, ref) + 0.3 < dist(p, ref) for p in same):
+            exprs.append(f"The {name} closest to the {ref['label']}.")
+        if all(dist(o, ref) > dist(p, ref) + 0.3 for p in same):
+            exprs.append(f"The {name} farthest from the {ref['label']}.")
+    return exprs[rng.integers(len(exprs))] if exprs else None
+
+
+def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects=3, camera="orbit",
+                motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True):
+    """Sample `index` of the synthetic set `seed`: a pure function of its arguments."""
+    rng = np.random.default_rng([seed, index])
+    H, W = (size, size) if isinstance(size, int) else size
+    K = intrinsics_for(H, W)
+    qtypes = list(question_types)
+    qtype = qtypes[rng.integers(len(qtypes))] if task == "spatial" else None
+    for attempt in range(60):
+        if task == "spatial" and attempt and attempt % 20 == 0:   # this type does not fit: take the next one
+            qtype = qtypes[(qtypes.index(qtype) + 1) % len(qtypes)]
+        lo = max(min_objects, NEEDS.get(qtype or task, 0))
+        cam = "pan" if qtype == "obj_appearance_order" else camera
+        scene = make_scene(rng, int(rng.integers(lo, max(lo, max_objects) + 1)), frames, cam, motion)
+        img, ids = render(scene, K, H, W)
+        seen = [j for j in range(len(scene["objects"])) if (ids == j).sum((1, 2)).max() >= min_pixels]
+        if len(seen) < len(scene["objects"]):   # remove what no frame sees (< min_pixels), render again
+            scene["objects"] = [scene["objects"][j] for j in seen]
+            img, ids = render(scene, K, H, W)
+        objects = scene["objects"]
+        px = np.array([(ids == j).sum((1, 2)) for j in range(len(objects))], int).reshape(-1, frames)  # [n, S]
+        if len(objects) < lo or not np.all(px.max(1, initial=0) >= min_pixels):
+            continue
+        if task == "grounding":
+            t = int(rng.integers(len(objects)))
+            desc = grounding_expression(rng, objects, t)
+            if desc is None:
+                continue
+        if task == "spatial":
+            first_seen = [int(np.argmax(p >= min_pixels)) for p in px]
+            qa = spatial_question(rng, qtype, objects, scene["room"], first_seen)
+            if qa is None:
+                continue
+        break
+    else:
+        raise RuntimeError(f"synthetic sample {seed}/{index} ({task}, {qtype}) found no valid scene")
+    # a random raw-world frame: cam2global is camera -> raw world, axis_align maps raw -> aligned (the room)
+    A = np.eye(4)
+    if axis_align:
+        th = rng.uniform(-math.pi, math.pi)
+        A[:3, :3] = euler_to_matrix(th, 0, 0)
+        A[:2, 3] = rng.uniform(-3, 3, 2)
+    cam2global = np.linalg.inv(A) @ scene["c2w"]
+    meta = {"objects": objects, "room": scene["room"], "pixels": px.tolist(), "scene": f"syn{seed}_{index:07d}"}
+    s = Sample(id=f"synthetic-{task}-{seed}-{index}", task=task, frames=img, intrinsics=K,
+               cam2global=cam2global, axis_align=A, meta=meta)
+    if task == "detection":   # sorted left to right in the first camera: a canonical, learnable order
+        to_cam0 = np.linalg.inv(scene["c2w"][0])
+        boxes = [{"label": o["label"], "bbox_3d": transform_box(o["box"], to_cam0)} for o in objects]
+        s.boxes = sorted(boxes, key=lambda b: b["bbox_3d"][0])
+    elif task == "grounding":
+        k = int(np.argmax(px[t]))   # the sampled frame where the target covers the most pixels
+        s.description, s.target_frame, s.world_box = desc, k, objects[t]["box"]
+        s.target_box = transform_box(objects[t]["box"], np.linalg.inv(scene["c2w"][k]))
+        meta.update(label=objects[t]["label"], target=t,
+                    unique=sum(o["label"] == objects[t]["label"] for o in objects) == 1)
+    else:
+        s.question, s.options, s.ground_truth = qa
+        s.question_type = qtype
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. SyntheticDataset: item i is a pure function of (seed, i); "infinite fresh data" = huge n or a new seed
+# ----------------------------------------------------------------------------------------------------------
+class SyntheticDataset(torch.utils.data.Dataset):
+    def __init__(self, task, n, seed=0, frames=4, size=56, min_objects=1, max_objects=3, camera="orbit",
+                 motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True):
+        assert task in TASK_NAMES, task
+        self.task, self.n, self.seed = task, n, seed
+        self.kw = dict(frames=frames, size=size, min_objects=min_objects, max_objects=max_objects, camera=camera,
+                       motion=motion, question_types=tuple(question_types), min_pixels=min_pixels,
+                       axis_align=axis_align)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return make_sample(self.task, self.seed, i, **self.kw)
+
+
