@@ -354,6 +354,15 @@ def match_by_label(pred, gt, iou_threshold=MATCH_IOU):
     return _match(pred, gt, iou_threshold)[0]
 
 
+def gt_iou(pred, gt):
+    """Mean over ground-truth boxes of the IoU of the prediction matched to each, one to one (the same greedy
+    matching at any overlap > 0; an unmatched box counts 0). Duplicates earn nothing and a missed object costs
+    its whole share. 1.0 when both lists are empty, 0.0 when only the ground truth is."""
+    if not gt:
+        return float(not pred)
+    return sum(_match(pred, gt, 0.0)[2]) / len(gt)
+
+
 def match_detections(pred, gt, iou_threshold=MATCH_IOU):
     """(tp, fp, fn) summed over labels."""
     counts = match_by_label(pred, gt, iou_threshold).values()
@@ -431,9 +440,12 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
     iou_mode "robust": R_IoU = sum of the IoUs of the matched (true-positive) pairs of that same matching
                        / max(#pred, #gt) (0 when both are empty). One-to-one, so duplicates earn nothing,
                        and the denominator is at least #gt, so predicting fewer boxes cannot pay.
+    iou_mode "gt":     R_IoU = gt_iou: the mean over ground-truth boxes of their one-to-one IoU at any overlap
+                       (the quantity eval reports as iou_gt). A missed object costs its whole share whatever
+                       else is predicted; extra boxes cost only through F1.
     At most MAX_BOXES predictions are considered."""
-    if iou_mode not in ("paper", "robust"):
-        raise ValueError(f"iou_mode must be 'paper' or 'robust', got {iou_mode!r}")
+    if iou_mode not in ("paper", "robust", "gt"):
+        raise ValueError(f"iou_mode must be 'paper', 'robust' or 'gt', got {iou_mode!r}")
     fmt = format_reward(text, "detection")
     pred = parse_detections(text)
     gt = [{"label": g.get("label"), "bbox_3d": g.get("bbox_3d")} for g in (gt_boxes or [])]  # all count
@@ -442,8 +454,10 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
     f1 = f1_score(tp, fp, fn)
     if iou_mode == "paper":
         iou = sum(best) / len(best) if best else 0.0
-    else:
+    elif iou_mode == "robust":
         iou = sum(matched) / max(len(pred), len(gt)) if (pred or gt) else 0.0
+    else:
+        iou = gt_iou(pred, gt)
     return {"total": fmt + iou + f1, "format": fmt, "iou": iou, "f1": f1, "n_pred": float(len(pred))}
 
 

@@ -69,12 +69,10 @@ def detection_reward(s: Sample, completion, iou_mode="paper", **_):
 
 def detection_record(s: Sample, completion):
     pred = rewards.parse_detections(completion)
-    ious = [max([rewards.iou_3d(p["bbox_3d"], g["bbox_3d"]) for p in pred if p["label"] == g["label"]],
-                default=0.0) for g in s.boxes]
     # parsed = the answer is a JSON list (an empty list is a valid "nothing here"); load_json is total
     parsed = bool(pred) or isinstance(rewards.load_json(rewards.answer_text(completion)), list)
     return {"counts": {str(t): rewards.match_by_label(pred, s.boxes, t) for t in (0.25, 0.5)},
-            "n_pred": len(pred), "n_gt": len(s.boxes), "iou_gt": float(np.mean(ious)) if ious else 0.0,
+            "n_pred": len(pred), "n_gt": len(s.boxes), "iou_gt": rewards.gt_iou(pred, s.boxes) if s.boxes else 0.0,
             "parsed": parsed}
 
 

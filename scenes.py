@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from data import SPATIAL_TYPES, TASK_NAMES, Sample, euler_to_matrix, transform_box
+from data import SPATIAL_TYPES, TASK_NAMES, Sample, euler_to_matrix, matrix_to_euler
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The world: a room (checkered floor, walls) with upright boxes and cylinders on the floor
@@ -79,9 +79,13 @@ def footprint_distance(o1, o2):
     return 0.0
 
 
-def look_at(eye, target):
-    """4x4 OpenCV camera-to-world for a camera at eye looking at target, world z up."""
+def look_at(eye, target, pitch=None):
+    """4x4 OpenCV camera-to-world for a camera at eye looking at target, world z up, no roll. With `pitch`
+    (radians, down) the camera faces target's direction on the floor plane, tilted down by exactly `pitch`."""
     f = target - eye
+    if pitch is not None:
+        f = np.array([f[0], f[1], 0.0]) / np.linalg.norm(f[:2])
+        f = math.cos(pitch) * f + np.array([0.0, 0.0, -math.sin(pitch)])
     f = f / np.linalg.norm(f)
     r = np.cross(f, [0.0, 0.0, 1.0])
     r = r / np.linalg.norm(r)
@@ -91,11 +95,14 @@ def look_at(eye, target):
     return T
 
 
-def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1):
+def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1, pitch=None):
     """Objects (aligned world, upright, non-interpenetrating footprints), room and camera poses.
     orbit: the camera circles the objects by `motion` radians (default 0.6) looking at their centre.
     pan:   the camera stands still and turns by `motion` radians (default 2.0) across objects spread
-           around it, so objects enter the view one after another (used for appearance order)."""
+           around it, so objects enter the view one after another (used for appearance order).
+    pitch: None = look at a point 0.4 m above the floor (the camera pitches down by ~15-30 degrees, a little
+           differently in every frame); a number = that downward pitch in degrees in every frame, no roll: with
+           0 the camera is level, so its y axis is gravity and upright boxes need one angle (see camera_box)."""
     objects, tries = [], 0
     while len(objects) < n_objects and tries < 200:
         tries += 1
@@ -113,12 +120,14 @@ def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1):
             objects.append(o)
     S = frames
     s = np.linspace(-0.5, 0.5, S) if S > 1 else np.zeros(1)
-    height = rng.uniform(1.3, 1.8)
+    # with a given pitch, the height makes the central ray meet the objects (~2.6 m away) half a metre up
+    height = rng.uniform(1.3, 1.8) if pitch is None else rng.uniform(0.5, 0.8) + 2.6 * math.tan(math.radians(pitch))
+    tilt = None if pitch is None else math.radians(pitch)
     if camera == "pan":
         eye = np.array([0.0, 0.0, height])
         heading = (motion if motion is not None else 2.0) * s + rng.uniform(-0.1, 0.1)
         targets = np.stack([2.4 * np.cos(heading), 2.4 * np.sin(heading), np.full(S, 0.4)], 1)
-        c2w = np.stack([look_at(eye, t) for t in targets])
+        c2w = np.stack([look_at(eye, t, tilt) for t in targets])
     else:
         centre = np.mean([o["box"][:2] for o in objects], 0) if objects else np.zeros(2)
         radius, phi0 = rng.uniform(2.2, 3.0), rng.uniform(-math.pi, math.pi)
@@ -127,7 +136,7 @@ def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1):
         for k in range(S):
             eye = np.array([centre[0] + radius * math.cos(phi[k]), centre[1] + radius * math.sin(phi[k]), height])
             target = np.array([*(centre + rng.uniform(-0.2, 0.2, 2)), 0.4])
-            c2w.append(look_at(eye + rng.uniform(-0.05, 0.05, 3), target))
+            c2w.append(look_at(eye + rng.uniform(-0.05, 0.05, 3), target, tilt))
         c2w = np.stack(c2w)
     # room: the bounding rectangle of objects and cameras plus random margins; then shift so that the room's
     # corner is the aligned world origin (like ScanNet's axis-aligned frame, floor at z = 0)
@@ -335,9 +344,51 @@ def grounding_expression(rng, objects, t):
     return exprs[rng.integers(len(exprs))] if exprs else None
 
 
+# The object's own axes in the camera: x' = x, y' = -z (down), z' = y, so sizes (dx, dz, dy). Upright objects then
+# turn about their y' axis only, the last factor of R = Rz(a) Rx(b) Ry(c): a level camera gives a = b = 0 exactly.
+TO_Y_DOWN = np.array([[1.0, 0, 0], [0, 0, 1], [0, -1, 0]])
+
+
+def camera_box(o, world_to_cam, spelling="canonical", rng=None):
+    """An object's 9-DoF box in a camera's coordinates (DESIGN section 3's convention), spelled one way.
+
+    The same box has several spellings: turning it about its vertical axis by k * 90 degrees (c + k pi/2, x and z
+    sizes swapped for odd k) and listing objects in any order give the same IoU but different SFT target text.
+      canonical: x' is the longer horizontal side and c in [-pi/2, pi/2).
+      random:    one of the four turns at random (c wrapped to [-pi, pi)): the targets CE sees are multimodal.
+    Returns the box [9 floats]."""
+    x, y, z, dx, dy, dz, yaw = o["box"][:7]
+    T = np.asarray(world_to_cam, float)
+    R = T[:3, :3] @ euler_to_matrix(yaw, 0.0, 0.0) @ TO_Y_DOWN   # object axes (x', y', z') in the camera
+    size = [dx, dz, dy]
+    a, b, c = matrix_to_euler(R)
+    if size[0] < size[2]:   # the longer horizontal side on x': a quarter turn swaps x' and z'
+        c, size = c + math.pi / 2, [size[2], size[1], size[0]]
+    c = (c + math.pi / 2) % math.pi - math.pi / 2   # a half turn is the same box: c in [-pi/2, pi/2)
+    if spelling == "random":
+        k = int(rng.integers(4))
+        c = (c + k * math.pi / 2 + math.pi) % (2 * math.pi) - math.pi
+        size = [size[2], size[1], size[0]] if k % 2 else size
+    elif spelling != "canonical":
+        raise ValueError(f"spelling must be 'canonical' or 'random', got {spelling!r}")
+    return [*map(float, T[:3, :3] @ [x, y, z] + T[:3, 3]), *map(float, size), float(a), float(b), float(c)]
+
+
+def face_camera(objects, cam2world):
+    """A cylinder looks the same at any yaw, so the yaw of its box cannot be seen: turn each cylinder's box to
+    face the camera whose coordinates the answer uses (its x axis along the camera's, which look_at keeps level),
+    so the ground truth never depends on something invisible. The rendering does not change."""
+    for o in objects:
+        if o["shape"] == "cylinder":
+            o["box"][6] = math.atan2(cam2world[1, 0], cam2world[0, 0])
+
+
 def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects=3, camera="orbit",
-                motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True):
-    """Sample `index` of the synthetic set `seed`: a pure function of its arguments."""
+                motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True, pitch=0.0,
+                spelling="canonical"):
+    """Sample `index` of the synthetic set `seed`: a pure function of its arguments. pitch: the camera's
+    downward pitch in degrees (None: the older look-at camera, see make_scene); spelling: of the target boxes
+    and the order of detections (camera_box)."""
     rng = np.random.default_rng([seed, index])
     H, W = (size, size) if isinstance(size, int) else size
     K = intrinsics_for(H, W)
@@ -348,7 +399,7 @@ def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects
             qtype = qtypes[(qtypes.index(qtype) + 1) % len(qtypes)]
         lo = max(min_objects, NEEDS.get(qtype or task, 0))
         cam = "pan" if qtype == "obj_appearance_order" else camera
-        scene = make_scene(rng, int(rng.integers(lo, max(lo, max_objects) + 1)), frames, cam, motion)
+        scene = make_scene(rng, int(rng.integers(lo, max(lo, max_objects) + 1)), frames, cam, motion, pitch=pitch)
         img, ids = render(scene, K, H, W)
         seen = [j for j in range(len(scene["objects"])) if (ids == j).sum((1, 2)).max() >= min_pixels]
         if len(seen) < len(scene["objects"]):   # remove what no frame sees (< min_pixels), render again
@@ -381,14 +432,17 @@ def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects
     meta = {"objects": objects, "room": scene["room"], "pixels": px.tolist(), "scene": f"syn{seed}_{index:07d}"}
     s = Sample(id=f"synthetic-{task}-{seed}-{index}", task=task, frames=img, intrinsics=K,
                cam2global=cam2global, axis_align=A, meta=meta)
-    if task == "detection":   # sorted left to right in the first camera: a canonical, learnable order
+    if task == "detection":   # canonical: sorted left to right in the first camera, a learnable order
+        face_camera(objects, scene["c2w"][0])
         to_cam0 = np.linalg.inv(scene["c2w"][0])
-        boxes = [{"label": o["label"], "bbox_3d": transform_box(o["box"], to_cam0)} for o in objects]
-        s.boxes = sorted(boxes, key=lambda b: b["bbox_3d"][0])
+        boxes = [{"label": o["label"], "bbox_3d": camera_box(o, to_cam0, spelling, rng)} for o in objects]
+        s.boxes = sorted(boxes, key=lambda b: b["bbox_3d"][0]) if spelling == "canonical" else \
+            [boxes[i] for i in rng.permutation(len(boxes))]
     elif task == "grounding":
         k = int(np.argmax(px[t]))   # the sampled frame where the target covers the most pixels
+        face_camera([objects[t]], scene["c2w"][k])
         s.description, s.target_frame, s.world_box = desc, k, objects[t]["box"]
-        s.target_box = transform_box(objects[t]["box"], np.linalg.inv(scene["c2w"][k]))
+        s.target_box = camera_box(objects[t], np.linalg.inv(scene["c2w"][k]), spelling, rng)
         meta.update(label=objects[t]["label"], target=t,
                     unique=sum(o["label"] == objects[t]["label"] for o in objects) == 1)
     else:
@@ -402,12 +456,13 @@ def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects
 # ----------------------------------------------------------------------------------------------------------
 class SyntheticDataset(torch.utils.data.Dataset):
     def __init__(self, task, n, seed=0, frames=4, size=56, min_objects=1, max_objects=3, camera="orbit",
-                 motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True):
+                 motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True, pitch=0.0,
+                 spelling="canonical"):
         assert task in TASK_NAMES, task
         self.task, self.n, self.seed = task, n, seed
         self.kw = dict(frames=frames, size=size, min_objects=min_objects, max_objects=max_objects, camera=camera,
                        motion=motion, question_types=tuple(question_types), min_pixels=min_pixels,
-                       axis_align=axis_align)
+                       axis_align=axis_align, pitch=pitch, spelling=spelling)
 
     def __len__(self):
         return self.n

@@ -51,6 +51,10 @@ def get_args(argv=None, stage=None):
     a("--data-seed", type=int, default=0, help="synthetic training scenes (fixed apart from --seed: same set, new run)")
     a("--frames", type=int, default=4, help="frames sampled per video / scene")
     a("--image-size", type=int, default=56, help="synthetic frame size in pixels")
+    a("--pitch", type=float, default=0.0, help="synthetic: camera pitch in degrees (0: level, boxes need one angle)")
+    a("--max-objects", type=int, default=3, help="synthetic: objects per scene, at most")
+    a("--spelling", choices=["canonical", "random"], default="canonical",
+      help="synthetic: target boxes/order spelled one way, or a random one of the equivalent spellings")
     a("--steps", type=int, default=None, help="optimiser steps (default: sft 1500, grpo 200)")
     a("--sft-steps", type=int, default=1500, help="steps of the SFT warm-up that GRPO runs when it finds none")
     a("--batch-size", type=int, default=16, help="SFT samples per rank per step")
@@ -70,7 +74,7 @@ def get_args(argv=None, stage=None):
     a("--mu", type=int, default=1, help="GRPO: optimiser updates per rollout (1: ratio is exactly 1)")
     a("--adv-scale", choices=["group", "batch", "none"], default="group", help="advantage std scaling")
     a("--agg", choices=["token", "seq", "drgrpo"], default="token", help="loss aggregation")
-    a("--iou-mode", choices=["paper", "robust"], default="paper", help="detection IoU reward term")
+    a("--iou-mode", choices=["paper", "robust", "gt"], default="paper", help="detection IoU reward term (rewards.detection_reward)")
     a("--no-geometry", action="store_true", help="tiny model without the VGGT branch (ablation)")
     a("--lora-rank", type=int, default=0, help="LoRA on the LLM linears (0 = full fine-tuning)")
     a("--bf16", action="store_true", help="bf16 autocast (GPU)")
@@ -151,17 +155,23 @@ def lr_factor(step, args):
     return warm * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
 
 
+def world(args):
+    """The synthetic world's knobs (scenes.SyntheticDataset keyword arguments) from the command line."""
+    return dict(frames=args.frames, size=args.image_size, pitch=args.pitch, max_objects=args.max_objects,
+                spelling=args.spelling)
+
+
 def datasets(args):
     """(train, val) datasets of data.Sample. Synthetic by default: train seeds and val seeds never meet."""
     if args.data:
         train = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
     else:
         n = args.train_size or 10**9  # 'fresh scenes forever': item i is generated from (seed, i) on demand
-        train = scenes.SyntheticDataset(args.task, n, seed=1000 + args.data_seed, frames=args.frames, size=args.image_size)
+        train = scenes.SyntheticDataset(args.task, n, seed=1000 + args.data_seed, **world(args))
     if args.val_data:
         val = data.load_dataset(args.task, args.val_data, media_root=args.media_root, frames=args.frames)
     else:
-        val = scenes.SyntheticDataset(args.task, args.val_size, seed=1, frames=args.frames, size=args.image_size)
+        val = scenes.SyntheticDataset(args.task, args.val_size, seed=1, **world(args))
     return train, val
 
 
@@ -176,7 +186,7 @@ def tiny_init(args, rank):
     if rank == 0 and not (init / "config.json").exists():
         corpus = []
         for name, task in rft3d.TASKS.items():
-            ds = scenes.SyntheticDataset(name, 200, seed=7, frames=args.frames, size=args.image_size)
+            ds = scenes.SyntheticDataset(name, 200, seed=7, **world(args))
             corpus += [task.prompt(s, think=True) + task.target(s) for s in ds]
         tok = vgllm.build_tiny_tokenizer(corpus)
         torch.manual_seed(args.seed)

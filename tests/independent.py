@@ -50,5 +50,9 @@ def scene_of(s):
 
 
 def same_box(a, b, tol=1e-6):
-    return np.allclose(a[:6], b[:6], atol=tol) and np.allclose(R_zxy(*a[6:9]), R_zxy(*b[6:9]), atol=tol)
+    """The same solid: the same 8 corners as a set (a box has several spellings: turns by 90 degrees about an axis
+    with sizes swapped, half turns, ...)."""
+    ca, cb = corners(a), corners(b)
+    d = np.linalg.norm(ca[:, None] - cb[None], axis=-1)  # [8, 8]
+    return bool(d.min(1).max() <= tol and d.min(0).max() <= tol)
 

@@ -278,6 +278,27 @@ def test_detection_robust_never_pays_for_dropping_boxes():
             > R.detection_reward(tagged(json.dumps(pred)), gt)["iou"])
 
 
+def test_detection_gt_mode_is_one_to_one_iou_over_ground_truth():
+    """iou_mode "gt": the mean over ground-truth boxes of the one-to-one IoU at any overlap (hand-computed
+    unit-cube IoUs: shifted by s along x, IoU = (1 - s) / (1 + s))."""
+    iou = lambda s: (1 - s) / (1 + s)
+    near = [det("chair", 0.8), det("table", 6.1)]  # IoU 0.2/1.8 (below the F1 threshold) and 0.9/1.1
+    r = R.detection_reward(tagged(json.dumps(near)), GT, iou_mode="gt")
+    assert r["iou"] == pytest.approx((iou(0.8) + 0 + iou(0.1)) / 3)  # the second chair is missed: it costs
+    assert r["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 2))
+    # a duplicate of a matched box earns nothing; it only costs through F1
+    dup = R.detection_reward(tagged(json.dumps(near + [near[1]])), GT, iou_mode="gt")
+    assert dup["iou"] == pytest.approx(r["iou"]) and dup["f1"] < r["f1"]
+    # dropping a matched box never pays, whatever its IoU
+    for k in range(2):
+        fewer = R.detection_reward(tagged(json.dumps(near[:k] + near[k + 1:])), GT, iou_mode="gt")
+        assert fewer["iou"] < r["iou"]
+    assert R.detection_reward(tagged(json.dumps(GT)), GT, iou_mode="gt")["iou"] == pytest.approx(1.0)
+    assert R.detection_reward(tagged("[]"), [], iou_mode="gt")["iou"] == 1.0
+    assert R.detection_reward(tagged("[]"), GT, iou_mode="gt")["iou"] == 0.0
+    assert R.gt_iou(near, GT) == pytest.approx(r["iou"])
+
+
 def test_detection_parsing_variants():
     body = json.dumps(GT, indent=1)
     bare = f"```json\n{body}\n```"  # a VG-LLM checkpoint's answer: no tags
@@ -418,6 +439,7 @@ BOX = [0, 0, 0, 1, 1, 1, 0, 0, 0]
 def all_rewards(text):
     yield "det", R.detection_reward(text, GT)
     yield "det_robust", R.detection_reward(text, GT, iou_mode="robust")
+    yield "det_gt", R.detection_reward(text, GT, iou_mode="gt")
     yield "ground", R.grounding_reward(text, BOX, 1, POSES, np.eye(4))
     yield "mc", R.spatial_reward(text, "A", options=["A. a", "B. b"])
     yield "num", R.spatial_reward(text, "3.5")

@@ -194,3 +194,33 @@ def test_knobs():
     assert s.frames.shape == (6, 48, 64, 3) and s.frames.dtype == np.uint8 and s.cam2global.shape == (6, 4, 4)
     assert len(s.boxes) == 3
 
+
+
+def test_box_spellings():
+    """Camera boxes follow DESIGN's convention; a level camera needs one angle; the camera's pitch is b; the random
+    spelling writes the same solids (same corners) as the canonical one, only differently."""
+    for pitch in (0.0, 20.0):
+        for s in scenes.SyntheticDataset("detection", 12, seed=4, pitch=pitch):
+            R0 = s.cam2global[0][:3, :3]
+            assert abs(math.degrees(math.asin(-R0[2, 2])) - pitch) < 1e-9  # the camera looks down by `pitch`
+            for b in s.boxes:
+                x, y, z, dx, dy, dz, a, bb, c = b["bbox_3d"]
+                assert abs(a) < 1e-9 and abs(bb - math.radians(pitch)) < 1e-9  # no roll; b is the camera's pitch
+                assert -math.pi / 2 - 1e-9 <= c < math.pi / 2 and dx >= dz - 1e-12  # x' is the longer side
+                if b["label"] in ("trash can", "lamp", "stool"):  # cylinders face the camera: invisible yaw
+                    assert abs(c) < 1e-9
+            # y' is "down": the box's local y axis is world -z (corner 2 - corner 0 runs along y', row 4x+2y+z)
+            E0 = s.axis_align @ s.cam2global[0]
+            for b in s.boxes:
+                k = corners(b["bbox_3d"])
+                down = E0[:3, :3] @ (k[2] - k[0])
+                assert np.allclose(down / np.linalg.norm(down), [0, 0, -1], atol=1e-9)
+    canonical = scenes.SyntheticDataset("detection", 20, seed=6, min_objects=2)
+    rand = scenes.SyntheticDataset("detection", 20, seed=6, min_objects=2, spelling="random")
+    changed = 0
+    for s, r in zip(canonical, rand):
+        assert np.array_equal(s.frames, r.frames) and len(s.boxes) == len(r.boxes)
+        for b in r.boxes:
+            assert sum(same_box(b["bbox_3d"], c["bbox_3d"]) and b["label"] == c["label"] for c in s.boxes) == 1
+        changed += any(not np.allclose(b["bbox_3d"], c["bbox_3d"]) for b, c in zip(r.boxes, s.boxes))
+    assert changed >= 10  # most scenes are spelled differently
