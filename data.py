@@ -491,6 +491,33 @@ def load_dataset(task, path, media_root=None, frames=None, skip_bad=False):
     return RowDataset(task, path, media_root, frames, skip_bad)
 
 
+def parse_files(items):
+    """Command-line files -> [(path, weight)]. Each item is PATH or PATH:WEIGHT with WEIGHT a whole number >= 1
+    (default 1), e.g. `--data a.json:2 b.json:1`. The weight is read only when the text after the last ':' is
+    a number, so a path that contains ':' still works (give such a path ending in ':<number>' a ':1')."""
+    out = []
+    for item in items:
+        path, sep, tail = item.rpartition(":")
+        try:
+            w = float(tail) if sep else None
+        except ValueError:
+            w = None   # 'C:\\data\\x.json', 'host:path': the ':' belongs to the path
+        if w is None:
+            out.append((item, 1))
+        elif w.is_integer() and w >= 1:   # (nan and inf are not integers)
+            out.append((path, int(w)))
+        else:
+            raise ValueError(f"{item}: the weight after ':' must be a whole number >= 1 (e.g. a.json:2 b.json:1), "
+                             f"got {tail!r}")
+    return out
+
+
+def load_files(task, paths, media_root=None, frames=None, skip_bad=False):
+    """Several files as one dataset, their rows end to end in the order given -> (dataset, [report per file])."""
+    parts = [load_dataset(task, p, media_root, frames, skip_bad) for p in paths]
+    return (parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)), [d.report for d in parts]
+
+
 def describe(report, max_skipped=10):
     """A reader's report as log lines: file, SHA-256 and counts, then the first skipped rows with reasons."""
     if "sha256" not in report:   # not a file (e.g. the synthetic scenes): its parameters

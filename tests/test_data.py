@@ -361,6 +361,11 @@ def test_media_are_checked_when_the_file_is_opened(tmp_path):
     ds = data.load_dataset("detection", str(path), media_root=str(media), skip_bad=True)
     reasons = {s["row"]: s["reason"] for s in ds.report["skipped_rows"]}
     assert set(reasons) == {1, 2} and "cannot read image" in reasons[2] and "s2/00000.jpg" in reasons[2]
+    # a truncated jpeg: its header reads, its pixels do not; the first row is decoded in full when opened
+    jpg = media / "scannet/posed_images/s0/00000.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: -len(jpg.read_bytes()) // 3])
+    with pytest.raises(ValueError, match=r"det.json: row 0: cannot read media"):
+        data.load_dataset("detection", str(path), media_root=str(media), skip_bad=True)
     # VSI-Bench frame folders: a folder without frames
     mc, _ = _vsi_rows(tmp_path)
     (tmp_path / "media" / "scannet" / "empty").mkdir()
