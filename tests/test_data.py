@@ -206,6 +206,9 @@ def test_vsibench_video(tmp_path):
     assert s.frames.shape == (4, 48, 64, 3)
     levels = s.frames.reshape(4, -1).mean(1) / 8
     assert np.allclose(levels, [0, 9, 19, 29], atol=0.4)   # linspace(0, 29, 4) = 0, 9.67, 19.33, 29, floored
+    (tmp_path / "arkitscenes" / "41069025.mp4").write_bytes(b"not a video" * 100)   # found when opened
+    with pytest.raises(ValueError, match=r"vsi.json: row 0: .*cannot open video .*41069025.mp4"):
+        data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path), frames=4)
 
 
 # ---- bad files and bad rows: errors name the file (and row); skip_bad lists rows with reasons -------------------
