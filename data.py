@@ -7,12 +7,13 @@ A Sample is frames (uint8 [S,H,W,3]) + camera poses + exact ground truth for one
 Conventions (DESIGN.md section 3): R = Rz(a) @ Rx(b) @ Ry(c); OpenCV cameras (x right, y down, z forward);
 cam2global[k] is camera k -> raw world and E_k = axis_align @ cam2global[k] is camera k -> aligned world.
 
-Sections: 1. Sample + box geometry   2. real readers (VG-LLM JSON, VSI-Bench, ScanNet posed folders)
+Sections: 1. Sample + box geometry   2. real readers (VG-LLM JSON, VSI-Bench, ScanNet posed folders): checked
+when opened (file, task, every row, media headers), with a report of what was read (SHA-256, counts, skips);
 3. export to VG-LLM's layout, drawing boxes, the command line (`python data.py show|export|speed`).
 The synthetic world that makes Samples without any files is scenes.py, built on this file. This module imports
 nothing of ours; only its command line (main, at the bottom) uses scenes.py, to show and export synthetic scenes.
 """
-import argparse, itertools, json, math, os, re, sys, time
+import argparse, hashlib, itertools, json, math, os, re, sys, time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,15 +90,33 @@ def collate(batch):
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. Real data: VG-LLM JSON (ScanNet detection, ScanRefer), VSI-Bench, ScanNet posed-image folders
+#    Opening a file checks everything that can be checked without decoding pixels, so a bad file fails in
+#    seconds with its name and row, not hours into a run; RowDataset.report says exactly what was read.
 # ----------------------------------------------------------------------------------------------------------
+# VSI-Bench's numeric-answer question types (scored by MRA); the others are multiple choice (option letter).
+NUMERIC_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation")
+
+
 def frame_indices(N, n):
-    """Uniform sampling over a video's N frames (all of them when n is None or n >= N)."""
-    return np.arange(N) if n is None or n >= N else np.round(np.linspace(0, N - 1, n)).astype(int)
+    """n of a video's N frames, uniformly: np.linspace(0, N - 1, n).astype(int), i.e. *floored*, as VG-LLM
+    samples (src/lmms_eval/models/vgllm.py; its training loader src/qwen_vl/data/data_qwen.py uses
+    linspace(..., dtype=int), the same floor). Rounding would pick other frames (15 of 32 for 100 frames).
+    All N frames when n is None or n >= N."""
+    return np.arange(N) if n is None or n >= N else np.linspace(0, N - 1, n).astype(int)
 
 
 def read_image(path):
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
+
+
+def image_size(path):
+    """(width, height) from the file's header; PIL decodes no pixels here, so checking a whole dataset is fast."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as e:   # missing, unreadable, or not an image (UnidentifiedImageError)
+        raise ValueError(f"cannot read image {path}: {e}") from e
 
 
 def _stack(images, where):
@@ -106,12 +125,28 @@ def _stack(images, where):
     return np.stack(images)
 
 
-def read_video(path, n):
-    """n uniformly sampled frames of a video through PyAV (optional dependency)."""
+def _import_av(path):
     try:
         import av
     except ImportError as e:
         raise ImportError(f"reading {path} needs PyAV: pip install av (or give a folder of frames)") from e
+    return av
+
+
+def check_video(path):
+    """The video opens and has a video stream (container header only, no frame decoded)."""
+    av = _import_av(path)
+    try:
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise ValueError("no video stream")
+    except Exception as e:   # PyAV's errors (InvalidDataError, FileNotFoundError, ...) share no base but Exception
+        raise ValueError(f"cannot open video {path}: {e}") from e
+
+
+def read_video(path, n):
+    """n uniformly sampled frames of a video through PyAV (optional dependency)."""
+    av = _import_av(path)
     with av.open(path) as c:
         N = c.streams.video[0].frames or sum(1 for _ in c.decode(video=0))
     want, out = set(frame_indices(N, n).tolist()), {}
@@ -122,21 +157,34 @@ def read_video(path, n):
     return np.stack([out[i] for i in frame_indices(N, n) if i in out])
 
 
+def _has_bool(x):
+    """JSON true/false are Python bools, which are ints: without this check `true` would read as 1."""
+    return isinstance(x, (bool, np.bool_)) or (isinstance(x, (list, tuple)) and any(map(_has_bool, x)))
+
+
 def _matrix(x, shape, what):
+    if _has_bool(x):
+        raise ValueError(f"{what} holds true/false where numbers belong")
     m = np.asarray(x, dtype=np.float64)
     if m.shape != shape or not np.all(np.isfinite(m)):
         raise ValueError(f"{what} must be a finite array of shape {shape}, got {np.shape(x)}")
     return m
 
 
+def frame_names(folder):
+    """The frame files of a ScanNet posed folder ({frame}.jpg; {frame}.png only when there are no jpgs,
+    because ScanNet keeps depth maps as {frame}.png beside the colour jpgs), in frame order."""
+    names = [f for f in os.listdir(folder) if re.fullmatch(r"\d+\.(jpg|jpeg|png)", f.lower())]
+    if any(not f.lower().endswith(".png") for f in names):
+        names = [f for f in names if not f.lower().endswith(".png")]
+    return sorted(names, key=lambda f: int(f.split(".")[0]))
+
+
 def read_posed_folder(folder, n=None):
     """ScanNet posed images: {frame:05d}.jpg (or .png) + {frame:05d}.txt (4x4 camera-to-world), optional
     intrinsic.txt. Frames whose pose has inf/nan (ScanNet has some) are skipped before sampling.
     Returns (frames [n,H,W,3], cam2global [n,4,4] or None, intrinsics [3,3] or None, file names)."""
-    names = [f for f in os.listdir(folder) if re.fullmatch(r"\d+\.(jpg|jpeg|png)", f.lower())]
-    if any(not f.lower().endswith(".png") for f in names):   # ScanNet keeps depth as {frame}.png beside
-        names = [f for f in names if not f.lower().endswith(".png")]
-    names = sorted(names, key=lambda f: int(f.split(".")[0]))
+    names = frame_names(folder)
     has_pose = any(os.path.exists(os.path.join(folder, f.split(".")[0] + ".txt")) for f in names)
     poses = {}
     if has_pose:
@@ -159,32 +207,74 @@ def read_posed_folder(folder, n=None):
 
 
 def read_rows(path):
-    """Rows of a JSON list, JSONL or parquet (pyarrow, imported lazily) file."""
+    """-> (rows, SHA-256 of the file's bytes) of a JSON list, JSONL or parquet (pyarrow, imported lazily) file.
+    The bytes are read once, so the hash is of exactly what was parsed. File-level problems (missing, empty,
+    truncated, not JSON, not a list) raise a ValueError naming the file; a JSONL line that is not JSON becomes
+    a ValueError in its row's place (reported with its row number)."""
     if path.endswith(".parquet"):
         try:
+            import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or use the JSON/JSONL)") from e
-        return pq.read_table(path).to_pylist()
-    with open(path) as f:
-        if path.endswith(".jsonl"):
-            rows = []
-            for line in filter(str.strip, f):
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    rows.append(ValueError(f"not JSON: {e}"))   # reported with its row number below
-            return rows
-        rows = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the file: {e.strerror or e}") from e
+    sha = hashlib.sha256(raw).hexdigest()
+    if not raw.strip():
+        raise ValueError(f"{path}: the file is empty (an interrupted download or copy?)")
+    if path.endswith(".parquet"):
+        try:
+            return pq.read_table(pa.BufferReader(raw)).to_pylist(), sha
+        except Exception as e:   # pyarrow.ArrowInvalid and friends
+            raise ValueError(f"{path}: not a readable parquet file ({e}); truncated? re-download it") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); is it really a JSON file?") from e
+    if path.endswith(".jsonl"):
+        rows = []
+        for line in filter(str.strip, text.splitlines()):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                rows.append(ValueError(f"not JSON: {e}"))
+        return rows, sha
+    try:
+        rows = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); a truncated file fails like this: re-download or "
+                         "re-export it") from e
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows")
-    return rows
+        what = f"an object with keys {sorted(rows)[:5]}" if isinstance(rows, dict) else type(rows).__name__
+        raise ValueError(f"{path}: expected a JSON list of rows, got {what}")
+    return rows, sha
+
+
+# The fields that give a file's task away (the first one a row has decides).
+TELLTALE = (("boxes", "detection"), ("gt_bbox", "grounding"), ("target", "grounding"),
+            ("question_type", "spatial"))
+
+
+def file_kind(rows):
+    """(task, field) that the file's rows look like, by majority over the rows; (None, None) if none."""
+    votes = {}
+    for row in rows:
+        if isinstance(row, dict):
+            hit = next(((task, k) for k, task in TELLTALE if k in row), None)
+            if hit:
+                votes[hit] = votes.get(hit, 0) + 1
+    return max(votes, key=votes.get) if votes else (None, None)
 
 
 def _box9(x, what):
-    if not (isinstance(x, (list, tuple)) and len(x) == 9 and all(isinstance(v, (int, float)) for v in x)
-            and all(math.isfinite(v) for v in x)):
+    if not (isinstance(x, (list, tuple)) and len(x) == 9 and not _has_bool(x)
+            and all(isinstance(v, (int, float)) for v in x) and all(math.isfinite(v) for v in x)):
         raise ValueError(f"{what} must be 9 finite numbers, got {x!r}")
+    if min(x[3:6]) <= 0:
+        raise ValueError(f"{what} must have positive sizes (elements 3-5), got {x!r}")
     return [float(v) for v in x]
 
 
@@ -195,13 +285,14 @@ def _spec_vgllm(task, row, media_root, frames):
     images = row["images"]
     if not (isinstance(images, list) and images and all(isinstance(p, str) for p in images)):
         raise ValueError("'images' must be a non-empty list of paths")
+    if not isinstance(row.get("metadata") or {}, dict):
+        raise ValueError(f"'metadata' must be an object, got {row['metadata']!r:.60}")
     paths = [os.path.join(media_root, p) for p in images]
-    for p in paths:
-        if not os.path.exists(p):
-            raise ValueError(f"missing image file {p}")
     S = len(paths)
     keep = frame_indices(S, frames)
     spec = {"task": task, "paths": [paths[i] for i in keep], "meta": dict(row.get("metadata") or {})}
+    # the scene, for eval.py --proposals: the metadata's, else the images' folder (scannet/posed_images/<scene>/)
+    spec["meta"].setdefault("scene_id", os.path.basename(os.path.dirname(images[0])))
     c2g = row.get("cam2global")
     spec["cam2global"] = _matrix(c2g, (S, 4, 4), "cam2global")[keep] if c2g is not None else None
     spec["axis_align"] = _matrix(row.get("axis_align_matrix", np.eye(4)), (4, 4), "axis_align_matrix")
@@ -211,8 +302,13 @@ def _spec_vgllm(task, row, media_root, frames):
     if task == "detection":
         if not isinstance(row["boxes"], list):
             raise ValueError("'boxes' must be a list")
-        spec["boxes"] = [{"label": str(b["label"]), "bbox_3d": _box9(b["bbox_3d"], "boxes[].bbox_3d")}
-                         for b in row["boxes"]]
+        spec["boxes"] = []
+        for j, b in enumerate(row["boxes"]):
+            if not isinstance(b, dict):
+                raise ValueError(f"boxes[{j}] must be an object with 'label' and 'bbox_3d', got {b!r:.60}")
+            if not isinstance(b.get("label"), str) or not b["label"].strip():
+                raise ValueError(f"boxes[{j}].label must be a non-empty string, got {b.get('label')!r}")
+            spec["boxes"].append({"label": b["label"], "bbox_3d": _box9(b["bbox_3d"], f"boxes[{j}].bbox_3d")})
         if keep[0] != 0:
             raise ValueError("detection frames must keep the first frame")
     else:
@@ -224,11 +320,14 @@ def _spec_vgllm(task, row, media_root, frames):
         spec["world_box"] = _box9(row["gt_bbox"], "gt_bbox")
         target = row.get("target")
         if target is not None:   # train rows: frame + box; val rows have no frame (target None)
-            if not isinstance(target.get("frame"), int) or not 0 <= target["frame"] < S:
-                raise ValueError(f"target frame must be an int in [0, {S}), got {target.get('frame')!r}")
-            k = int(np.argmin(np.abs(keep - target["frame"])))   # nearest kept frame when subsampling
+            if not isinstance(target, dict):
+                raise ValueError(f"'target' must be an object with 'frame' and 'bbox_3d', got {target!r:.60}")
+            f = target.get("frame")
+            if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < S:
+                raise ValueError(f"target frame must be an int in [0, {S}), got {f!r}")
+            k = int(np.argmin(np.abs(keep - f)))   # nearest kept frame when subsampling
             spec["target_frame"], spec["target_box"] = k, _box9(target["bbox_3d"], "target.bbox_3d")
-            if keep[k] != target["frame"]:   # the box must move to the kept frame's camera
+            if keep[k] != f:   # the box must move to the kept frame's camera
                 if spec["cam2global"] is None:
                     raise ValueError("subsampling a grounding row needs 'cam2global'")
                 E = spec["axis_align"] @ spec["cam2global"][k]
@@ -244,47 +343,120 @@ def _spec_vsi(row, media_root, frames):
     if not isinstance(row, dict):
         raise ValueError(f"row is not an object: {row!r:.80}")
     for k in ("dataset", "scene_name", "question_type", "question", "ground_truth"):
-        if not isinstance(row.get(k), (str, int, float)) or row.get(k) == "":
+        v = row.get(k)
+        if isinstance(v, bool):
+            raise ValueError(f"{k!r} is {str(v).lower()}, not a string or number")
+        if not isinstance(v, (str, int, float)) or v == "":
             raise ValueError(f"missing or empty field {k!r}")
-    options = list(row.get("options") or [])
-    if row["question_type"] not in SPATIAL_TYPES + ("route_planning",):
-        raise ValueError(f"unknown question_type {row['question_type']!r}")
+    qt, gt, options = row["question_type"], str(row["ground_truth"]).strip(), row.get("options")
+    if qt not in SPATIAL_TYPES + ("route_planning",):
+        raise ValueError(f"unknown question_type {qt!r}")
+    if isinstance(options, str):   # list("A. left") would be 7 one-letter options
+        raise ValueError(f"'options' must be a list of strings, got one string {options!r:.60}")
+    options = [] if options is None else options
+    if not (isinstance(options, (list, tuple)) and all(isinstance(o, str) and o.strip() for o in options)):
+        raise ValueError(f"'options' must be a list of non-empty strings, got {options!r:.80}")
+    if qt in NUMERIC_TYPES:
+        if options:
+            raise ValueError(f"a {qt} question is answered with a number, but the row has options")
+        try:
+            g = float(gt)
+        except ValueError:
+            raise ValueError(f"ground truth {gt!r} of a {qt} question is not a number") from None
+        if not (math.isfinite(g) and g > 0):
+            raise ValueError(f"ground truth {gt!r} must be a positive number (MRA divides by it)")
+    else:
+        letters = [o.split(".")[0].strip() for o in options]   # VSI-Bench options read "A. left"
+        if gt.lower() not in [x.lower() for x in letters]:
+            raise ValueError(f"ground truth {gt!r} is not one of the options' letters {letters}")
     video = os.path.join(media_root, str(row["dataset"]), f"{row['scene_name']}.mp4")
     folder = os.path.join(media_root, str(row["dataset"]), str(row["scene_name"]))
     if not os.path.exists(video) and not os.path.isdir(folder):
         raise ValueError(f"missing video {video} (or frame folder {folder})")
+    if not isinstance(row.get("metadata") or {}, dict):
+        raise ValueError(f"'metadata' must be an object, got {row['metadata']!r:.60}")
     return {"task": "spatial", "video": video if os.path.exists(video) else None, "folder": folder,
-            "frames": 32 if frames is None else frames, "question": str(row["question"]), "options": options,
-            "ground_truth": str(row["ground_truth"]), "question_type": row["question_type"],
+            "frames": 32 if frames is None else frames, "question": str(row["question"]), "options": list(options),
+            "ground_truth": gt, "question_type": qt,
             "axis_align": _matrix(row.get("axis_align_matrix", np.eye(4)), (4, 4), "axis_align_matrix"),
             "meta": {"dataset": row["dataset"], "scene_name": row["scene_name"], **(row.get("metadata") or {})}}
 
 
+def _check_media(spec, seen):
+    """A row's media, checked without decoding pixels: image headers readable and of one size, the video
+    opens, the frame folder lists frames. `seen` caches per path (many rows share a scene's frames)."""
+    def once(key, check):
+        if key not in seen:
+            try:
+                seen[key] = check(key)
+            except (OSError, ValueError) as e:
+                seen[key] = e if isinstance(e, ValueError) else ValueError(f"cannot read {key}: {e}")
+        if isinstance(seen[key], ValueError):
+            raise seen[key]
+        return seen[key]
+
+    if spec["task"] != "spatial":
+        sizes = [once(p, image_size) for p in spec["paths"]]
+        for p, size in zip(spec["paths"], sizes):
+            if size != sizes[0]:
+                raise ValueError(f"frames differ in size: {spec['paths'][0]} is {sizes[0][0]}x{sizes[0][1]}, "
+                                 f"{p} is {size[0]}x{size[1]}")
+    elif spec["video"]:
+        once(spec["video"], check_video)
+    elif not once(spec["folder"], frame_names):
+        raise ValueError(f"frame folder {spec['folder']} has no frames ({{frame}}.jpg or .png)")
+
+
 class RowDataset(torch.utils.data.Dataset):
-    """Checked rows of a real data file; media are read in __getitem__ (DataLoader workers welcome)."""
+    """Checked rows of one real data file. Opening it (1) reads the file once and hashes its bytes, (2) checks
+    that its rows have the shape of `task`, (3) checks every row: fields, values, and media without decoding
+    (image headers, video containers, frame folders), (4) decodes the first row's media in full, so a
+    systematic problem (a codec, a missing package) shows at once. Frames are decoded in __getitem__
+    (DataLoader workers welcome); a file damaged after opening still fails there with its file and row.
+    .report says what was read: path, SHA-256, rows, kept, rows per question type, skipped rows with reasons."""
 
     def __init__(self, task, path, media_root=None, frames=None, skip_bad=False):
-        assert task in TASK_NAMES, task
+        if task not in TASK_NAMES:
+            raise ValueError(f"unknown task {task!r}: one of {TASK_NAMES}")
         if media_root is None:   # our export's layout: the JSON next to a media/ folder
             media_root = os.path.join(os.path.dirname(path), "media")
             media_root = media_root if os.path.isdir(media_root) else os.path.dirname(path)
-        self.path, self.specs, self.n_skipped = path, [], 0
-        for i, row in enumerate(read_rows(path)):
+        rows, sha = read_rows(path)   # (1)
+        kind, field = file_kind(rows)   # (2)
+        if kind is not None and kind != task:
+            raise ValueError(f"{path}: this looks like a {kind} file (its rows have {field!r}), not {task}: "
+                             f"check --task (or pass the {task} file)")
+        self.path, self.specs, skipped, seen = path, [], [], {}
+        for i, row in enumerate(rows):   # (3)
             try:
                 if isinstance(row, Exception):
                     raise row
                 spec = _spec_vsi(row, media_root, frames) if task == "spatial" else \
                     _spec_vgllm(task, row, media_root, frames)
+                _check_media(spec, seen)
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-                msg = f"{path}: row {i}: {type(e).__name__}: {e}"
+                reason = f"{type(e).__name__}: {e}"
                 if not skip_bad:
-                    raise ValueError(msg) from e
-                self.n_skipped += 1
+                    raise ValueError(f"{path}: row {i}: {reason}") from e
+                skipped.append({"row": i, "reason": reason})
                 continue
             spec["id"], spec["row"] = str(row.get("id", f"{os.path.basename(path)}:{i}")), i
             self.specs.append(spec)
-        if self.n_skipped:
-            print(f"data: skipped {self.n_skipped} bad rows of {path}", file=sys.stderr)
+        self.n_skipped = len(skipped)
+        by_type = {}
+        for sp in self.specs:
+            t = str(sp.get("question_type") or sp["meta"].get("question_type") or task)
+            by_type[t] = by_type.get(t, 0) + 1
+        self.report = {"path": os.path.abspath(path), "sha256": sha, "task": task, "rows": len(rows),
+                       "kept": len(self.specs), "skipped": len(skipped), "by_type": dict(sorted(by_type.items())),
+                       "skipped_rows": skipped[:1000]}   # the first 1000 with their reasons
+        if not self.specs:
+            why = f"; all {len(rows)} rows are bad, e.g. row {skipped[0]['row']}: {skipped[0]['reason']}" \
+                if skipped else ""
+            raise ValueError(f"{path}: no usable rows{why}")
+        if skipped:
+            print(describe(self.report, max_skipped=3), file=sys.stderr)
+        self[0]   # (4)
 
     def __len__(self):
         return len(self.specs)
@@ -313,9 +485,50 @@ def load_dataset(task, path, media_root=None, frames=None, skip_bad=False):
     """A Dataset of Samples from a VG-LLM JSON (detection: scannet_det_*.json, grounding: scanrefer_*.json;
     image paths relative to media_root) or VSI-Bench rows (spatial: JSON/JSONL/parquet; video at
     {media_root}/{dataset}/{scene_name}.mp4 or a frame folder {dataset}/{scene_name}/). frames: uniformly
-    subsample a row's images to this many (None = all; 32 for videos). A bad row raises a ValueError naming
-    the file and row; with skip_bad=True it is skipped and counted in .n_skipped."""
+    subsample a row's images to this many (None = all; 32 for videos). A bad file raises a ValueError naming
+    it; a bad row one naming the file and row; with skip_bad=True bad rows are skipped and listed, with
+    their row numbers and reasons, in .report (see RowDataset). An empty result is an error either way."""
     return RowDataset(task, path, media_root, frames, skip_bad)
+
+
+def parse_files(items):
+    """Command-line files -> [(path, weight)]. Each item is PATH or PATH:WEIGHT with WEIGHT a whole number >= 1
+    (default 1), e.g. `--data a.json:2 b.json:1`. The weight is read only when the text after the last ':' is
+    a number, so a path that contains ':' still works (give such a path ending in ':<number>' a ':1')."""
+    out = []
+    for item in items:
+        path, sep, tail = item.rpartition(":")
+        try:
+            w = float(tail) if sep else None
+        except ValueError:
+            w = None   # 'C:\\data\\x.json', 'host:path': the ':' belongs to the path
+        if w is None:
+            out.append((item, 1))
+        elif w.is_integer() and w >= 1:   # (nan and inf are not integers)
+            out.append((path, int(w)))
+        else:
+            raise ValueError(f"{item}: the weight after ':' must be a whole number >= 1 (e.g. a.json:2 b.json:1), "
+                             f"got {tail!r}")
+    return out
+
+
+def load_files(task, paths, media_root=None, frames=None, skip_bad=False):
+    """Several files as one dataset, their rows end to end in the order given -> (dataset, [report per file])."""
+    parts = [load_dataset(task, p, media_root, frames, skip_bad) for p in paths]
+    return (parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)), [d.report for d in parts]
+
+
+def describe(report, max_skipped=10):
+    """A reader's report as log lines: file, SHA-256 and counts, then the first skipped rows with reasons."""
+    if "sha256" not in report:   # not a file (e.g. the synthetic scenes): its parameters
+        return "data: " + ", ".join(f"{k} {v}" for k, v in report.items())
+    types = ", ".join(f"{t} {n}" for t, n in report["by_type"].items())
+    lines = [f"data: {report['path']} (sha256 {report['sha256'][:16]}): {report['rows']} rows, {report['kept']} "
+             f"used ({types})" + (f", {report['skipped']} skipped:" if report["skipped"] else "")]
+    lines += [f"  row {s['row']}: {s['reason']}" for s in report["skipped_rows"][:max_skipped]]
+    if report["skipped"] > max_skipped:
+        lines.append(f"  ... and {report['skipped'] - max_skipped} more (the first 1000 are in the run's data report)")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------

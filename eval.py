@@ -7,15 +7,26 @@ The metrics follow the public evaluators so numbers compare with the papers:
   - VSI-Bench: mean score per question type, the three relative-direction types merged, overall mean.
 Rates and scores are reported x100, as the papers print them; mean IoUs and mean box counts are raw.
 The per-sample records come from rft3d.py (TASKS[task].record); this file only aggregates them.
+
+--protocol ours (default) scores with the same self-consistent rules as the training rewards; --protocol published
+reproduces the public evaluators' quirks (VG-LLM's ScanRefer angle conversion, VSI-Bench's unstripped first
+token, every detection line counted; see rft3d.py) so numbers compare with the papers' tables.
+--proposals FILE (grounding): ScanRefer "with proposal refinement": each predicted box, moved to the world, is
+replaced by the detector proposal of its scene with the highest IoU to it, then scored; raw and refined
+Acc@0.25/0.5 are reported side by side.
 """
+import hashlib
 import json
 import math
 import os
 from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from rewards import iou_3d, iou_3d_many
 
 # --- metrics ---
 
@@ -89,21 +100,27 @@ def detection_metrics(records):
 
 
 def grounding_metrics(records):
-    """records: {"iou", "frame_pred", "frame_gt", "unique", "parsed"}. Acc@t = share with IoU >= t
-    (ScanRefer / VG-LLM use >=); a failed sample has IoU 0. Split by unique/multiple where the record
-    says (unique is a bool; None = unknown, left out of both splits)."""
-    ious = [_finite(r.get("iou")) for r in records]
-    out = {"n": len(records), "iou": _mean(ious)}
+    """records: {"iou", "frame_pred", "frame_gt", "unique", "parsed"} (+ "iou_refined", "proposal" with
+    --proposals). Acc@t = share with IoU >= t (ScanRefer / VG-LLM use >=); a failed sample has IoU 0. Split by
+    unique/multiple where the record says (unique is a bool; None = unknown, left out of both splits).
+    With refined IoUs the same keys again with the suffix "/refined", and the share of boxes replaced."""
+    out = {"n": len(records)}
     splits = {"": list(range(len(records))),
               "/unique": [i for i, r in enumerate(records) if r.get("unique") is True],
               "/multiple": [i for i, r in enumerate(records) if r.get("unique") is False]}
-    for name, idx in splits.items():
-        if name and not idx:
-            continue
-        for t in (0.25, 0.5):
-            out[f"acc@{t}{name}"] = 100 * _mean(float(ious[i] >= t) for i in idx)
-        if name:
-            out[f"n{name}"] = len(idx)
+    columns = {"": "iou", "/refined": "iou_refined"} if any("iou_refined" in r for r in records) else {"": "iou"}
+    for suffix, key in columns.items():
+        ious = [_finite(r.get(key)) for r in records]
+        out["iou" + suffix] = _mean(ious)
+        for name, idx in splits.items():
+            if name and not idx:
+                continue
+            for t in (0.25, 0.5):
+                out[f"acc@{t}{name}{suffix}"] = 100 * _mean(float(ious[i] >= t) for i in idx)
+            if name and not suffix:
+                out[f"n{name}"] = len(idx)
+    if len(columns) > 1:
+        out["replaced_rate"] = 100 * _mean(float(r.get("proposal") is not None) for r in records)
     out["frame_acc"] = 100 * _mean(
         float(r.get("frame_pred") is not None and r.get("frame_pred") == r.get("frame_gt")) for r in records)
     out["parse_rate"] = 100 * _mean(float(bool(r.get("parsed"))) for r in records)
@@ -130,6 +147,58 @@ def spatial_metrics(records):
 
 
 # --------------------------------------------------------------------------------------------------
+# Proposal refinement (ScanRefer "with proposals"; VG-LLM reports it with Mask3D proposals)
+
+
+def load_proposals(path):
+    """Detector proposals per scene, in the aligned world frame (the frame of ScanRefer's gt_bbox):
+        {"scene0011_00": [[cx, cy, cz, dx, dy, dz, a, b, c], ...],   9 numbers: angles intrinsic Z-X-Y
+         "scene0015_00": [[cx, cy, cz, dx, dy, dz], ...], ...}        6 numbers: axis-aligned (VG-LLM style)
+    An entry may also be an object with the box in "bbox_3d" (other keys, e.g. label or score, are ignored).
+    -> {scene: [9-number boxes]}; a malformed entry is an error naming the file, scene and index."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--proposals {path}: cannot read it as JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"--proposals {path}: expected an object {{scene: [boxes]}}, got {type(raw).__name__}")
+    out = {}
+    for scene, boxes in raw.items():
+        if not isinstance(boxes, list):
+            raise ValueError(f"--proposals {path}: scene {scene!r}: expected a list of boxes")
+        out[scene] = []
+        for j, b in enumerate(boxes):
+            b = b.get("bbox_3d") if isinstance(b, dict) else b
+            ok = isinstance(b, list) and len(b) in (6, 9) and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in b)
+            if not ok or min(b[3:6]) <= 0:
+                raise ValueError(f"--proposals {path}: scene {scene!r}, box {j}: expected 6 or 9 finite numbers "
+                                 f"with positive sizes, got {b!r:.80}")
+            out[scene].append([float(x) for x in b] + [0.0] * (9 - len(b)))
+    return out
+
+
+def scene_of(sample):
+    """The key of a sample's scene in a proposals file: the row's scene id (data.py: the metadata's, else the
+    images' folder), VSI-Bench's scene_name, else the sample id (synthetic scenes)."""
+    m = sample.meta
+    return str(m.get("scene_id") or m.get("scene") or m.get("scene_name") or sample.id)
+
+
+def refine(box_world, gt_box, proposals):
+    """-> (IoU with the ground truth after refinement, index of the proposal used or None). The proposal with
+    the highest IoU to the predicted world box replaces it; when none overlaps it the prediction stays."""
+    if box_world is None:
+        return 0.0, None
+    ious = iou_3d_many(box_world, proposals)
+    if not len(ious) or ious.max() <= 0:
+        return iou_3d(box_world, gt_box), None
+    k = int(np.argmax(ious))   # the first on ties
+    return iou_3d(proposals[k], gt_box), k
+
+
+# --------------------------------------------------------------------------------------------------
 # Evaluation: greedy decoding over a dataset, sharded over ranks, per-sample records -> metrics above
 
 METRICS = {"detection": detection_metrics, "grounding": grounding_metrics, "spatial": spatial_metrics}
@@ -138,14 +207,17 @@ PRIMARY_METRIC = {"detection": "f1@0.25/micro", "grounding": "acc@0.25", "spatia
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16, think=True,
-             synced_gpus=False, progress=False):
+             synced_gpus=False, progress=False, protocol="ours", proposals=None):
     """-> {"metrics": dict, "records": list} over the whole dataset, on every rank.
 
     Each rank decodes a strided shard; shards are padded to equal length (the padding is dropped) so
-    every rank runs the same number of generate calls, which FSDP needs (synced_gpus)."""
+    every rank runs the same number of generate calls, which FSDP needs (synced_gpus). protocol: "ours" or
+    "published" (rft3d.py). proposals (grounding): {scene: [9-number world boxes]} from load_proposals."""
     import rft3d
 
     task = rft3d.TASKS[task_name]
+    if proposals is not None and task_name != "grounding":
+        raise ValueError("proposals refine grounding boxes only")
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = list(range(rank, len(dataset), world))
@@ -157,6 +229,10 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     for start in tqdm(range(0, per_rank, batch_size), desc=f"eval {task_name}", disable=not progress or rank != 0):
         idx = shard[start:start + batch_size]
         samples = [dataset[i] for i in idx]
+        missing = sorted({scene_of(s) for s in samples} - set(proposals)) if proposals is not None else []
+        if missing:   # before decoding anything: a wrong proposals file fails in the first batch
+            raise ValueError(f"--proposals: no proposals for scene {missing[0]!r} (the file has {len(proposals)} "
+                             f"scenes, e.g. {sorted(proposals)[:3]})")
         encodings = model.encode([s.frames for s in samples])  # once per sample
         batch = model.prompt_batch(tokenizer, [task.prompt(s, think=think) for s in samples], encodings)
         completion = model.generate(batch, encodings, max_new_tokens=max_new_tokens, do_sample=False,
@@ -164,7 +240,10 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
         for j, (i, s, text) in enumerate(zip(idx, samples, texts)):
             if start + j < n_real:  # not padding
-                records.append({"index": i, "id": s.id, "completion": text, **task.record(s, text)})
+                rec = {"index": i, "id": s.id, "completion": text, **task.record(s, text, protocol=protocol)}
+                if proposals is not None:
+                    rec["iou_refined"], rec["proposal"] = refine(rec["box_world"], s.world_box, proposals[scene_of(s)])
+                records.append(rec)
     model.train(was_training)
     if dist.is_initialized():
         gathered = [None] * world
@@ -214,44 +293,87 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Greedy evaluation with the official metrics (DESIGN section 4).")
     p.add_argument("--ckpt", required=True, help="model dir: our save or a VG-LLM checkpoint")
     p.add_argument("--task", choices=sorted(METRICS), default="detection", help="which task")
-    p.add_argument("--data", default=None, help="VG-LLM JSON / VSI-Bench file (default: synthetic test scenes)")
+    p.add_argument("--data", nargs="+", default=None, metavar="FILE",
+                   help="VG-LLM JSON / VSI-Bench file(s), evaluated end to end (a train-style ':weight' suffix is "
+                        "ignored here); default: synthetic test scenes")
     p.add_argument("--media-root", default=None, help="root of the image/video paths in --data")
     p.add_argument("--n", type=int, default=400, help="synthetic test scenes (seed 2: never trained on)")
     p.add_argument("--frames", type=int, default=4, help="frames per video / scene")
     p.add_argument("--image-size", type=int, default=56, help="synthetic frame size")
+    p.add_argument("--pitch", type=float, default=0.0, help="synthetic: camera pitch in degrees (as in training)")
+    p.add_argument("--max-objects", type=int, default=3, help="synthetic: objects per scene, at most")
+    p.add_argument("--spelling", choices=["canonical", "random"], default="canonical", help="synthetic: box spellings")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--no-think", action="store_true", help="prompt without the think/answer instruction (VG-LLM checkpoints)")
     p.add_argument("--out", default=None, help="where predictions.jsonl / metrics.json go (default: <ckpt>/eval-<task>)")
     p.add_argument("--viz", type=int, default=0, help="write PNGs of predicted vs ground-truth boxes for N samples")
     p.add_argument("--bf16", action="store_true", help="load in bf16 (GPU)")
+    p.add_argument("--protocol", choices=["ours", "published"], default="ours",
+                   help="ours: self-consistent, the training rewards' rules (the README's tables); published: the "
+                        "public evaluators' quirks, to compare with the papers' tables (rft3d.py)")
+    p.add_argument("--proposals", default=None, metavar="FILE",
+                   help="grounding: JSON {scene: [[cx,cy,cz,dx,dy,dz(,a,b,c)], ...]} of detector boxes in the aligned "
+                        "world; each prediction is replaced by the proposal with the highest IoU to it (raw and "
+                        "refined Acc@0.25/0.5 side by side)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad rows of --data (listed with reasons)")
     args = p.parse_args(argv)
+    if args.proposals and args.task != "grounding":
+        p.error("--proposals refines grounding boxes: use it with --task grounding")
+    try:
+        files = [path for path, _ in data.parse_files(args.data or [])]
+    except ValueError as e:
+        p.error(f"--data {e}")
 
     import rft3d
 
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # 1. What is read (data files, proposals), checked before the model loads; printed and stored in metrics.json
+    if args.data:
+        dataset, reports = data.load_files(args.task, files, media_root=args.media_root, frames=args.frames,
+                                           skip_bad=args.skip_bad)
+    else:
+        world = dict(frames=args.frames, size=args.image_size, pitch=args.pitch, max_objects=args.max_objects,
+                     spelling=args.spelling)
+        dataset = scenes.SyntheticDataset(args.task, args.n, seed=2, **world)
+        reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2, "n": args.n, **world}]
+    proposals, info = None, {"protocol": args.protocol, "data": reports}
+    if args.proposals:
+        proposals = load_proposals(args.proposals)
+        with open(args.proposals, "rb") as f:
+            info["proposals"] = {"path": os.path.abspath(args.proposals), "sha256": hashlib.sha256(f.read()).hexdigest(),
+                                 "scenes": len(proposals), "boxes": sum(map(len, proposals.values()))}
+    if rank == 0:
+        for r in reports:
+            print(data.describe(r))
+        print(f"protocol: {args.protocol}" + (f"; proposals: {json.dumps(info['proposals'])}" if proposals else ""))
+    # 2. The model, greedy decoding, the metrics
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
     cfg = json.loads((Path(args.ckpt) / "config.json").read_text())
     net, tok = (checkpoints.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else checkpoints.load_pretrained(args.ckpt, dtype))
     net.to(device)
-    if args.data:
-        dataset = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
-    else:
-        dataset = scenes.SyntheticDataset(args.task, args.n, seed=2, frames=args.frames, size=args.image_size)
     out = evaluate(net, tok, args.task, dataset, args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task],
-                   args.batch_size, think=not args.no_think, progress=True)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+                   args.batch_size, think=not args.no_think, progress=True, protocol=args.protocol,
+                   proposals=proposals)
     if rank == 0:
         out_dir = Path(args.out or Path(args.ckpt) / f"eval-{args.task}")
         out_dir.mkdir(parents=True, exist_ok=True)
         with open(out_dir / "predictions.jsonl", "w") as f:
             for r in out["records"]:
                 f.write(json.dumps(r) + "\n")
-        (out_dir / "metrics.json").write_text(json.dumps(out["metrics"], indent=1))
-        print(f"{args.task}: {len(out['records'])} samples from {args.data or 'synthetic test scenes'}")
+        (out_dir / "metrics.json").write_text(json.dumps({**out["metrics"], **info}, indent=1))
+        print(f"{args.task}: {len(out['records'])} samples from {' '.join(args.data or ['synthetic test scenes'])}, "
+              f"protocol {args.protocol}")
         print_table(args.task, out["metrics"])
+        if proposals is not None:
+            m = out["metrics"]
+            print(f"\n  {'':<12}{'raw':>10}{'refined':>10}   (proposals: {args.proposals}, "
+                  f"{m['replaced_rate']:.1f}% of boxes replaced)")
+            for t in ("0.25", "0.5"):
+                print(f"  {'Acc@' + t:<12}{m['acc@' + t]:10.2f}{m['acc@' + t + '/refined']:10.2f}")
         for r in out["records"][: args.viz]:
             viz(dataset[r["index"]], r["completion"]).save(out_dir / f"viz-{r['index']:05d}.png")
         print(f"wrote {out_dir}/predictions.jsonl, metrics.json" + (f" and {args.viz} PNGs" if args.viz else ""))

@@ -10,6 +10,7 @@ Layout of --out (default runs/<task>):
     <stage>/step-<k>/      model/ (safetensors + config + tokenizer) and state.pt (optimiser, RNG, step)
     <stage>/final/, best/  the last model and the best one on the validation set
     <stage>/metrics.jsonl  one JSON line per step and per evaluation; samples.jsonl: a few completions
+    <stage>/data.json      what the run read: per file its SHA-256, rows, rows per type, skipped rows (data.py)
 """
 import argparse
 import json
@@ -43,8 +44,11 @@ def get_args(argv=None, stage=None):
     a("--model", default=None, help="start from: our save / VG-LLM dir (default: tiny random model, or the SFT result)")
     a("--qwen", default=None, help="a Qwen2.5-VL checkpoint dir (with --vggt: the paper's base model)")
     a("--vggt", default=None, help="VGGT-1B model.safetensors / model.pt (geometry branch)")
-    a("--data", default=None, help="VG-LLM JSON / VSI-Bench file (default: synthetic scenes)")
-    a("--val-data", default=None, help="validation file for periodic eval (default: synthetic)")
+    a("--data", nargs="+", default=None, metavar="FILE[:W]", help="VG-LLM JSON / VSI-Bench file(s) of --task "
+      "(default: synthetic scenes); several make a mix drawn per step in proportion to whole-number weights W "
+      "(default 1): --data a.json:2 b.json:1")
+    a("--val-data", nargs="+", default=None, metavar="FILE", help="validation file(s) for periodic eval, all rows "
+      "of all files (weights ignored; default: synthetic)")
     a("--media-root", default=None, help="root of the image/video paths in --data")
     a("--train-size", type=int, default=0, help="synthetic: fixed training set size (0 = fresh scenes forever)")
     a("--val-size", type=int, default=100, help="synthetic validation scenes for periodic eval")
@@ -90,6 +94,10 @@ def get_args(argv=None, stage=None):
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--out", default=None, help="output dir (default runs/<task>)")
     args = p.parse_args(argv)
+    try:   # --data a.json:2 b.json -> [("a.json", 2), ("b.json", 1)]
+        args.data, args.val_data = (data.parse_files(x) if x else None for x in (args.data, args.val_data))
+    except ValueError as e:
+        p.error(str(e))
     if stage == "sft":  # the warm-up before GRPO: the same command line, with SFT's own steps and schedule
         args.stage, args.steps, args.resume = "sft", args.sft_steps, False
         args.lr = args.lr_merger = args.schedule = args.eval_every = args.save_every = None
@@ -127,20 +135,36 @@ def setup_distributed():
 class StepSampler:
     """Batch sampler: for optimiser step k, this rank's sample indices. Epochs are permutations seeded by
     (seed, epoch); the global batch is cut into per-rank slices, so each rank owns whole prompts (and in
-    GRPO all G completions of them). A pure function of k: resuming at step k gives the same data."""
+    GRPO all G completions of them). A pure function of k: resuming at step k gives the same data.
 
-    def __init__(self, n, per_rank, rank, world, seed, start_step, shuffle=True):
+    mix = [(rows, weight)] per file of a --data mix (their rows concatenated in that order): the stream is cut
+    into blocks of W = sum(weights) positions, each holding `weight` rows of each file in an order shuffled by
+    (seed, block), so every block has the proportions exactly; file f's rows come from its own stream of
+    epochs, permuted by (seed, f + 1, epoch). Still a pure function of k."""
+
+    def __init__(self, n, per_rank, rank, world, seed, start_step, shuffle=True, mix=None):
         self.n, self.per_rank, self.rank, self.world = n, per_rank, rank, world
-        self.seed, self.step, self.shuffle = seed, start_step, shuffle
+        self.seed, self.step, self.shuffle, self.mix = seed, start_step, shuffle, mix
+
+    def _stream(self, pos, n, key):
+        """Position pos of an endless stream of epochs over n rows, each epoch permuted by key + (epoch,)."""
+        epoch, i = divmod(pos, n)
+        return int(np.random.default_rng((*key, epoch)).permutation(n)[i]) if self.shuffle else i
+
+    def index(self, pos):
+        if self.mix is None:
+            return self._stream(pos, self.n, (self.seed,))
+        weights = [w for _, w in self.mix]
+        block, j = divmod(pos, sum(weights))   # 1. which block, which slot of it
+        slots = np.random.default_rng((self.seed, block)).permutation(np.repeat(np.arange(len(weights)), weights))
+        f = int(slots[j])                        # 2. the slot's file, and how many of its rows came before
+        k = block * weights[f] + int((slots[:j] == f).sum())
+        offset = sum(rows for rows, _ in self.mix[:f])
+        return offset + self._stream(k, self.mix[f][0], (self.seed, f + 1))   # 3. that file's k-th row
 
     def indices(self, step):
-        first = (step * self.world + self.rank) * self.per_rank  # position in the endless stream of epochs
-        out = []
-        for pos in range(first, first + self.per_rank):
-            epoch, i = divmod(pos, self.n)
-            perm = np.random.default_rng((self.seed, epoch)).permutation(self.n) if self.shuffle else None
-            out.append(int(perm[i]) if self.shuffle else i)
-        return out
+        first = (step * self.world + self.rank) * self.per_rank  # position in the endless stream
+        return [self.index(pos) for pos in range(first, first + self.per_rank)]
 
     def __iter__(self):
         while True:
@@ -162,17 +186,41 @@ def world(args):
 
 
 def datasets(args):
-    """(train, val) datasets of data.Sample. Synthetic by default: train seeds and val seeds never meet."""
+    """(train, val, info): datasets of data.Sample and what was read. Synthetic by default: train seeds and val
+    seeds never meet. Files are checked when opened (data.py); several --data files are concatenated and
+    info["mix"] = [(rows, weight)] per file tells StepSampler their proportions; several --val-data files are
+    evaluated end to end. info["train"], info["val"]: per file its path, SHA-256, row counts, skipped rows."""
+    skip_bad = getattr(args, "skip_bad", False)   # the --skip-bad flag, where the command line has one
+    mix = None
     if args.data:
-        train = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
+        train, train_info = data.load_files(args.task, [path for path, _ in args.data], args.media_root,
+                                            args.frames, skip_bad)
+        mix = [(r["kept"], w) for r, (_, w) in zip(train_info, args.data)] if len(args.data) > 1 else None
     else:
         n = args.train_size or 10**9  # 'fresh scenes forever': item i is generated from (seed, i) on demand
         train = scenes.SyntheticDataset(args.task, n, seed=1000 + args.data_seed, **world(args))
+        train_info = [{"source": "synthetic", "task": args.task, "seed": 1000 + args.data_seed,
+                       "n": args.train_size or "fresh scenes", **world(args)}]
     if args.val_data:
-        val = data.load_dataset(args.task, args.val_data, media_root=args.media_root, frames=args.frames)
+        val, val_info = data.load_files(args.task, [path for path, _ in args.val_data], args.media_root,
+                                        args.frames, skip_bad)
     else:
         val = scenes.SyntheticDataset(args.task, args.val_size, seed=1, **world(args))
-    return train, val
+        val_info = [{"source": "synthetic", "task": args.task, "seed": 1, "n": args.val_size, **world(args)}]
+    return train, val, {"train": train_info, "val": val_info, "mix": mix}
+
+
+def save_data_report(stage_dir, info, step):
+    """<stage>/data.json = {"starts": [{"step", "train", "val", "mix"}, ...]}: what each start of this stage read
+    (a --resume appends one), so two runs compare by their files' SHA-256s and counts. Warns when a resumed
+    run reads other training files than the start before it."""
+    path = stage_dir / "data.json"
+    starts = json.loads(path.read_text())["starts"] if step and path.exists() else []
+    if starts and [r.get("sha256") for r in starts[-1]["train"]] != [r.get("sha256") for r in info["train"]]:
+        print(f"warning: resuming at step {step} on other training data than the run started with (see {path})")
+    tmp = path.with_name(".tmp-data.json")
+    tmp.write_text(json.dumps({"starts": starts + [{"step": step, **info}]}, indent=1))
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -307,9 +355,10 @@ def train(args):
         step, best = state["step"], state["extra"]["best"]
 
     # 4. Data: each rank reads its own slice of every global batch.
-    train_set, val_set = datasets(args)
+    train_set, val_set, data_info = datasets(args)
     per_rank = args.batch_size if args.stage == "sft" else args.prompts_per_rank
-    sampler = StepSampler(len(train_set), per_rank, rank, world, args.seed, step, shuffle=len(train_set) < 10**7)
+    sampler = StepSampler(len(train_set), per_rank, rank, world, args.seed, step, shuffle=len(train_set) < 10**7,
+                          mix=data_info["mix"])
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler, collate_fn=data.collate,
                                               num_workers=args.workers))
     # Seed (or restore) the sampling stream only now: creating the loader iterator draws from torch's RNG.
@@ -330,6 +379,10 @@ def train(args):
                   f"{per_rank * args.G * world} per step, micro-batch {args.micro_batch} "
                   f"({math.ceil(per_rank * args.G / args.micro_batch)} micro-steps), mu={args.mu}, beta={args.beta}")
         print("  " + json.dumps({k: v for k, v in vars(args).items() if k != "reward_opts"}))
+        for split in ("train", "val"):
+            for r in data_info[split]:
+                print(f"  {split} " + data.describe(r).replace("\n", "\n  "))
+        save_data_report(stage_dir, data_info, step)
     log = open(stage_dir / "metrics.jsonl", "a") if rank == 0 else None
     samples_log = open(stage_dir / "samples.jsonl", "a") if rank == 0 else None
 

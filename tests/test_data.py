@@ -1,5 +1,6 @@
 """data.py: box geometry against an independent derivation; the real-data readers read small fixtures in each layout
 (written here), round-trip our exporter, and reject bad rows with file + row in the message."""
+import hashlib
 import json
 import math
 import os
@@ -154,9 +155,9 @@ def test_scannet_posed_folder_skips_bad_poses(tmp_path):
     np.savetxt(folder / "intrinsic.txt", np.diag([500.0, 500.0, 1.0, 1.0]))
     frames, c2g, K, names = data.read_posed_folder(str(folder), 4)
     valid = [f"{k:05d}.jpg" for k in range(0, 100, 10) if k != 30]   # 9 frames
-    assert names == [valid[i] for i in (0, 3, 5, 8)]   # round(linspace(0, 8, 4)) = 0, 3, 5, 8 (2.67 -> 3)
+    assert names == [valid[i] for i in (0, 2, 5, 8)]   # linspace(0, 8, 4) = 0, 2.67, 5.33, 8, floored (VG-LLM)
     assert frames.shape == (4, 30, 40, 3) and np.all(np.isfinite(c2g)) and K[0, 0] == 500
-    assert np.allclose(c2g[1], pose(0.4))
+    assert np.allclose(c2g[1], pose(0.2))
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json"])
@@ -204,14 +205,20 @@ def test_vsibench_video(tmp_path):
     s = data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path), frames=4)[0]
     assert s.frames.shape == (4, 48, 64, 3)
     levels = s.frames.reshape(4, -1).mean(1) / 8
-    assert np.allclose(levels, [0, 10, 19, 29], atol=1.0)   # round(linspace(0, 29, 4)) = 0, 10, 19, 29
+    assert np.allclose(levels, [0, 9, 19, 29], atol=0.4)   # linspace(0, 29, 4) = 0, 9.67, 19.33, 29, floored
+    (tmp_path / "arkitscenes" / "41069025.mp4").write_bytes(b"not a video" * 100)   # found when opened
+    with pytest.raises(ValueError, match=r"vsi.json: row 0: .*cannot open video .*41069025.mp4"):
+        data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path), frames=4)
 
 
-# ---- bad rows -----------------------------------------------------------------------------------------------
+# ---- bad files and bad rows: errors name the file (and row); skip_bad lists rows with reasons -------------------
+GOOD_BOX = [0.0, 0.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
 def test_bad_rows_raise_with_file_and_row_or_are_counted(tmp_path):
     media = tmp_path / "media"
     write_images(media, ["a/00000.jpg"])
-    good = {"images": ["a/00000.jpg"], "boxes": [{"label": "chair", "bbox_3d": [0] * 9}], "conversations": []}
+    good = {"images": ["a/00000.jpg"], "boxes": [{"label": "chair", "bbox_3d": GOOD_BOX}], "conversations": []}
     rows = [good, dict(good, boxes=[{"label": "chair", "bbox_3d": [0] * 8}]),   # 8 numbers
             {k: v for k, v in good.items() if k != "boxes"},                     # no boxes
             dict(good, images=["a/missing.jpg"]),                                # missing file
@@ -225,18 +232,22 @@ def test_bad_rows_raise_with_file_and_row_or_are_counted(tmp_path):
             data.load_dataset("detection", str(p), media_root=str(media))
     ds = data.load_dataset("detection", str(path), media_root=str(media), skip_bad=True)
     assert len(ds) == 2 and ds.n_skipped == 5 and ds[1].id == "det.json:6"
+    skipped = ds.report["skipped_rows"]
+    assert [s["row"] for s in skipped] == [1, 2, 3, 4, 5]
+    assert "9 finite numbers" in skipped[0]["reason"] and "missing.jpg" in skipped[2]["reason"]
+    assert "cam2global" in skipped[3]["reason"] and "not an object" in skipped[4]["reason"]
     # a corrupt image is found when read: the error still names the file and the row
     (media / "a" / "00000.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"det.json: row 0: cannot read"):
         ds[0]
-    # JSONL: a line that is not JSON; VSI: a missing video
+    # JSONL: a line that is not JSON; VSI: a missing video; nothing left is an error even with skip_bad
     p = tmp_path / "vsi.jsonl"
     p.write_text('{"id": 0}\nnot json\n' + json.dumps({"dataset": "arkitscenes", "scene_name": "41069025",
                  "question_type": "room_size_estimation", "question": "q", "ground_truth": "20"}) + "\n")
     with pytest.raises(ValueError, match=r"vsi.jsonl: row 0: .*dataset"):
         data.load_dataset("spatial", str(p), media_root=str(tmp_path))
-    ds = data.load_dataset("spatial", str(p), media_root=str(tmp_path), skip_bad=True)
-    assert len(ds) == 0 and ds.n_skipped == 3
+    with pytest.raises(ValueError, match=r"vsi.jsonl: no usable rows; all 3 rows are bad, e.g. row 0: .*dataset"):
+        data.load_dataset("spatial", str(p), media_root=str(tmp_path), skip_bad=True)
     p.write_text(p.read_text().splitlines()[-1])
     with pytest.raises(ValueError, match=r"vsi.jsonl: row 0: .*arkitscenes/41069025.mp4"):
         data.load_dataset("spatial", str(p), media_root=str(tmp_path))
@@ -249,9 +260,135 @@ def test_missing_optional_packages_give_clear_errors(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "arkitscenes")
     (tmp_path / "arkitscenes" / "41069025.mp4").write_bytes(b"")
     (tmp_path / "vsi.json").write_text(json.dumps([VSI_ROW]))
-    ds = data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path))
-    with pytest.raises(ImportError, match="pip install av"):
-        ds[0]
+    with pytest.raises(ImportError, match="pip install av"):   # when the file is opened, not at step 1
+        data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path))
     (tmp_path / "x.parquet").write_bytes(b"")
     with pytest.raises(ImportError, match="pip install pyarrow"):
         data.load_dataset("spatial", str(tmp_path / "x.parquet"))
+
+
+def test_file_level_errors_name_the_file(tmp_path):
+    ds = scenes.SyntheticDataset("detection", 3, seed=4)
+    path = data.export_vgllm(ds, str(tmp_path))
+    text = open(path).read()
+    cases = {"": "the file is empty", "  \n": "the file is empty", text[: len(text) // 2]: "not valid JSON",
+             '{"rows": []}': "expected a JSON list of rows, got an object", "[]": "no usable rows",
+             "\xff\xfe[]": "not UTF-8"}
+    for content, what in cases.items():
+        with open(path, "wb") as f:
+            f.write(content.encode("latin-1"))
+        with pytest.raises(ValueError, match=re.escape(path) + ": " + re.escape(what)) as e:
+            data.load_dataset("detection", path)
+        assert type(e.value) is ValueError   # not a bare JSONDecodeError
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nope.json")) + ": cannot read the file"):
+        data.load_dataset("detection", str(tmp_path / "nope.json"))
+
+
+@pytest.mark.parametrize("task", data.TASK_NAMES)
+def test_task_is_checked_against_the_file(task, tmp_path):
+    path = data.export_vgllm(scenes.SyntheticDataset(task, 2, seed=4), str(tmp_path))
+    for other in data.TASK_NAMES:
+        if other != task:
+            with pytest.raises(ValueError, match=rf"{re.escape(path)}: this looks like a {task} file .* not {other}"):
+                data.load_dataset(other, path)
+
+
+def _vsi_rows(tmp_path):
+    write_images(tmp_path / "media" / "scannet" / "s0", ["00000.jpg", "00001.jpg"])
+    mc = {"id": 1, "dataset": "scannet", "scene_name": "s0", "question_type": "object_rel_direction_easy",
+          "question": "left or right?", "options": ["A. left", "B. right"], "ground_truth": "B"}
+    num = {"id": 2, "dataset": "scannet", "scene_name": "s0", "question_type": "object_counting",
+           "question": "How many chairs?", "options": None, "ground_truth": "4"}
+    return mc, num
+
+
+def _grounding_row(tmp_path):
+    write_images(tmp_path / "media", [f"scannet/posed_images/s0/{k:05d}.jpg" for k in range(3)])
+    return {"images": [f"scannet/posed_images/s0/{k:05d}.jpg" for k in range(3)], "gt_bbox": GOOD_BOX,
+            "prompt": data.GROUND_TEXT.format("the chair"), "cam2global": [pose(k).tolist() for k in range(3)],
+            "target": {"frame": 1, "bbox_3d": GOOD_BOX}, "metadata": {"question_type": "unique"}}
+
+
+def _detection_row(tmp_path):
+    write_images(tmp_path / "media", ["scannet/posed_images/s0/00000.jpg", "scannet/posed_images/s0/00001.jpg"])
+    return {"images": ["scannet/posed_images/s0/00000.jpg", "scannet/posed_images/s0/00001.jpg"],
+            "boxes": [{"label": "chair", "bbox_3d": GOOD_BOX}], "cam2global": [pose(k).tolist() for k in range(2)]}
+
+
+BAD_VALUES = [   # (task, how the good row is spoiled, what the message says): each was silently accepted before
+    ("spatial", lambda r: dict(r[0], options="A. left"), "one string"),
+    ("spatial", lambda r: dict(r[0], ground_truth="C"), "not one of the options' letters"),
+    ("spatial", lambda r: dict(r[0], options=None), "not one of the options' letters"),   # MC without options
+    ("spatial", lambda r: dict(r[1], ground_truth="about four"), "not a number"),
+    ("spatial", lambda r: dict(r[1], ground_truth="0"), "positive number"),
+    ("spatial", lambda r: dict(r[1], ground_truth=True), "'ground_truth' is true"),
+    ("spatial", lambda r: dict(r[1], options=["A. 3", "B. 4"]), "answered with a number, but the row has options"),
+    ("detection", lambda r: dict(r, boxes=[{"label": "chair", "bbox_3d": [True] + GOOD_BOX[1:]}]), "9 finite numbers"),
+    ("detection", lambda r: dict(r, boxes=[{"label": "chair", "bbox_3d": GOOD_BOX[:3] + [1, -1, 1, 0, 0, 0]}]),
+     "positive sizes"),
+    ("detection", lambda r: dict(r, boxes=[{"label": None, "bbox_3d": GOOD_BOX}]), "label must be a non-empty string"),
+    ("detection", lambda r: dict(r, cam2global=[[[True, 0, 0, 0]] + pose(0).tolist()[1:]] * 2), "true/false"),
+    ("grounding", lambda r: dict(r, target={"frame": True, "bbox_3d": GOOD_BOX}), "target frame must be an int"),
+    ("grounding", lambda r: dict(r, gt_bbox=GOOD_BOX[:3] + [0, 1, 1, 0, 0, 0]), "gt_bbox must have positive sizes"),
+]
+
+
+@pytest.mark.parametrize("task,spoil,what", BAD_VALUES)
+def test_silently_accepted_values_are_rejected_with_the_row(task, spoil, what, tmp_path):
+    good = {"spatial": _vsi_rows, "grounding": _grounding_row, "detection": _detection_row}[task](tmp_path)
+    first = good[0] if task == "spatial" else good
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([first, spoil(good)]))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: row 1: .*{re.escape(what)}"):
+        data.load_dataset(task, str(path), media_root=str(tmp_path / "media"))
+    ds = data.load_dataset(task, str(path), media_root=str(tmp_path / "media"), skip_bad=True)
+    assert len(ds) == 1 and ds.report["skipped_rows"][0]["row"] == 1 and what in ds.report["skipped_rows"][0]["reason"]
+    path.write_text(json.dumps([first, first]))   # and the good rows pass
+    assert len(data.load_dataset(task, str(path), media_root=str(tmp_path / "media"))) == 2
+
+
+def test_media_are_checked_when_the_file_is_opened(tmp_path):
+    row = _detection_row(tmp_path)
+    media = tmp_path / "media"
+    write_images(media, ["scannet/posed_images/s1/00000.jpg"], size=(40, 30))
+    write_images(media, ["scannet/posed_images/s1/00001.jpg"], size=(20, 30))
+    (media / "scannet/posed_images/s2").mkdir(parents=True)
+    (media / "scannet/posed_images/s2/00000.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    write_images(media, ["scannet/posed_images/s2/00001.jpg"])
+    rows = [row, dict(row, images=["scannet/posed_images/s1/00000.jpg", "scannet/posed_images/s1/00001.jpg"]),
+            dict(row, images=["scannet/posed_images/s2/00000.jpg", "scannet/posed_images/s2/00001.jpg"])]
+    path = tmp_path / "det.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=r"det.json: row 1: .*frames differ in size: .*is 40x30, .*is 20x30"):
+        data.load_dataset("detection", str(path), media_root=str(media))
+    ds = data.load_dataset("detection", str(path), media_root=str(media), skip_bad=True)
+    reasons = {s["row"]: s["reason"] for s in ds.report["skipped_rows"]}
+    assert set(reasons) == {1, 2} and "cannot read image" in reasons[2] and "s2/00000.jpg" in reasons[2]
+    # a truncated jpeg: its header reads, its pixels do not; the first row is decoded in full when opened
+    jpg = media / "scannet/posed_images/s0/00000.jpg"
+    jpg.write_bytes(jpg.read_bytes()[: -len(jpg.read_bytes()) // 3])
+    with pytest.raises(ValueError, match=r"det.json: row 0: cannot read media"):
+        data.load_dataset("detection", str(path), media_root=str(media), skip_bad=True)
+    # VSI-Bench frame folders: a folder without frames
+    mc, _ = _vsi_rows(tmp_path)
+    (tmp_path / "media" / "scannet" / "empty").mkdir()
+    path = tmp_path / "vsi.json"
+    path.write_text(json.dumps([mc, dict(mc, scene_name="empty")]))
+    with pytest.raises(ValueError, match=r"vsi.json: row 1: .*has no frames"):
+        data.load_dataset("spatial", str(path), media_root=str(tmp_path / "media"))
+
+
+def test_report_says_what_was_read(tmp_path):
+    ds = scenes.SyntheticDataset("spatial", 6, seed=4)
+    path = data.export_vgllm(ds, str(tmp_path))
+    with open(path, "a") as f:
+        f.write('{"not": "a row"}\n')
+    back = data.load_dataset("spatial", path, skip_bad=True)
+    r = back.report
+    assert r["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()   # of the bytes on disk
+    assert (r["rows"], r["kept"], r["skipped"]) == (7, 6, 1) and r["skipped_rows"][0]["row"] == 6
+    types = [ds[i].question_type for i in range(6)]
+    assert r["by_type"] == {t: types.count(t) for t in set(types)} and r["path"] == os.path.abspath(path)
+    text = data.describe(r)
+    assert path in text and r["sha256"][:16] in text and "7 rows, 6 used" in text and "row 6:" in text
+    json.dumps(r)   # stored with the run as JSON
