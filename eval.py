@@ -265,6 +265,112 @@ def print_table(task_name, metrics):
                                             for c in cols))
 
 
+# --------------------------------------------------------------------------------------------------
+# Paired comparisons (DESIGN.md section 9): reward-independent metrics per scene, differences with standard errors
+
+# per task: (key, name, scale): the metrics a learning claim is read from, per scene
+SCENE_METRICS = {
+    "detection": [("iou_gt", "IoU over GT boxes (1-to-1)", 1), ("f1_25", "F1@0.25", 1), ("f1_50", "F1@0.5", 1),
+                  ("count", "count acc", 1), ("boxes", "boxes/scene", 1), ("parse", "parse", 1)],
+    "grounding": [("iou", "IoU", 1), ("acc25", "Acc@0.25", 100), ("acc50", "Acc@0.5", 100),
+                  ("frame", "frame acc", 100), ("parse", "parse", 100)],
+    "spatial": [("score", "score", 100), ("parse", "parse", 100)],
+}
+
+
+def per_scene(task_name, records):
+    """eval records (rft3d.py's) -> {metric: array over scenes}, in record order. Detection F1 is per scene,
+    2TP / (2TP + FP + FN) at each threshold (1 for an empty scene answered with nothing)."""
+    parse = np.array([float(bool(r.get("parsed"))) for r in records])
+    if task_name == "detection":
+        def f1(r, thr):
+            tp, fp, fn = (sum(int(c[i]) for c in r["counts"][thr].values()) for i in range(3))
+            return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        return {"iou_gt": np.array([_finite(r.get("iou_gt")) for r in records]),
+                "f1_25": np.array([f1(r, "0.25") for r in records]), "f1_50": np.array([f1(r, "0.5") for r in records]),
+                "count": np.array([float(r["n_pred"] == r["n_gt"]) for r in records]),
+                "boxes": np.array([float(r["n_pred"]) for r in records]), "parse": parse}
+    if task_name == "grounding":
+        iou = np.array([_finite(r.get("iou")) for r in records])
+        return {"iou": iou, "acc25": (iou >= 0.25).astype(float), "acc50": (iou >= 0.5).astype(float),
+                "frame": np.array([float(r.get("frame_pred") is not None and r.get("frame_pred") == r.get("frame_gt"))
+                                   for r in records]), "parse": parse}
+    return {"score": np.array([_finite(r.get("score")) for r in records]), "parse": parse}
+
+
+def paired(a, b):
+    """Paired difference of two per-scene arrays (or [seeds, scenes] arrays, averaged over seeds first):
+    (mean of a - b, its standard error over scenes)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    d = d.mean(0) if d.ndim == 2 else d
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+
+
+def fmt(value, scale, sign=False):
+    v = value * scale
+    return (f"{v:+.3f}" if sign else f"{v:.3f}") if scale == 1 else (f"{v:+.1f}" if sign else f"{v:.1f}")
+
+
+def table(header, rows):
+    """Print rows of strings under a header, columns right-aligned."""
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).rjust(k) for x, k in zip(r, w))
+    print(line(header) + "\n" + "  ".join("-" * k for k in w))
+    for r in rows:
+        print(line(r))
+
+
+def compare_table(task_name, arms, base):
+    """Print each arm's mean metrics over the same scenes, then each arm's paired difference to `base` with its
+    standard error. arms: {name: per_scene dict, or a list of them (seeds: per-scene values averaged over seeds)}.
+    Returns {arm: {metric: (difference, standard error)}}."""
+    metrics = SCENE_METRICS[task_name]
+    arms = {name: {k: np.stack([x[k] for x in v]) if isinstance(v, list) else v[k] for k, _, _ in metrics}
+            for name, v in arms.items()}
+    rows = [[name] + [fmt(m[k].mean(), s) for k, _, s in metrics] for name, m in arms.items()]
+    out = {}
+    for name, m in arms.items():
+        if name != base:
+            out[name] = {k: paired(m[k], arms[base][k]) for k, _, _ in metrics}
+            rows.append([f"{name} - {base}"] + [f"{fmt(out[name][k][0], s, True)} +- {fmt(out[name][k][1], s)}"
+                                                for k, _, s in metrics])
+    table(["arm"] + [name for _, name, _ in metrics], rows)
+    return out
+
+
+def plot(path, title, series, xlabel="step", size=(640, 400)):
+    """series: {name: (xs, ys)} -> a PNG line plot drawn with PIL.ImageDraw (matplotlib is not a dependency)."""
+    from PIL import Image, ImageDraw
+    W, H, m = size[0], size[1], 50
+    img = Image.new("RGB", size, "white")
+    d = ImageDraw.Draw(img)
+    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+    if not pts:
+        return
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+    sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
+    sy = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+    d.rectangle([m, m, W - m, H - m], outline="black")
+    d.text((m, 10), title, fill="black")
+    d.text((m, H - m + 5), f"{x0:g}", fill="black")
+    d.text((W - m - 30, H - m + 5), f"{x1:g} {xlabel}", fill="black")
+    d.text((5, H - m - 10), f"{y0:.3g}", fill="black")
+    d.text((5, m), f"{y1:.3g}", fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    for k, (name, (xs, ys)) in enumerate(series.items()):
+        c = colours[k % len(colours)]
+        p = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        if len(p) > 1:
+            d.line(p, fill=c, width=2)
+        for q in p if len(p) < 30 else []:
+            d.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=c)
+        d.text((W - m - 170, m + 5 + 14 * k), name, fill=c)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    img.save(path)
+
+
 def viz(sample, completion):
     """Ground truth (green) and prediction (magenta) projected on the frames; a PIL image."""
     import data
