@@ -225,7 +225,13 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="where predictions.jsonl / metrics.json go (default: <ckpt>/eval-<task>)")
     p.add_argument("--viz", type=int, default=0, help="write PNGs of predicted vs ground-truth boxes for N samples")
     p.add_argument("--bf16", action="store_true", help="load in bf16 (GPU)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (count and report) bad rows of --data instead of stopping")
     args = p.parse_args(argv)
+    for name in ("n", "frames", "image_size", "batch_size", "max_new_tokens"):  # explicit 0s are errors, not defaults
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not (Path(args.ckpt) / "config.json").is_file():
+        p.error(f"--ckpt {args.ckpt}: no config.json there (expected a model directory: our save or a VG-LLM one)")
 
     import rft3d
 
@@ -233,11 +239,18 @@ def main(argv=None):
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
-    cfg = json.loads((Path(args.ckpt) / "config.json").read_text())
-    net, tok = (checkpoints.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else checkpoints.load_pretrained(args.ckpt, dtype))
+    try:
+        cfg = checkpoints.read_json(Path(args.ckpt) / "config.json")
+        net, tok = (checkpoints.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else checkpoints.load_pretrained(args.ckpt, dtype))
+    except checkpoints.CheckpointError as e:  # damaged or torn files: name the file, no traceback
+        raise SystemExit(f"eval.py: error: {e}") from None
     net.to(device)
     if args.data:
-        dataset = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames)
+        dataset = data.load_dataset(args.task, args.data, media_root=args.media_root, frames=args.frames,
+                                    skip_bad=args.skip_bad)
+        if getattr(dataset, "n_skipped", 0):
+            print(dataset.report() if callable(getattr(dataset, "report", None)) else
+                  f"--data: {len(dataset)} samples, {dataset.n_skipped} bad rows skipped (--skip-bad)")
     else:
         dataset = scenes.SyntheticDataset(args.task, args.n, seed=2, frames=args.frames, size=args.image_size)
     out = evaluate(net, tok, args.task, dataset, args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task],
