@@ -235,7 +235,7 @@ def test_torn_init_is_named(tmp_path, capsys):
     (tmp_path / "init").mkdir()
     (tmp_path / "init" / "config.json").write_text("")
     with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "sft", "--out", str(tmp_path), *FAST])
+        train.main(["--stage", "sft", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path), *FAST])
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "init" / "config.json") in err and "delete" in err
@@ -297,7 +297,8 @@ def test_bad_flag_exits_2_naming_it(flag, capsys):
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "sft", "--resume", "--out", str(tmp_path / "empty"), *FAST])
+        train.main(["--stage", "sft", "--resume", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "empty"),
+                    *FAST])  # (tiny settings: if the check were missing this would train, quickly)
     assert e.value.code == 2 and "nothing to resume" in capsys.readouterr().err
 
 
@@ -305,7 +306,7 @@ def test_fresh_run_into_a_used_out_refuses_and_keeps_everything(tmp_path, capsys
     (tmp_path / "sft" / "step-4").mkdir(parents=True)
     (tmp_path / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "sft", "--out", str(tmp_path), *FAST])
+        train.main(["--stage", "sft", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path), *FAST])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--resume" in err and "step-4" in err
     assert (tmp_path / "sft" / "step-4").is_dir() and (tmp_path / "sft" / "metrics.jsonl").read_text() == '{"step": 1}\n'
