@@ -593,7 +593,7 @@ def check_out(args, warmup):
         d = Path(args.out) / stage
         held = sorted(x.name for x in d.iterdir()) if d.is_dir() else []
         if held and not args.resume:
-            fail(f"{d} already holds a {stage} run ({', '.join(held[:8])}{', ...' if len(held) > 8 else ''}). "
+            fail(f"{d} already holds an earlier {stage} run ({', '.join(held[:8])}{', ...' if len(held) > 8 else ''}). "
                  f"Add --resume to continue it from its newest intact checkpoint, or pass another --out "
                  f"(or delete {d} yourself to start over)")
     ours = ["sft", "grpo"] if args.stage == "grpo" and not (args.model or args.qwen) else [args.stage]  # warm-up too
