@@ -6,6 +6,8 @@
                                              SFT->SFT vs SFT->GRPO on synthetic grounding, paired per-scene errors
     python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp]
                                              real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory
+    python bench.py threads [--quick]        CPU threads: SFT warm-up s/step for 1 thread, all cores, all cores with
+                                             OMP_WAIT_POLICY=passive; idle and with a busy loop on the last core
 
 Outputs (logs, checkpoints, curves as PNG, tables as JSON) go under bench_out/. Run with OMP_NUM_THREADS=1 on a
 shared CPU. Everything here uses the public pieces of model.py / grpo.py / train.py / eval.py.
@@ -626,6 +628,65 @@ def gpu(args):
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
 
 
+# --------------------------------------------------------------------------------------------------
+# 4. CPU threads: train.py's default (one thread on a CPU) against the alternatives, on a quiet and a loaded machine
+
+
+def sft_speed_child(a):
+    """Runs in a fresh process (OpenMP reads OMP_NUM_THREADS / OMP_WAIT_POLICY once, at start): seconds per SFT
+    warm-up step of the tiny default, data rendering included as in train.py (workers 0), first step untimed."""
+    net, tok = checkpoints.load_pretrained(a.model)
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-3)
+    ds = scenes.SyntheticDataset("detection", 10**6, seed=1000, frames=a.frames)
+    task, B = rft3d.TASKS["detection"], a.batch_size
+    times = []
+    for k in range(a.steps + 1):
+        t0 = time.perf_counter()
+        grpo.sft_step(net, tok, task, [ds[k * B + j] for j in range(B)], opt, micro_batch=16)
+        times.append(time.perf_counter() - t0)
+    print(json.dumps({"s_per_step": float(np.mean(times[1:])), "threads": torch.get_num_threads()}))
+
+
+def threads(args):
+    """The SFT warm-up's step time for each thread setting, idle and with a busy loop pinned to the last core
+    (a laptop doing something else). Each run is a fresh process with its own environment."""
+    out = OUT / ("threads-quick" if args.quick else "threads")
+    out.mkdir(parents=True, exist_ok=True)
+    init = train.tiny_init(train.get_args(["--task", "detection", "--out", str(out / "tiny")]), 0)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    steps, batch = (2, 2) if args.quick else (20, 16)
+    candidates = {"1 thread (train.py default)": {"OMP_NUM_THREADS": "1"},
+                  f"{cores} threads": {"OMP_NUM_THREADS": str(cores)},
+                  f"{cores} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "passive"}}
+    base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    results = {}
+    for load in ("idle", "busy"):
+        busy = None
+        if load == "busy":  # one core spinning at 100%, as another program would
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            if hasattr(os, "sched_setaffinity"):
+                os.sched_setaffinity(busy.pid, {max(os.sched_getaffinity(0))})
+        try:
+            for name, env in candidates.items():
+                cmd = [sys.executable, __file__, "_sft_speed", "--model", init, "--steps", str(steps),
+                       "--batch-size", str(batch)]
+                res = subprocess.run(cmd, capture_output=True, text=True, env={**base_env, **env})
+                if res.returncode:
+                    raise RuntimeError(res.stderr[-2000:])
+                results[(name, load)] = json.loads(res.stdout.strip().splitlines()[-1])["s_per_step"]
+                print(f"  {name}, {load}: {results[(name, load)]:.3f} s/step", file=sys.stderr)
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+    print(f"\n== SFT warm-up step (tiny default, detection, batch {batch}, 4 frames), {cores} cores, "
+          f"mean of {steps} steps ==")
+    table(["threads", "idle s/step", "busy core s/step", "slowdown"],
+          [[name, f"{results[(name, 'idle')]:.3f}", f"{results[(name, 'busy')]:.3f}",
+            f"{results[(name, 'busy')] / results[(name, 'idle')]:.1f}x"] for name in candidates])
+    (out / "threads.json").write_text(json.dumps({f"{n} / {l}": v for (n, l), v in results.items()}, indent=1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -642,6 +703,12 @@ def main(argv=None):
     gp.add_argument("--new-tokens", type=int, default=128)
     gp.add_argument("--micro-batch", type=int, default=2)
     gp.add_argument("--fsdp", action="store_true")
+    th = sub.add_parser("threads", help="CPU threads: SFT warm-up step time per setting, idle and with a busy core")
+    th.add_argument("--quick", action="store_true")
+    sp = sub.add_parser("_sft_speed")  # internal: one measurement in a fresh process
+    sp.add_argument("--model", required=True)
+    for k, v in (("--steps", 20), ("--batch-size", 16), ("--frames", 4)):
+        sp.add_argument(k, type=int, default=v)
     c = sub.add_parser("_logprob_mem")  # internal: one measurement in a fresh process
     for k, v in (("--B", 8), ("--L", 512), ("--d", 2048), ("--chunk", 1024)):
         c.add_argument(k, type=int, default=v)
@@ -649,7 +716,8 @@ def main(argv=None):
     c.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    {"throughput": throughput, "learning": learning, "gpu": gpu, "_logprob_mem": logprob_mem_child}[args.cmd](args)
+    {"throughput": throughput, "learning": learning, "gpu": gpu, "threads": threads, "_sft_speed": sft_speed_child,
+     "_logprob_mem": logprob_mem_child}[args.cmd](args)
 
 
 if __name__ == "__main__":

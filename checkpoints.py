@@ -6,23 +6,105 @@
     (c) our own saves: config.json (our dict) + safetensors (sharded above 5 GiB) + tokenizer   save/load_pretrained
 
 Every tensor of a file lands somewhere or is a documented ignore (VGGT's heads); anything missing or unexpected
-raises. Large models are built with parameters on the meta device and the checkpoint tensors assigned in place
+raises. Loading never trusts bytes: a file that is missing, torn, not JSON, or holds NaN/inf weights raises
+CheckpointError naming the file, and our saves carry checksums.json (sha256 of every file) that loading verifies. Large models are built with parameters on the meta device and the checkpoint tensors assigned in place
 (no random init, no second copy in memory). Safetensors everywhere; a VGGT `model.pt` is read with
 torch.load(weights_only=True), never an arbitrary pickle. This is the file a fork edits to bring other weights.
 
-Sections: 1. building a model from a state dict   2. our saves   3. Qwen2.5-VL + VGGT, VG-LLM
+Sections: 0. reading files safely   1. building a model from a state dict   2. our saves   3. Qwen2.5-VL + VGGT, VG-LLM
 """
 import contextlib
+import hashlib
 import json
 import os
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2_5_VLConfig
 
 from model import VGLLM, GeometryMerger, LoRALinear
 from vggt import VGGT_1B, read_checkpoint, split_checkpoint
+
+# -----------------------------------------------------------------------------------------------------------
+# 0. Reading files safely: every failure names the file; our saves are sealed with checksums
+# -----------------------------------------------------------------------------------------------------------
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable, damaged or holds non-finite weights. The message names it."""
+
+
+def read_json(path):
+    """A JSON file -> its value; CheckpointError naming the file when it is missing, empty or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise CheckpointError(f"{path}: cannot read it as JSON ({e})") from None
+
+
+def read_tensors(path):
+    """A safetensors file -> {name: tensor}; CheckpointError naming the file when it cannot be read or a floating
+    tensor holds NaN/inf: damaged bytes can still parse, and a model trained from them is NaN from step 1."""
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"{path}: cannot read it as safetensors ({e})") from None
+    for k, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise CheckpointError(f"{path}: tensor {k} holds NaN or inf values (a damaged file?)")
+    return state
+
+
+def read_torch(path):
+    """A torch.save file (weights_only: tensors and plain containers, never an arbitrary pickle) -> its value;
+    CheckpointError naming the file when it is missing or torn."""
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError (torn zip), EOFError, UnpicklingError, OSError, ...
+        raise CheckpointError(f"{path}: cannot read it with torch.load ({type(e).__name__}: {e})") from None
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def seal(directory):
+    """Finish a saved directory: its files get ordinary permissions (safetensors writes 0600; we want what the
+    user's umask gives, e.g. 0644) and checksums.json lists the sha256 of every other file in it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    names = sorted(n for n in os.listdir(directory) if n != CHECKSUMS and os.path.isfile(os.path.join(directory, n)))
+    for n in names:
+        os.chmod(os.path.join(directory, n), 0o666 & ~mask)
+    with open(os.path.join(directory, CHECKSUMS), "w") as f:
+        json.dump({n: _sha256(os.path.join(directory, n)) for n in names}, f, indent=1)
+    os.chmod(os.path.join(directory, CHECKSUMS), 0o666 & ~mask)
+
+
+def verify(directory):
+    """Every file listed in directory/checksums.json exists with that sha256, else CheckpointError naming it.
+    A directory without the list (a released checkpoint, an older save) passes: loading still checks finiteness."""
+    listing = os.path.join(directory, CHECKSUMS)
+    if not os.path.exists(listing):
+        return
+    digests = read_json(listing)
+    if not isinstance(digests, dict):
+        raise CheckpointError(f"{listing}: not a {{file: sha256}} table")
+    for name, digest in digests.items():
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: missing (listed in {listing})")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: damaged (its sha256 differs from the one saved in {listing})")
+
 
 # -----------------------------------------------------------------------------------------------------------
 # 1. Building a model from a state dict: parameters on meta, checkpoint tensors assigned, nothing left over
@@ -79,19 +161,20 @@ def _build(config, state, dtype=None, fresh=()):
 def _read_safetensors(path):
     """A file, or a directory with model.safetensors or a sharded model.safetensors.index.json."""
     if os.path.isfile(path):
-        return load_file(path)
+        return read_tensors(path)
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no weight_map")
         state = {}
-        for name in files:
-            state.update(load_file(os.path.join(path, name)))
+        for name in sorted(set(weight_map.values())):
+            state.update(read_tensors(os.path.join(path, name)))
         return state
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    return load_file(single)
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json in it")
+    return read_tensors(single)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -144,15 +227,24 @@ def save_pretrained(model, tokenizer, out_dir, max_shard_bytes=5 * 2 ** 30, stat
         json.dump(model.config, f, indent=1)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    seal(out_dir)
 
 
 def load_pretrained(path, dtype=None):
-    """Layout (c), our own saves -> (model, tokenizer or None)."""
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    model = _build(config, _read_safetensors(path), dtype)
-    has_tokenizer = os.path.exists(os.path.join(path, "tokenizer_config.json"))
-    return model, (AutoTokenizer.from_pretrained(path) if has_tokenizer else None)
+    """Layout (c), our own saves -> (model, tokenizer or None). Checksums verified first (when the save has them);
+    any failure is a CheckpointError naming the file or directory."""
+    verify(path)
+    config = read_json(os.path.join(path, "config.json"))
+    try:
+        model = _build(config, _read_safetensors(path), dtype)
+    except (KeyError, TypeError, RuntimeError) as e:  # keys, config fields or shapes that do not fit
+        raise CheckpointError(f"{path}: the weights do not fit the model in its config.json ({e})") from None
+    if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        return model, None
+    try:
+        return model, AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # tokenizers / transformers raise many types on a damaged file
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -173,8 +265,7 @@ def _qwen_key(k):
 
 def _qwen_dir_config(path, tokenizer, vggt, merger_hidden, image_width):
     """Our config dict for a Qwen2.5-VL / VG-LLM directory; token ids and the suppress list from its tokenizer."""
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    raw = read_json(os.path.join(path, "config.json"))
     flags = {k: raw.pop(k) for k in ("use_vggt_feature", "vggt_merger_hidden_dim", "reference_frame") if k in raw}
     qwen = Qwen2_5_VLConfig(**raw).to_dict()  # 4.x flat configs (rope_scaling "mrope") are converted here
     vocab = qwen["text_config"]["vocab_size"]
@@ -210,8 +301,7 @@ def from_vgllm(path, dtype=torch.bfloat16, vggt_config=None, image_width=518):
     """Layout (b): a VG-LLM checkpoint directory (4.x keys + `vggt.aggregator.*`, ignored `vggt.*_head.*`,
     `merger.*`; config flags use_vggt_feature, vggt_merger_hidden_dim, reference_frame). Returns (model, tokenizer)."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    raw = read_json(os.path.join(path, "config.json"))
     use_vggt = raw.get("use_vggt_feature", False)
     vggt = (vggt_config or dict(VGGT_1B)) if use_vggt else None
     config = _qwen_dir_config(path, tokenizer, vggt, raw.get("vggt_merger_hidden_dim", 4096), image_width)

@@ -424,6 +424,11 @@ def main(argv=None):
                         "refined Acc@0.25/0.5 side by side)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows of --data (listed with reasons)")
     args = p.parse_args(argv)
+    for name in ("n", "frames", "image_size", "batch_size", "max_new_tokens"):  # explicit 0s are errors, not defaults
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not (Path(args.ckpt) / "config.json").is_file():
+        p.error(f"--ckpt {args.ckpt}: no config.json there (expected a model directory: our save or a VG-LLM one)")
     if args.proposals and args.task != "grounding":
         p.error("--proposals refines grounding boxes: use it with --task grounding")
     try:
@@ -458,8 +463,11 @@ def main(argv=None):
     # 2. The model, greedy decoding, the metrics
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
-    cfg = json.loads((Path(args.ckpt) / "config.json").read_text())
-    net, tok = (checkpoints.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else checkpoints.load_pretrained(args.ckpt, dtype))
+    try:
+        cfg = checkpoints.read_json(Path(args.ckpt) / "config.json")
+        net, tok = (checkpoints.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else checkpoints.load_pretrained(args.ckpt, dtype))
+    except checkpoints.CheckpointError as e:  # damaged or torn files: name the file, no traceback
+        raise SystemExit(f"eval.py: error: {e}") from None
     net.to(device)
     out = evaluate(net, tok, args.task, dataset, args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task],
                    args.batch_size, think=not args.no_think, progress=True, protocol=args.protocol,

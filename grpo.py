@@ -269,10 +269,13 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
                                 args.beta, args.agg, n_tokens, n_seqs, args.max_new_tokens)
             (loss * world_size()).backward()
             total_loss += loss.item()
-            if it == 0:  # log the statistics of the first pass: before any update, as the rollout saw it
-                for key in ("kl", "clip_frac", "ratio"):
-                    stats[key] += s[key]
+            if it == 0:  # KL and entropy of the first pass: before any update, as the rollout saw it
+                stats["kl"] += s["kl"]
                 stats["entropy"] += (entropy * mask).sum().item()
+            if it == args.mu - 1:  # ratio and clip fraction of the last pass, after mu - 1 updates: how far the
+                # policy has moved from the one that sampled (pass 0 would always log 1 and 0; at mu = 1 it is 1, 0)
+                stats["ratio"] += s["ratio"]
+                stats["clip_frac"] += s["clip_frac"]
         grad_norm = finish_step(policy, optimizer, total_loss, args.max_grad_norm)
 
     # 8. Logged statistics, averaged over all ranks.

@@ -418,10 +418,11 @@ def _tagged(text):
     return s.startswith("<think>") and s.endswith("</answer>") and i < j and not s[i + 8:j].strip()
 
 
-def format_reward(text, task):
+def format_reward(text, task, n_frames=None):
     """1.0 iff the text has the think/answer format and the answer parses (strict JSON) for the task:
     detection = a JSON list whose every entry is a valid box (an empty list is a valid answer);
-    grounding = {"frame": int, "bbox_3d": 9 finite numbers}; spatial = a non-empty answer."""
+    grounding = {"frame": int, "bbox_3d": 9 finite numbers}, the frame in [0, n_frames) when n_frames is
+    given (a frame outside the video is no answer); spatial = a non-empty answer."""
     if not isinstance(text, str) or not _tagged(text):
         return 0.0
     ans = parse_answer(text)
@@ -430,7 +431,8 @@ def format_reward(text, task):
     data = load_json(ans)
     if task == "detection":
         return float(isinstance(data, list) and all(_detection(e) is not None for e in data))
-    return float(task == "grounding" and _grounding(data) is not None)
+    parsed = _grounding(data) if task == "grounding" else None
+    return float(parsed is not None and (n_frames is None or 0 <= parsed[0] < n_frames))
 
 
 def detection_reward(text, gt_boxes, iou_mode="paper"):
@@ -451,7 +453,9 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
     gt = [{"label": g.get("label"), "bbox_3d": g.get("bbox_3d")} for g in (gt_boxes or [])]  # all count
     counts, best, matched = _match(pred, gt, MATCH_IOU)
     tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
-    f1 = f1_score(tp, fp, fn)
+    # "Nothing here" must be said (a JSON list, [] included): unparseable text earns no F1 on an empty scene
+    parsed = bool(pred) or isinstance(load_json(answer_text(text)), list)
+    f1 = f1_score(tp, fp, fn) if parsed else 0.0
     if iou_mode == "paper":
         iou = sum(best) / len(best) if best else 0.0
     elif iou_mode == "robust":
@@ -462,17 +466,19 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
 
 
 def grounding_reward(text, gt_box, gt_frame, cam2global, axis_align=None):
-    """R = format + R_frame + R_IoU. R_frame = max(0, 1 - |f_pred - f_gt| / 5) for any integer frame;
+    """R = format + R_frame + R_IoU. R_frame = max(0, 1 - |f_pred - f_gt| / 5) for an integer frame of the video;
     R_IoU = IoU of the predicted box, moved from camera frame f_pred to the aligned world by
-    E = axis_align @ cam2global[f_pred], with the world GT box. A frame outside [0, S) has no pose: R_IoU 0."""
-    fmt = format_reward(text, "grounding")
+    E = axis_align @ cam2global[f_pred], with the world GT box. A frame outside the video's S = len(cam2global)
+    frames is not an answer: no format, frame or IoU credit (without poses the range is unknown and not checked)."""
+    n_frames = None if cam2global is None else len(cam2global)
+    fmt = format_reward(text, "grounding", n_frames)
     parsed = parse_grounding(text)
-    if parsed is None:
+    if parsed is None or (n_frames is not None and not 0 <= parsed[0] < n_frames):
         return {"total": fmt, "format": fmt, "frame": 0.0, "iou": 0.0}
     f, box = parsed
     frame = max(0.0, 1.0 - min(abs(f - int(gt_frame)), 10**6) / FRAME_WINDOW)  # min(): 10**400 frames
     iou = 0.0
-    if cam2global is not None and 0 <= f < len(cam2global):
+    if cam2global is not None:  # (f is a frame of the video here)
         A = np.eye(4) if axis_align is None else np.asarray(axis_align, dtype=float)
         E = A @ np.asarray(cam2global[f], dtype=float)
         if np.isfinite(E).all():

@@ -9,14 +9,19 @@ Layout of --out (default runs/<task>):
     init/                  the tiny random model + tokenizer this run started from (embedded default only)
     <stage>/step-<k>/      model/ (safetensors + config + tokenizer) and state.pt (optimiser, RNG, step)
     <stage>/final/, best/  the last model and the best one on the validation set
-    <stage>/metrics.jsonl  one JSON line per step and per evaluation; samples.jsonl: a few completions
+    <stage>/metrics.jsonl  one strict-JSON line per step and per evaluation; samples.jsonl: a few completions
     <stage>/data.json      what the run read: per file its SHA-256, rows, rows per type, skipped rows (data.py)
+Every directory is written under a temp name and renamed, with checksums.json (sha256 of its files), so a kill at
+any moment leaves the previous one intact. A fresh run refuses an --out/<stage> that holds work; `--resume`
+(the same command plus --resume, SFT warm-up included) continues from the newest intact checkpoint, sets damaged
+ones aside as damaged-step-<k>, and cuts the logs back to that step.
 """
 import argparse
 import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +95,8 @@ def get_args(argv=None, stage=None):
     a("--save-every", type=int, default=None, help="steps between checkpoints (default: steps // 5)")
     a("--keep", type=int, default=2, help="checkpoints to keep")
     a("--log-every", type=int, default=10, help="steps between sample logs")
-    a("--resume", action="store_true", help="continue from the latest checkpoint in --out/<stage>")
+    a("--resume", action="store_true", help="continue from the newest intact checkpoint in --out/<stage>")
+    a("--skip-bad", action="store_true", help="skip (count and report) bad rows of --data/--val-data instead of stopping")
     a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
     a("--out", default=None, help="output dir (default runs/<task>)")
     args = p.parse_args(argv)
@@ -98,21 +104,102 @@ def get_args(argv=None, stage=None):
         args.data, args.val_data = (data.parse_files(x) if x else None for x in (args.data, args.val_data))
     except ValueError as e:
         p.error(str(e))
-    if stage == "sft":  # the warm-up before GRPO: the same command line, with SFT's own steps and schedule
-        args.stage, args.steps, args.resume = "sft", args.sft_steps, False
+    if stage == "sft":  # the warm-up before GRPO: the same command line, with SFT's own steps and schedule, and
+        # full fine-tuning (a random LLM warmed up through LoRA adapters only barely learns the answer format)
+        args.stage, args.steps, args.lora_rank = "sft", args.sft_steps, 0
         args.lr = args.lr_merger = args.schedule = args.eval_every = args.save_every = None
+    # Defaults that depend on the stage. `is None`, never `or`: an explicit 0 is the user's value (check_args
+    # refuses it where it makes no sense), not a request for the default.
     sft = args.stage == "sft"
-    args.steps = args.steps or (1500 if sft else 200)
-    args.lr = args.lr or (1e-3 if sft else 1e-4)
-    args.lr_merger = args.lr_merger or 2 * args.lr
-    args.schedule = args.schedule or ("cosine" if sft else "constant")
-    args.max_new_tokens = args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task]
-    args.eval_every = args.eval_every or max(args.steps // 5, 1)
-    args.save_every = args.save_every or max(args.steps // 5, 1)
-    args.out = args.out or f"runs/{args.task}"
+    args.steps = (1500 if sft else 200) if args.steps is None else args.steps
+    args.lr = (1e-3 if sft else 1e-4) if args.lr is None else args.lr
+    args.lr_merger = 2 * args.lr if args.lr_merger is None else args.lr_merger
+    args.schedule = ("cosine" if sft else "constant") if args.schedule is None else args.schedule
+    args.max_new_tokens = rft3d.MAX_NEW_TOKENS[args.task] if args.max_new_tokens is None else args.max_new_tokens
+    args.eval_every = max(args.steps // 5, 1) if args.eval_every is None else args.eval_every
+    args.save_every = max(args.steps // 5, 1) if args.save_every is None else args.save_every
+    args.out = f"runs/{args.task}" if args.out is None else args.out
+    check_args(args, p)
     args.reward_opts = {"iou_mode": args.iou_mode} if args.task == "detection" else {}
     args.fsdp = args.shard == "fsdp"
     return args
+
+
+def fail(message, code=2):
+    """Stop with a message in the user's terms and no traceback (exit 2: the command line or --out is wrong).
+    Under torchrun every rank stops; only rank 0 prints."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train.py: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# flag -> (smallest valid value, why / what to try). Checked in one pass, before anything is loaded or written.
+AT_LEAST = {
+    "--steps": (1, "optimiser steps (default: sft 1500, grpo 200)"),
+    "--sft-steps": (1, "steps of the SFT warm-up (default 1500)"),
+    "--batch-size": (1, "SFT samples per rank per step (default 16)"),
+    "--prompts-per-rank": (1, "GRPO prompts per rank per step (default 4)"),
+    "--micro-batch": (1, "sequences per forward pass (default 16; lower it to save memory)"),
+    "--frames": (1, "frames per video / scene (default 4)"),
+    "--image-size": (1, "synthetic frame size in pixels (default 56)"),
+    "--val-size": (1, "an empty validation set would give all-zero metrics and a meaningless best/ (default 100)"),
+    "--G": (2, "GRPO compares the G completions of a prompt with each other: one alone has no advantage (try 8)"),
+    "--mu": (1, "optimiser updates per rollout (default 1)"),
+    "--max-new-tokens": (1, "completion length cap (default: the task's)"),
+    "--eval-every": (1, "steps between evaluations (default: steps // 5)"),
+    "--save-every": (1, "steps between checkpoints (default: steps // 5)"),
+    "--keep": (1, "the newest N checkpoints are kept, so --resume always has one (try 2)"),
+    "--log-every": (1, "steps between sample logs (default 10)"),
+    "--max-bad-steps": (1, "non-finite losses in a row before stopping (default 5)"),
+    "--train-size": (0, "0 means fresh scenes forever; N a fixed set of N scenes"),
+    "--warmup": (0, "linear warm-up steps (0: none)"),
+    "--workers": (0, "data-loader processes (0: load in the main process)"),
+    "--lora-rank": (0, "0 means full fine-tuning"),
+    "--seed": (0, "seeds are non-negative integers"),
+    "--data-seed": (0, "seeds are non-negative integers"),
+}
+# flag -> (test, why / what to try) for the real-valued knobs; every one must also be finite (argparse takes "nan").
+REAL = {
+    "--lr": (lambda v: v > 0, "must be > 0: 0 trains nothing and < 0 climbs the loss (try 1e-4 for GRPO, 1e-3 for SFT; "
+                              "~5e-6 for real models)"),
+    "--lr-merger": (lambda v: v > 0, "must be > 0 (default: 2 x --lr)"),
+    "--temperature": (lambda v: v > 0, "the sampling temperature must be > 0 (try 1.0)"),
+    "--beta": (lambda v: v >= 0, "the KL weight must be >= 0 (0 turns the reference model off)"),
+    "--eps-low": (lambda v: 0 <= v < 1, "must be in [0, 1): the ratio's lower clip bound 1 - eps-low must stay > 0 (try 0.2)"),
+    "--eps-high": (lambda v: v >= 0, "must be >= 0 (try 0.2; DAPO's clip-higher uses 0.28)"),
+    "--max-grad-norm": (lambda v: v > 0, "the gradient clipping norm must be > 0 (try 1.0)"),
+}
+
+
+def check_args(args, p):
+    """One validation pass over the command line: a bad value stops here with the flag, the value, why it cannot
+    work and what to try (exit code 2, no traceback) instead of a ZeroDivisionError or a silently wrong run."""
+    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
+    for flag, (low, why) in AT_LEAST.items():
+        if value(flag) < low:
+            fail(f"{flag} {value(flag)}: must be >= {low}; {why}")
+    for flag, (ok, why) in REAL.items():
+        if not math.isfinite(value(flag)):
+            fail(f"{flag} {value(flag)}: must be a finite number")
+        if not ok(value(flag)):
+            fail(f"{flag} {value(flag)}: {why}")
+    if args.model and args.qwen:
+        fail(f"--model {args.model} and --qwen {args.qwen}: give one start point (--model: our save or a VG-LLM "
+             "dir; --qwen [--vggt]: a Qwen2.5-VL dir and a VGGT file)")
+    if args.vggt and not args.qwen:
+        fail(f"--vggt {args.vggt}: the VGGT file goes with --qwen (a VG-LLM dir given to --model has its own)")
+    files = lambda flag: [path for path, _ in value(flag) or []]  # --data a.json:2 b.json: (path, weight) pairs
+    for flag, kind in (("--model", "dir"), ("--qwen", "dir"), ("--vggt", "file"), ("--data", "files"),
+                       ("--val-data", "files"), ("--media-root", "dir")):
+        for path in files(flag) if kind == "files" else [value(flag)]:
+            if path is not None and not (Path(path).is_dir() if kind == "dir" else Path(path).is_file()):
+                fail(f"{flag} {path}: no such {'directory' if kind == 'dir' else 'file'}")
+    for flag in ("--model", "--qwen"):
+        if value(flag) is not None and not (Path(value(flag)) / "config.json").is_file():
+            fail(f"{flag} {value(flag)}: no config.json in it (expected a model directory: our save, a VG-LLM or "
+                 "Qwen2.5-VL checkpoint)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        fail(f"--out {args.out}: is a file, not a directory")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,10 +260,14 @@ class StepSampler:
 
 
 def lr_factor(step, args):
-    warm = min(1.0, (step + 1) / max(args.warmup, 1))
+    """Linear warm-up to 1 over --warmup steps, then constant or a cosine to 0 over the remaining steps (the
+    cosine starts where the warm-up ends: it does not decay during the warm-up)."""
+    if step < args.warmup:
+        return (step + 1) / args.warmup
     if args.schedule == "constant":
-        return warm
-    return warm * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
+        return 1.0
+    progress = (step - args.warmup) / max(args.steps - args.warmup, 1)
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def world(args):
@@ -229,9 +320,9 @@ def save_data_report(stage_dir, info, step):
 
 def tiny_init(args, rank):
     """The embedded default: a tokenizer trained offline on our tasks' text and a random tiny model,
-    built once by rank 0 and saved, so every rank (and every later run) loads the very same bytes."""
+    built once by rank 0 and saved (atomically), so every rank (and every later run) loads the very same bytes."""
     init = Path(args.out) / "init"
-    if rank == 0 and not (init / "config.json").exists():
+    if rank == 0 and not init.is_dir():
         corpus = []
         for name, task in rft3d.TASKS.items():
             ds = scenes.SyntheticDataset(name, 200, seed=7, **world(args))
@@ -239,7 +330,9 @@ def tiny_init(args, rank):
         tok = vgllm.build_tiny_tokenizer(corpus)
         torch.manual_seed(args.seed)
         net = vgllm.VGLLM(vgllm.tiny_config(len(tok), vggt=not args.no_geometry))
-        checkpoints.save_pretrained(net, tok, init)
+        tmp = fresh_temp(init)
+        checkpoints.save_pretrained(net, tok, tmp)
+        replace_dir(tmp, init)
         print(f"built the tiny default model ({sum(p.numel() for p in net.parameters()):,} parameters) -> {init}")
     if dist.is_initialized():
         dist.barrier()
@@ -255,7 +348,7 @@ def load_model(args, rank, path=None):
     if path is None and args.qwen:
         return checkpoints.from_qwen_and_vggt(args.qwen, args.vggt, dtype=torch.float32)
     path = path or tiny_init(args, rank)
-    if "use_vggt_feature" in json.loads((Path(path) / "config.json").read_text()):
+    if "use_vggt_feature" in checkpoints.read_json(Path(path) / "config.json"):
         return checkpoints.from_vgllm(path, dtype=torch.float32)
     return checkpoints.load_pretrained(path, dtype=torch.float32)
 
@@ -288,8 +381,29 @@ def full_state(policy):
     return get_model_state_dict(grpo.unwrap(policy), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def fresh_temp(path):
+    """An empty temp directory next to `path` (.tmp-<name>), a leftover of a killed save removed first."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def replace_dir(tmp, path):
+    """Move a finished temp directory to `path`. An existing `path` is first moved aside and deleted only after
+    the rename, so a kill at any moment leaves a complete old or new directory (os.replace cannot replace a
+    non-empty directory by another: that was 'Directory not empty')."""
+    old = path.with_name(f".old-{path.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, extra):
-    """model/ + state.pt, written to a temp dir and renamed: a crash mid-save keeps the last good one."""
+    """model/ + state.pt, written to a temp dir and renamed: a kill mid-save keeps the last good one. state.pt is
+    covered by the step directory's checksums.json (the model directory has its own)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = full_state(policy)
@@ -299,20 +413,85 @@ def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, e
     if dist.is_initialized():
         dist.all_gather_object(rngs, rng)  # every rank's sampling stream, so resume continues all of them
     if rank == 0:
-        tmp, final = stage_dir / f".tmp-step-{step}", stage_dir / f"step-{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        final = stage_dir / f"step-{step}"
+        tmp = fresh_temp(final)
         checkpoints.save_pretrained(grpo.unwrap(policy), tokenizer, tmp / "model", state_dict=model_state)
         torch.save({"optimizer": optim_state, "step": step, "rng": rngs, "extra": extra}, tmp / "state.pt")
-        os.replace(tmp, final)
-        for old in sorted(stage_dir.glob("step-*"), key=lambda d: int(d.name[5:]))[: -args.keep]:
+        checkpoints.seal(tmp)
+        replace_dir(tmp, final)
+        for old in step_dirs(stage_dir)[: -args.keep]:
             shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
 
 
+def step_dirs(stage_dir):
+    """The step-<k> checkpoint directories, oldest first (temp and set-aside directories do not match)."""
+    return sorted((d for d in stage_dir.glob("step-*") if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
+
+
 def latest_checkpoint(stage_dir):
-    steps = sorted(stage_dir.glob("step-*"), key=lambda d: int(d.name[5:]))
+    steps = step_dirs(stage_dir)
     return steps[-1] if steps else None
+
+
+def resume_point(args, rank, stage_dir):
+    """--resume: the newest checkpoint that loads intact -> (dir, model, tokenizer, state), or Nones when there is
+    none. A damaged one (checksum, torn file, NaN weights: checkpoints.py says which file) is skipped with a
+    message and, once every rank has decided, set aside as damaged-step-<k> so --keep never counts it."""
+    found, skipped = (None, None, None, None), []
+    for ckpt in reversed(step_dirs(stage_dir)):
+        try:
+            checkpoints.verify(ckpt)  # state.pt's checksum; the model directory is verified by its loader
+            state = checkpoints.read_torch(ckpt / "state.pt")
+            found = (ckpt, *load_model(args, rank, str(ckpt / "model")), state)
+            break
+        except checkpoints.CheckpointError as e:
+            skipped.append(ckpt)
+            if rank == 0:
+                print(f"--resume: skipping {ckpt}: {e}")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        for ckpt in skipped:
+            aside = ckpt.with_name(f"damaged-{ckpt.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt, aside)
+            print(f"--resume: set {ckpt.name} aside as {aside} (delete it once you have looked)")
+        if found[0] is None:
+            print(f"--resume: no intact checkpoint in {stage_dir}: {args.stage} starts at step 0")
+        else:
+            print(f"--resume: continuing {args.stage} from {found[0]}")
+    return found
+
+
+def json_line(record):
+    """One strict-JSON log line: NaN and inf (no JSON literal for them) are logged as null."""
+    def clean(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
+    return json.dumps(clean(record), allow_nan=False) + "\n"
+
+
+def truncate_log(path, step):
+    """Keep the records of a JSONL log up to `step`: a resumed run writes the later ones again, so they must not
+    appear twice. A line torn by a kill is dropped; the kept ones are rewritten as strict JSON."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(json_line(record))
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,12 +502,14 @@ def train(args):
     rank, world, device = setup_distributed()
     stage_dir = Path(args.out) / args.stage
     task = rft3d.TASKS[args.task]
+    train_set, val_set, data_info = datasets(args)  # first: a bad data file stops the run before a model loads
 
     # 1. Start point: --model, else the SFT result for GRPO (main() runs the warm-up if it is missing), else
-    #    (None) the Qwen + VGGT pair or the tiny default. A resumed run loads its checkpoint instead.
+    #    (None) the Qwen + VGGT pair or the tiny default. A resumed run loads its newest intact checkpoint instead.
     start = args.model or (str(Path(args.out) / "sft" / "final") if args.stage == "grpo" and not args.qwen else None)
-    ckpt = latest_checkpoint(stage_dir) if args.resume else None
-    net, tokenizer = load_model(args, rank, str(ckpt / "model") if ckpt else start)
+    ckpt, net, tokenizer, state = resume_point(args, rank, stage_dir) if args.resume else (None,) * 4
+    if ckpt is None:
+        net, tokenizer = load_model(args, rank, start)
     if args.lora_rank:  # saves merge the adapters, so a --resume restarts them from the merged weights (not exact)
         vgllm.apply_lora(net, rank=args.lora_rank, alpha=2 * args.lora_rank)
     if args.grad_ckpt:
@@ -347,15 +528,13 @@ def train(args):
     groups = [{"params": [p for p in params if id(p) not in merger], "lr": args.lr, "base_lr": args.lr},
               {"params": [p for p in params if id(p) in merger], "lr": args.lr_merger, "base_lr": args.lr_merger}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
-    step, best, state = 0, {"value": -float("inf")}, None
+    step, best = 0, {"value": -float("inf")}
     if ckpt:  # 3. Exact resume: optimiser moments, step, data position, and (below) every rank's RNG stream.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        state = torch.load(ckpt / "state.pt", weights_only=True)
         set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         step, best = state["step"], state["extra"]["best"]
 
     # 4. Data: each rank reads its own slice of every global batch.
-    train_set, val_set, data_info = datasets(args)
     per_rank = args.batch_size if args.stage == "sft" else args.prompts_per_rank
     sampler = StepSampler(len(train_set), per_rank, rank, world, args.seed, step, shuffle=len(train_set) < 10**7,
                           mix=data_info["mix"])
@@ -383,6 +562,8 @@ def train(args):
             for r in data_info[split]:
                 print(f"  {split} " + data.describe(r).replace("\n", "\n  "))
         save_data_report(stage_dir, data_info, step)
+        for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run rewrites what came after its checkpoint
+            truncate_log(stage_dir / name, step)
     log = open(stage_dir / "metrics.jsonl", "a") if rank == 0 else None
     samples_log = open(stage_dir / "samples.jsonl", "a") if rank == 0 else None
 
@@ -406,18 +587,18 @@ def train(args):
         texts = out.pop("_texts", None)
         if rank == 0:
             out.update(step=step, lr=optimizer.param_groups[0]["lr"], skipped=int(math.isnan(out["grad_norm"])))
-            log.write(json.dumps(out) + "\n")
+            log.write(json_line(out))
             log.flush()
             bar.update(1)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("loss", "reward") if k in out})
             if texts and step % args.log_every == 0:
-                samples_log.write(json.dumps({"step": step, "completions": texts[: args.G]}) + "\n")
+                samples_log.write(json_line({"step": step, "completions": texts[: args.G]}))
                 samples_log.flush()
         if step % args.eval_every == 0 or step == args.steps:
             metrics = evaluate(model, tokenizer, args.task, val_set, max_new_tokens=args.max_new_tokens,
                                synced_gpus=args.fsdp)["metrics"]
             if rank == 0:
-                log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
+                log.write(json_line({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}))
                 log.flush()
                 shown = [PRIMARY_METRIC[args.task], "parse_rate", "iou_gt", "n_pred", "count_acc", "iou", "frame_acc"]
                 tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics))
@@ -436,31 +617,70 @@ def train(args):
 
 
 def save_model(policy, tokenizer, path, rank):
-    """A plain model directory (LoRA merged), written atomically."""
+    """A plain model directory (LoRA merged), written to a temp dir and renamed over the old one."""
     state = full_state(policy)
     if rank == 0:
-        tmp = path.with_name(f".tmp-{path.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = fresh_temp(path)
         checkpoints.save_pretrained(grpo.unwrap(policy), tokenizer, tmp, state_dict=state)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     if dist.is_initialized():
         dist.barrier()
 
 
+def set_threads():
+    """torch's CPU threads for this process, printed at start. OMP_NUM_THREADS wins when set (torchrun sets 1 for
+    several processes). Otherwise one thread on a CPU: the tiny default is dominated by per-op overhead, and with
+    2 OpenMP threads and the other core busy the SFT warm-up fell from 0.72 s/step to 7.6 s/step (threads that
+    wait for each other at every op). `python bench.py threads` measures the candidates."""
+    if "OMP_NUM_THREADS" in os.environ:
+        why = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    elif torch.cuda.is_available():
+        return
+    else:
+        torch.set_num_threads(1)
+        why = "the CPU default; set OMP_NUM_THREADS to use more"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"threads: {torch.get_num_threads()} per process ({why})")
+
+
+def check_out(args, warmup):
+    """Before anything is written. A fresh run refuses an --out/<stage> that already holds work (what is there,
+    what to do; nothing is deleted): mixing two runs there would lose both. --resume needs something to resume."""
+    stages = (["sft"] if warmup else []) + [args.stage]
+    for stage in stages:
+        d = Path(args.out) / stage
+        held = sorted(x.name for x in d.iterdir()) if d.is_dir() else []
+        if held and not args.resume:
+            fail(f"{d} already holds an earlier {stage} run ({', '.join(held[:8])}{', ...' if len(held) > 8 else ''}). "
+                 f"Add --resume to continue it from its newest intact checkpoint, or pass another --out "
+                 f"(or delete {d} yourself to start over)")
+    ours = ["sft", "grpo"] if args.stage == "grpo" and not (args.model or args.qwen) else [args.stage]  # warm-up too
+    if args.resume and not any((Path(args.out) / s).is_dir() and any((Path(args.out) / s).iterdir()) for s in ours):
+        fail(f"--resume: nothing to resume in {args.out} (no {' or '.join(ours)} run there). Check --out, or drop "
+             "--resume to start a fresh run")
+
+
 def main(argv=None):
     args = get_args(argv)
+    set_threads()
     sft_final = Path(args.out) / "sft" / "final"
-    if args.stage == "grpo" and not (args.model or args.qwen) and not (sft_final / "config.json").exists():
-        # The paper: RL from an un-warmed model gets no reward signal (no parseable answers), so GRPO on
-        # the embedded default starts from an SFT warm-up, which we run here first, with SFT defaults.
-        print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft)")
-        train(get_args(argv, stage="sft"))
-    train(args)
+    warmup = args.stage == "grpo" and not (args.model or args.qwen) and not (sft_final / "config.json").exists()
+    sft_args = get_args(argv, stage="sft") if warmup else None
+    check_out(args, warmup)
+    try:
+        if warmup:
+            # The paper: RL from an un-warmed model gets no reward signal (no parseable answers), so GRPO on
+            # the embedded default starts from an SFT warm-up, which we run here first, with SFT defaults
+            # (with --resume it continues from the warm-up's own newest checkpoint).
+            print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft)")
+            train(sft_args)
+        train(args)
+    except checkpoints.CheckpointError as e:  # a damaged --model, init/ or sft/final: name the file, no traceback
+        init = Path(args.out) / "init"
+        fail(f"{e}" + (f" (delete {init} to rebuild it from --seed)" if str(init) in str(e) else ""), code=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    import sys
     main(sys.argv[1:])

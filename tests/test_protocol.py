@@ -149,7 +149,7 @@ def test_proposal_refinement_turns_a_miss_into_a_hit(tmp_path):
 
 
 # ---- --data mixes ------------------------------------------------------------------------------------------------
-def test_parse_files():
+def test_parse_files(tmp_path):
     assert data.parse_files(["a.json:2", "b.json", "c.json:1"]) == [("a.json", 2), ("b.json", 1), ("c.json", 1)]
     assert data.parse_files([r"C:\data\x.json", "host:rows.json"]) == [(r"C:\data\x.json", 1), ("host:rows.json", 1)]
     for bad in ("a.json:0", "a.json:1.5", "a.json:-2", "a.json:nan"):
@@ -157,7 +157,9 @@ def test_parse_files():
             data.parse_files([bad])
     with pytest.raises(SystemExit):
         train.get_args(["--data", "a.json:0.5"])
-    assert train.get_args(["--data", "a.json:3", "b.json"]).data == [("a.json", 3), ("b.json", 1)]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"   # train.py checks that the files exist
+    a.write_text("[]"), b.write_text("[]")
+    assert train.get_args(["--data", f"{a}:3", str(b)]).data == [(str(a), 3), (str(b), 1)]
 
 
 def test_mix_sampler_proportions_and_purity():

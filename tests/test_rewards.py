@@ -384,10 +384,13 @@ def test_grounding_round_trip_through_any_camera():
 def test_grounding_out_of_range_and_failures():
     poses = np.stack([np.eye(4)] * 4)
     box = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    # a frame outside the 4-frame video is no answer: no format, frame or IoU credit (issue 12)
     r = R.grounding_reward(tagged(json.dumps({"frame": 6, "bbox_3d": box})), box, 3, poses, None)
-    assert r == pytest.approx({"total": 1.4, "format": 1.0, "frame": 0.4, "iou": 0.0})  # no pose for 6
+    assert r == {"total": 0.0, "format": 0.0, "frame": 0.0, "iou": 0.0}
     r = R.grounding_reward(tagged(json.dumps({"frame": -1, "bbox_3d": box})), box, 0, poses, None)
-    assert (r["frame"], r["iou"]) == (pytest.approx(0.8), 0.0)
+    assert r == {"total": 0.0, "format": 0.0, "frame": 0.0, "iou": 0.0}
+    r = R.grounding_reward(tagged(json.dumps({"frame": 3, "bbox_3d": box})), box, 3, poses, None)
+    assert r == pytest.approx({"total": 3.0, "format": 1.0, "frame": 1.0, "iou": 1.0})  # the last frame counts
     r = R.grounding_reward(tagged(json.dumps({"frame": 10**400, "bbox_3d": box})), box, 0, poses, None)
     assert (r["frame"], r["iou"]) == (0.0, 0.0)
     assert R.grounding_reward("no answer", box, 0, poses, None)["total"] == 0.0
