@@ -82,13 +82,30 @@ def rig_eos(model, batch, enc, scale=1.5, n=12):
 # greedy: exactly transformers' generate
 # ----------------------------------------------------------------------------------------------------------
 
+def transformers_greedy(model, batch, enc, n):
+    """transformers' generate on the same inputs: tokens [B, n] and the log-prob of each under its processed scores."""
+    gc = model.generation_config(n, do_sample=False)
+    gc.output_scores = gc.return_dict_in_generate = True
+    with torch.no_grad():
+        out = model.qwen.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
+                                  generation_config=gc, **model._mm_inputs(batch["image_grid_thw"], enc))
+    tokens = out.sequences[:, batch["input_ids"].shape[1]:]
+    logp = torch.stack([torch.log_softmax(s.double(), -1).gather(1, tokens[:, j:j + 1])[:, 0]
+                        for j, s in enumerate(out.scores)], 1)
+    return tokens, logp
+
+
 @pytest.mark.parametrize("vggt", [True, False])
 def test_greedy_equals_transformers_generate(tok, vggt):
+    """The same tokens, and the same log-probs to 1e-5: a random-init model's argmax barely depends on the context,
+    so the log-probs are what catches a wrong position, cache row or mask."""
     model = make_model(tok, vggt)
     batch, enc = mixed_batch(model, tok)
-    ours = model.generate(batch, enc, 10, do_sample=False)
-    ref = model.hf_generate(batch, enc, 10, do_sample=False)
+    ours, logp = model.generate(batch, enc, 10, do_sample=False, return_logprobs=True)
+    ref, ref_logp = transformers_greedy(model, batch, enc, 10)
     assert ours.shape == ref.shape == (3, 10) and torch.equal(ours, ref)
+    torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=0)
+    assert torch.equal(ours, model.hf_generate(batch, enc, 10, do_sample=False))
     assert torch.equal(ours[0], ours[2])  # the shared prefill serves both copies
 
 
