@@ -18,8 +18,10 @@ Beside it: vggt.py is the geometry encoder (VGGT's aggregator; this file uses on
 features [S, h*w, out_dim] + grid (h, w), so a fork can swap it), and checkpoints.py moves weights in and out
 (our saves, a Qwen2.5-VL dir + VGGT file, a VG-LLM dir). Nothing else of rft3d is imported here.
 """
+import functools
 import inspect
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,7 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerFast
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
@@ -52,6 +55,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL image normalisatio
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPRESSED_LOGIT = -1e9  # the logit of a never-sampled token (VGLLM.suppressed_ids): probability exactly 0
 DONE_CHECK_EVERY = 8  # the decode loop asks "has every row ended?" (a host sync) once per this many tokens
+_DECODE_GRAPHS = weakref.WeakKeyDictionary()  # model -> (shape key, fixed DecodeState, its CUDA graph or None)
 
 # -----------------------------------------------------------------------------------------------------------
 # 1. Configs: a plain JSON-able dict {"qwen": Qwen2_5_VLConfig.to_dict(), "vggt": hyperparameters or None, ...}
@@ -463,9 +467,10 @@ class VGLLM(nn.Module):
     # once, and the host looks at a tensor value only every DONE_CHECK_EVERY steps. The two give the same greedy
     # tokens (tests/test_decode.py).
 
-    # Captured decoding step: "auto" = torch.compile(mode="reduce-overhead"), i.e. CUDA graphs, on a CUDA device when
-    # torch.distributed is not initialised (FSDP's per-layer all-gathers cannot be captured); True / False force it.
-    compile_decode = "auto"
+    # CUDA graphs of the decoding step: "auto" = on a CUDA device unless FSDP shards the model (its per-layer
+    # all-gathers cannot be captured); True / False force it. A graph reads the parameters in place, so optimiser steps
+    # and load_state_dict are seen by later replays (replacing a parameter tensor is not).
+    decode_cuda_graphs = "auto"
 
     def suppressed_ids(self, device=None):
         """[n] long: the tokens that are never sampled (vision and special tokens but EOS, unused vocabulary rows).
@@ -517,17 +522,17 @@ class VGLLM(nn.Module):
         return (completion.clone(), logp.clone()) if return_logprobs else completion.clone()
 
     def _decode(self, batch, encodings, max_new_tokens, temperature, do_sample, synced_gpus, return_logprobs):
-        captured = self.compile_decode
-        if captured == "auto":
-            captured = self.device.type == "cuda" and not (dist.is_available() and dist.is_initialized())
+        graphs = self.decode_cuda_graphs
+        if graphs == "auto":
+            graphs = self.device.type == "cuda" and not synced_gpus and not isinstance(self, FSDPModule)
         # 1. Prefill: the prompt's keys/values into a cache of P + C slots, the first token from its last position.
-        s = self._prefill(batch, encodings, max_new_tokens, temperature, do_sample, return_logprobs, captured)
+        s = self._prefill(batch, encodings, max_new_tokens, temperature, do_sample, return_logprobs, graphs)
         self._pick(s, s.hidden)
         # 2. One decoding step per token, the same device work every step. The host reads a tensor value only every
         #    DONE_CHECK_EVERY steps (one sync per k tokens, at most k - 1 steps wasted after the last row ended).
-        step = self._captured_step() if captured else self._decode_step
+        step = self._step_graph(s) if graphs and max_new_tokens > 1 else functools.partial(self._decode_step, s)
         for t in range(1, max_new_tokens):
-            step(s)
+            step()
             if t % DONE_CHECK_EVERY == 0 and _all_ranks_done(s.finished, synced_gpus):
                 break
         # 3. Cut where the last row ended: its first EOS, or max_new_tokens if a row never ended.
@@ -544,7 +549,7 @@ class VGLLM(nn.Module):
     # prefill would mean writing its private counters. So the cache here is ours (StaticKV, 15 lines), the layers
     # are transformers' own (called one by one: FSDP's per-layer hooks and LoRA wrappers keep working).
 
-    def _prefill(self, batch, encodings, max_new_tokens, temperature, do_sample, return_logprobs, captured):
+    def _prefill(self, batch, encodings, max_new_tokens, temperature, do_sample, return_logprobs, graphs):
         """The prompt through transformers' Qwen2.5-VL (fused image embeddings through the mm_encoder_outputs seam,
         M-RoPE positions from get_rope_index, as transformers' generate) once per distinct (encoding, prompt) row:
         GRPO repeats each prompt G times, so one prefill and G copies of its keys/values (vLLM's prefix caching does
@@ -569,8 +574,8 @@ class VGLLM(nn.Module):
                               **{CACHE_KWARG: cache}, **mm)
         hidden = out.last_hidden_state[copy_of, -1]  # [B, d]: the last prompt position predicts the first token
 
-        # The decoding state. Captured steps replay fixed shapes: round the cache up so prompts of other lengths fit.
-        L = -(-(P + C) // 256) * 256 if captured else P + C
+        # The decoding state. A CUDA graph replays fixed shapes: round the cache up so prompts of other lengths fit.
+        L = -(-(P + C) // 256) * 256 if graphs else P + C
         kv = StaticKV([c.keys[copy_of] for c in cache.layers], [c.values[copy_of] for c in cache.layers], L, P)
         attn = torch.full((B, 1, 1, L), torch.finfo(kv.keys[0].dtype).min, dtype=kv.keys[0].dtype, device=dev)
         attn[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)  # additive mask: the prompt but its left padding
@@ -583,7 +588,7 @@ class VGLLM(nn.Module):
                         finished=zeros(B, dtype=torch.bool), completion=zeros(B, C) + self.config["pad_token_id"],
                         logp=zeros(B, C, dtype=torch.float32) if return_logprobs else None,
                         suppress=self.suppressed_ids(dev), temperature=temperature, do_sample=do_sample)
-        return self._fixed_buffers(s) if captured else s
+        return self._fixed_buffers(s) if graphs else s
 
     def _pick(self, s, hidden):
         """The next token of every row from its last hidden state [B, d], written to completion column s.step. Rows
@@ -614,26 +619,46 @@ class VGLLM(nn.Module):
         s.step += 1
         self._pick(s, lm.norm(x)[:, 0])
 
-    def _captured_step(self):
-        if getattr(self, "_compiled_step", None) is None:
-            self._compiled_step = torch.compile(self._decode_step, mode="reduce-overhead", fullgraph=True)
-        return self._compiled_step
-
     def _fixed_buffers(self, s):
-        """A captured step reads and writes fixed addresses: keep one DecodeState per shape and copy each call's values
-        into it (otherwise every rollout would record a new graph)."""
+        """A CUDA graph reads and writes fixed addresses: keep one DecodeState per shape (outside the module, so
+        state_dict and deepcopy never see it) and copy each call's values into it."""
         key = (tuple(s.kv.keys[0].shape), s.kv.keys[0].dtype, tuple(s.completion.shape), s.logp is None,
-               s.temperature, s.do_sample)
-        kept = getattr(self, "_decode_buffers", None)
+               s.temperature, s.do_sample, torch.is_autocast_enabled(s.mask.device.type))
+        kept = _DECODE_GRAPHS.get(self)
         if kept is None or kept[0] != key:
-            for t in s.tensors():
-                torch._dynamo.mark_static_address(t)
-            self._decode_buffers = (key, s)
+            _DECODE_GRAPHS[self] = (key, s, None)  # a new buffer set: its graph is recorded by _step_graph
             return s
         for dst, src in zip(kept[1].tensors(), s.tensors()):
             dst.copy_(src)
         kept[1].hidden = s.hidden
         return kept[1]
+
+    def _step_graph(self, s):
+        """_decode_step recorded as a CUDA graph on the fixed buffers s, once per buffer set; returns its replay: one
+        launch per token instead of one per kernel. As CUDA graphs require, warm-up steps run first on a side stream;
+        each is undone (the cache slot it wrote stays hidden by the restored mask). Autocast's weight cache is off
+        while recording, or the graph would keep reading the weights as they were cast at capture time."""
+        key, kept, graph = _DECODE_GRAPHS[self]
+        assert kept is s, "_step_graph needs the buffers of _fixed_buffers"
+        if graph is None:
+            state = [s.mask, s.slot, s.step, s.token, s.finished, s.completion] + ([s.logp] if s.logp is not None else [])
+            saved = [t.clone() for t in state]
+            undo = lambda: [t.copy_(v) for t, v in zip(state, saved)]
+            amp = dict(device_type="cuda", dtype=torch.get_autocast_dtype("cuda"),
+                       enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.autocast(**amp):
+                for _ in range(3):
+                    self._decode_step(s)
+                    undo()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), torch.autocast(**amp):
+                self._decode_step(s)
+            undo()  # recording does not run the kernels, but keep the state exactly as the prefill left it
+            _DECODE_GRAPHS[self] = (key, s, graph)
+        return graph.replay
 
 # -----------------------------------------------------------------------------------------------------------
 # 6. The policy's distribution: tempered logits without the suppressed tokens, sampling, chunked log-probs

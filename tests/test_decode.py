@@ -234,24 +234,49 @@ def test_synced_gpus_every_rank_runs_the_same_steps(tok, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the captured step (the CUDA-graph path), traced on the CPU
+# the CUDA-graph path, as far as a CPU can check it
 # ----------------------------------------------------------------------------------------------------------
 
-def test_captured_step_traces_as_one_graph_and_decodes_the_same(tok):
-    """The GPU path compiles the decoding step with fullgraph=True (CUDA graphs need one graph, no host syncs). Here
-    dynamo traces it with the eager backend: no graph break, and the same tokens as the eager loop, twice (the
-    second call reuses the fixed buffers)."""
+def one_layer_model(tok):
     cfg = M.tiny_config(len(tok))
     text = cfg["qwen"]["text_config"]
     text["num_hidden_layers"], text["layer_types"] = 1, text["layer_types"][:1]  # one layer: tracing takes seconds
     torch.manual_seed(0)
-    model = M.VGLLM(cfg).eval()
+    return M.VGLLM(cfg).eval()
+
+
+def test_decode_step_is_one_graph_without_host_syncs(tok):
+    """A CUDA graph needs a step with no host sync and no Python branch on a tensor value. dynamo with fullgraph=True
+    raises on either (a .item(), a bool(tensor), a data-dependent shape): trace the step with it and decode."""
+    model = one_layer_model(tok)
     batch, enc = mixed_batch(model, tok)
     eager = model.generate(batch, enc, 6, do_sample=False)
-    model.compile_decode = True
-    model._compiled_step = torch.compile(model._decode_step, backend="eager", fullgraph=True)
+    traced = torch.compile(model._decode_step, backend="eager", fullgraph=True)
+    model._decode_step = traced  # the loop now calls the traced step
     try:
         assert torch.equal(model.generate(batch, enc, 6, do_sample=False), eager)
-        assert torch.equal(model.generate(batch, enc, 6, do_sample=False), eager)
     finally:
+        del model._decode_step
         torch._dynamo.reset()
+
+
+def test_graph_buffers_are_reused_and_refilled(tok, monkeypatch):
+    """The graph path on the CPU, with the eager step in place of the recorded graph: fixed buffers (cache rounded up
+    to 256 slots), kept across calls and refilled each call; the tokens are those of the plain loop."""
+    model = make_model(tok)
+    batch, enc = mixed_batch(model, tok)
+    plain = model.generate(batch, enc, 6, do_sample=False)
+    torch.manual_seed(3)
+    sampled = model.generate(batch, enc, 6, temperature=0.8)
+    model.decode_cuda_graphs = True
+    monkeypatch.setattr(model, "_step_graph", lambda s: (lambda: model._decode_step(s)))
+    assert torch.equal(model.generate(batch, enc, 6, do_sample=False), plain)
+    key, first, _ = M._DECODE_GRAPHS[model]
+    assert first.kv.keys[0].shape[2] == 256
+    other_batch, other_enc = model.prompt_batch(tok, [SHORT] * 3, enc[1:2] * 3), enc[1:2] * 3  # a shorter prompt
+    model.generate(other_batch, other_enc, 6, do_sample=False)  # same shapes after rounding: same buffers, refilled
+    assert M._DECODE_GRAPHS[model][1] is first
+    assert torch.equal(model.generate(batch, enc, 6, do_sample=False), plain)
+    torch.manual_seed(3)
+    assert torch.equal(model.generate(batch, enc, 6, temperature=0.8), sampled)  # a new key: new buffers
+    assert M._DECODE_GRAPHS[model][1] is not first
