@@ -1,11 +1,15 @@
 """bench.py: throughput, memory and learning benchmarks of rft3d. Tests never time things; this file does.
 
-    python bench.py throughput [--quick]     GRPO step breakdown, encode-once vs a naive loop, log-prob memory,
-                                             scaling over G / frames / processes (torchrun of train.py)
+    python bench.py throughput [--quick] [--rollout-only]
+                                             rollouts: our decode loop vs transformers' generate (issue 13's
+                                             setting); GRPO step breakdown, encode-once vs a naive loop, log-prob
+                                             memory, scaling over G / frames / processes (torchrun of train.py)
     python bench.py learning [--quick]       the paper's ablation in miniature: from one SFT checkpoint,
                                              SFT->SFT vs SFT->GRPO on synthetic grounding, paired per-scene errors
-    python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp]
+    python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp] [--compare-rollout]
                                              real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory
+                                             (--compare-rollout: ms per decoding step vs transformers' generate and
+                                             vs the memory-bandwidth limit)
 
 Outputs (logs, checkpoints, curves as PNG, tables as JSON) go under bench_out/. Run with OMP_NUM_THREADS=1 on a
 shared CPU. Everything here uses the public pieces of model.py / grpo.py / train.py / eval.py.
@@ -740,6 +744,7 @@ def gpu(args):
     enc_G = enc * args.G
     batch = {k: v for k, v in seq_batch(answer[:, :0].expand(args.G, 0)).items() if k != "first_position"}
     net.eval()
+    net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)  # warm-up: records the graph
     with t("rollout"):
         completion = net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)
     net.train()
@@ -763,6 +768,8 @@ def gpu(args):
     res.update({f"{k}_s": v for k, v in t.s.items() if k != "warm-up"}, prompt_tokens=P)
     res["grpo_step_s"] = sum(t.s[k] for k in ("encode", "rollout", "reference logp", "policy fwd/bwd", "optimizer"))
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+    if args.compare_rollout:  # the decode loop vs transformers' generate at this size, and the bandwidth limit
+        rollout_comparison(net, batch, enc_G, args.new_tokens, repeats=2)
 
 
 def main(argv=None):
@@ -783,6 +790,7 @@ def main(argv=None):
     gp.add_argument("--new-tokens", type=int, default=128)
     gp.add_argument("--micro-batch", type=int, default=2)
     gp.add_argument("--fsdp", action="store_true")
+    gp.add_argument("--compare-rollout", action="store_true", help="also time transformers' generate (issue 13)")
     c = sub.add_parser("_logprob_mem")  # internal: one measurement in a fresh process
     for k, v in (("--B", 8), ("--L", 512), ("--d", 2048), ("--chunk", 1024)):
         c.add_argument(k, type=int, default=v)

@@ -10,9 +10,9 @@ What flows through this file (DESIGN.md section 5):
 
 Sections:
     1. configs (tiny / real)            5. VGLLM: encode, fusion, prompts, forward (chunked log-probs), generate
-    2. tiny tokenizer                   6. chunked per-token log-probs
-    3. frame preprocessing              7. LoRA
-    4. geometry merger
+    2. tiny tokenizer                      (5e-5f: our decode loop: shared prefill, static KV cache, CUDA graphs)
+    3. frame preprocessing              6. the policy's distribution: suppressed tokens, sampling, chunked log-probs
+    4. geometry merger                  7. LoRA
 
 Beside it: vggt.py is the geometry encoder (VGGT's aggregator; this file uses only its documented interface,
 features [S, h*w, out_dim] + grid (h, w), so a fork can swap it), and checkpoints.py moves weights in and out
@@ -289,13 +289,13 @@ class DecodeState:
     temperature: float
     do_sample: bool
 
-    def tensors(self):  # the buffers a captured step reads and writes
+    def tensors(self):  # the buffers a CUDA graph of the step reads and writes
         return [*self.kv.keys, *self.kv.values, self.mask, self.cos, self.sin, self.slot, self.step, self.token,
                 self.finished, self.completion, self.suppress] + ([self.logp] if self.logp is not None else [])
 
 
 def _all_ranks_done(finished, synced_gpus):
-    """Has every row ended (on every rank, under FSDP's lock-step)? The decode loop's only host sync."""
+    """Has every row ended (on every rank, under FSDP's lock-step)? The only host sync inside the token loop."""
     done = finished.all().int()
     if synced_gpus and dist.is_available() and dist.is_initialized():
         dist.all_reduce(done, op=dist.ReduceOp.MIN)
