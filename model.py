@@ -468,8 +468,8 @@ class VGLLM(nn.Module):
     # tokens (tests/test_decode.py).
 
     # CUDA graphs of the decoding step: "auto" = on a CUDA device unless FSDP shards the model (its per-layer
-    # all-gathers cannot be captured); True / False force it. A graph reads the parameters in place, so optimiser steps
-    # and load_state_dict are seen by later replays (replacing a parameter tensor is not).
+    # all-gathers cannot be captured); True / False force it. A graph reads the parameters in place: optimiser steps
+    # and load_state_dict are seen by later replays, and new parameter tensors (apply_lora) make a new recording.
     decode_cuda_graphs = "auto"
 
     def suppressed_ids(self, device=None):
@@ -518,7 +518,7 @@ class VGLLM(nn.Module):
             completion, logp = self._decode(batch, encodings, max_new_tokens, temperature if do_sample else 1.0,
                                             do_sample, synced_gpus, return_logprobs)
         # copies, made outside inference mode: ordinary tensors for the caller (the scoring forward embeds them),
-        # and captured steps reuse their buffers
+        # and the CUDA-graph path reuses its buffers
         return (completion.clone(), logp.clone()) if return_logprobs else completion.clone()
 
     def _decode(self, batch, encodings, max_new_tokens, temperature, do_sample, synced_gpus, return_logprobs):
@@ -623,7 +623,8 @@ class VGLLM(nn.Module):
         """A CUDA graph reads and writes fixed addresses: keep one DecodeState per shape (outside the module, so
         state_dict and deepcopy never see it) and copy each call's values into it."""
         key = (tuple(s.kv.keys[0].shape), s.kv.keys[0].dtype, tuple(s.completion.shape), s.logp is None,
-               s.temperature, s.do_sample, torch.is_autocast_enabled(s.mask.device.type))
+               s.temperature, s.do_sample, torch.is_autocast_enabled(s.mask.device.type),
+               tuple(map(id, self.parameters())))  # new parameter tensors (apply_lora, merge_lora): record again
         kept = _DECODE_GRAPHS.get(self)
         if kept is None or kept[0] != key:
             _DECODE_GRAPHS[self] = (key, s, None)  # a new buffer set: its graph is recorded by _step_graph
@@ -661,7 +662,8 @@ class VGLLM(nn.Module):
         return graph.replay
 
 # -----------------------------------------------------------------------------------------------------------
-# 6. The policy's distribution: tempered logits without the suppressed tokens, sampling, chunked log-probs
+# 6. The policy's distribution: tempered logits without the suppressed tokens, sampling, and chunked per-token
+#    log-probs ([B, L, V] logits, V = 151k, never exist at once, in forward or backward)
 # -----------------------------------------------------------------------------------------------------------
 
 
