@@ -279,4 +279,8 @@ def test_graph_buffers_are_reused_and_refilled(tok, monkeypatch):
     assert torch.equal(model.generate(batch, enc, 6, do_sample=False), plain)
     torch.manual_seed(3)
     assert torch.equal(model.generate(batch, enc, 6, temperature=0.8), sampled)  # a new key: new buffers
-    assert M._DECODE_GRAPHS[model][1] is not first
+    second = M._DECODE_GRAPHS[model][1]
+    assert second is not first
+    M.apply_lora(model, rank=2, alpha=4)  # new parameter tensors: a graph of the old ones would read stale weights
+    model.generate(batch, enc, 6, temperature=0.8)
+    assert M._DECODE_GRAPHS[model][1] is not second
