@@ -1,7 +1,7 @@
 """Tests for model.py's decode loop (VGLLM.generate): greedy tokens equal transformers' own generate on the same
-inputs, sampled tokens are scored by forward() with the sampler's own log-probs, the suppressed-token bias, EOS and
+inputs, sampled tokens are scored by forward() with the sampler's own log-probs, the suppressed tokens, EOS and
 padding, inverse-CDF sampling against hand-computed intervals, FSDP-style lock-step across two processes, and the
-captured (CUDA-graph) step traced on the CPU. Tiny models, CPU, seconds."""
+CUDA-graph path as far as a CPU can check it. Tiny models, CPU, seconds."""
 import os
 
 import numpy as np
@@ -52,7 +52,7 @@ def completion_mask(completion, eos, pad):
 
 
 def forward_logp(model, batch, enc, completion, T):
-    """forward()'s log-prob of every completion token [B, C] under softmax(logits / T + bias)."""
+    """forward()'s log-prob of every completion token [B, C] (tempered, suppressed tokens removed)."""
     P = batch["input_ids"].shape[1]
     ids = torch.cat([batch["input_ids"], completion], 1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], 1)
