@@ -548,9 +548,10 @@ class VGLLM(nn.Module):
     # 253-286 ms for 16 rows x 32 tokens) and keeps the per-token host work above; filling a StaticCache from a shared
     # prefill would mean writing its private counters. So the cache here is ours (StaticKV, 15 lines), the layers
     # are transformers' own (called one by one: FSDP's per-layer hooks and LoRA wrappers keep working). Also tried on
-    # the CPU, not kept: torch.compile of the step (inductor: 129 s to compile, then no faster than this eager loop)
-    # and our own layer arithmetic in place of transformers' layers (12-14% faster per step: not worth a second copy
-    # of Qwen2's layer). On a CPU what is left of a step is transformers' layers, the same work in both loops.
+    # the CPU, not kept: torch.compile of the step (inductor: 129 s to compile, then 1.3x transformers' generate, less
+    # than this eager loop) and our own layer arithmetic in place of transformers' layers (12-14% faster per step: not
+    # worth a second copy of Qwen2's layer). On a CPU what is left of a step is transformers' layers, the same work
+    # in both loops.
 
     def _prefill(self, batch, encodings, max_new_tokens, temperature, do_sample, return_logprobs, graphs):
         """The prompt through transformers' Qwen2.5-VL (fused image embeddings through the mm_encoder_outputs seam,
