@@ -626,8 +626,8 @@ class VGLLM(nn.Module):
     def _fixed_buffers(self, s):
         """A CUDA graph reads and writes fixed addresses: keep one DecodeState per shape (outside the module, so
         state_dict and deepcopy never see it) and copy each call's values into it."""
-        key = (tuple(s.kv.keys[0].shape), s.kv.keys[0].dtype, tuple(s.completion.shape), s.logp is None,
-               s.temperature, s.do_sample, torch.is_autocast_enabled(s.mask.device.type),
+        key = (tuple((t.shape, t.dtype) for t in s.tensors()), s.temperature, s.do_sample,
+               torch.is_autocast_enabled(s.mask.device.type),
                tuple(map(id, self.parameters())))  # new parameter tensors (apply_lora, merge_lora): record again
         kept = _DECODE_GRAPHS.get(self)
         if kept is None or kept[0] != key:

@@ -281,9 +281,13 @@ def test_graph_buffers_are_reused_and_refilled(tok, monkeypatch):
     assert torch.equal(model.generate(batch, enc, 6, temperature=0.8), sampled)  # a new key: new buffers
     second = M._DECODE_GRAPHS[model][1]
     assert second is not first
+    model.config["suppress_token_ids"] = model.config["suppress_token_ids"] + [model.config["eos_token_id"]]
+    model.generate(batch, enc, 6, temperature=0.8)  # one more suppressed token (bench.py's forced length)
+    third = M._DECODE_GRAPHS[model][1]
+    assert third is not second
     M.apply_lora(model, rank=2, alpha=4)  # new parameter tensors: a graph of the old ones would read stale weights
     model.generate(batch, enc, 6, temperature=0.8)
-    assert M._DECODE_GRAPHS[model][1] is not second
+    assert M._DECODE_GRAPHS[model][1] is not third
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the recorded-graph path)")
