@@ -1,11 +1,15 @@
 """bench.py: throughput, memory and learning benchmarks of rft3d. Tests never time things; this file does.
 
-    python bench.py throughput [--quick]     GRPO step breakdown, encode-once vs a naive loop, log-prob memory,
-                                             scaling over G / frames / processes (torchrun of train.py)
+    python bench.py throughput [--quick] [--rollout-only]
+                                             rollouts: our decode loop vs transformers' generate (issue 13's
+                                             setting); GRPO step breakdown, encode-once vs a naive loop, log-prob
+                                             memory, scaling over G / frames / processes (torchrun of train.py)
     python bench.py learning [--quick]       the paper's ablation in miniature: from one SFT checkpoint,
                                              SFT->SFT vs SFT->GRPO on synthetic grounding, paired per-scene errors
-    python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp]
+    python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp] [--compare-rollout]
                                              real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory
+                                             (--compare-rollout: ms per decoding step vs transformers' generate and
+                                             vs the memory-bandwidth limit)
     python bench.py threads [--quick]        CPU threads: SFT warm-up s/step for 1 thread, all cores, all cores with
                                              OMP_WAIT_POLICY=passive; idle and with a busy loop on the last core
 
@@ -280,6 +284,141 @@ def library_step(net, ref, tok, samples, a):
     return out, dict(counts)
 
 
+@contextlib.contextmanager
+def eos_suppressed(net):
+    """Both decoders read config["suppress_token_ids"] (generate through suppressed_ids, hf_generate through
+    generation_config): with EOS added no row ends, so both decode exactly max_new_tokens steps."""
+    ids = net.config["suppress_token_ids"]
+    net.config["suppress_token_ids"] = ids + [net.config["eos_token_id"]]
+    try:
+        yield
+    finally:
+        net.config["suppress_token_ids"] = ids
+
+
+@contextlib.contextmanager
+def transformers_rollouts(net):
+    """Every caller of net.generate (grpo.grpo_step, step_encode_once) gets transformers' generate instead."""
+    net.generate = net.hf_generate  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del net.generate
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_calls(fns, repeats):
+    """{name: fn} -> {name: median wall seconds}. One warm-up call each, then the calls interleaved so that every
+    variant sees the same machine load."""
+    for f in fns.values():
+        f()
+    times = defaultdict(list)
+    for _ in range(repeats):
+        for name, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def decode_bytes(net, B, L):
+    """(weight bytes, KV-cache bytes) a decoding step must read at least: the LLM's decoder layers, final norm and
+    lm_head (the embedding only reads B rows; tied weights count once), and keys + values of every layer over L slots
+    (the decode loop attends over all of them)."""
+    lm = net.qwen.model.language_model
+    params = {id(p): p for n, p in lm.named_parameters() if not n.startswith("embed_tokens")}
+    params[id(net.qwen.lm_head.weight)] = net.qwen.lm_head.weight
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    t = net.config["qwen"]["text_config"]
+    head_dim = t["hidden_size"] // t["num_attention_heads"]
+    elem = next(lm.parameters()).element_size()
+    return weights, 2 * t["num_hidden_layers"] * B * t["num_key_value_heads"] * L * head_dim * elem
+
+
+def copy_bandwidth(device, nbytes=2**30, repeats=10):
+    """Measured device memory bandwidth, bytes/s: a large copy reads and writes nbytes each."""
+    x = torch.empty(nbytes // 4, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        y.copy_(x)
+    sync()
+    return 2 * nbytes * repeats / (time.perf_counter() - t0)
+
+
+def rollout_comparison(net, batch, enc, new_tokens, repeats):
+    """model.generate (the decode loop) vs model.hf_generate (transformers' generate) on the same batch, both forced
+    to new_tokens steps. A 1-token call of each measures its prefill (+ the first pick); the rest are decoding steps.
+    Prints a table; returns {variant: {rollout_ms, prefill_ms, step_ms, token_ms}}."""
+    B, P = batch["input_ids"].shape
+    variants = {"decode loop (generate)": net.generate, "transformers (hf_generate)": net.hf_generate}
+    was_training = net.training
+    net.eval()
+    with eos_suppressed(net), torch.no_grad():
+        for gen in variants.values():
+            n = gen(batch, enc, new_tokens).shape[1]
+            assert n == new_tokens, f"decoded {n} steps, not {new_tokens}"
+        t = time_calls({(name, n): (lambda g=gen, n=n: g(batch, enc, n))
+                        for name, gen in variants.items() for n in (1, new_tokens)}, repeats)
+    net.train(was_training)
+    res = {}
+    for name in variants:
+        full, one = t[(name, new_tokens)], t[(name, 1)]
+        res[name] = {"rollout_ms": 1e3 * full, "prefill_ms": 1e3 * one, "step_ms": 1e3 * (full - one) / (new_tokens - 1),
+                     "token_ms": 1e3 * full / (B * new_tokens)}
+    header = ["rollout", "rollout ms", "prefill ms (1 token)", "ms / decoding step", "ms / token"]
+    rows = [[name] + [f"{r[k]:.2f}" for k in ("rollout_ms", "prefill_ms", "step_ms", "token_ms")] for name, r in res.items()]
+    if net.device.type == "cuda":  # how far from the memory-bandwidth limit is one decoding step?
+        w, kv = decode_bytes(net, B, P + new_tokens)
+        limit_ms = 1e3 * (w + kv) / copy_bandwidth(net.device)
+        print(f"bandwidth limit per step: weights {w / 2**30:.2f} GiB + KV cache {kv / 2**30:.2f} GiB at the measured "
+              f"copy bandwidth = {limit_ms:.2f} ms")
+        header.append("step / limit")
+        for row, r in zip(rows, res.values()):
+            row.append(f"{r['step_ms'] / limit_ms:.1f}x")
+    table(header, rows)
+    ours, hf = res["decode loop (generate)"], res["transformers (hf_generate)"]
+    speed = hf["rollout_ms"] / ours["rollout_ms"]
+    print(f"rollout speed-up {speed:.2f}x (per decoding step {hf['step_ms'] / ours['step_ms']:.2f}x, prefill "
+          f"{hf['prefill_ms'] / ours['prefill_ms']:.2f}x; target >= 2x: {'met' if speed >= 2 else 'MISSED'})")
+    return res
+
+
+def rollout_section(net, ref, tok, args):
+    """Issue 13's side-by-side setting: tiny default, 2 prompts x G = 8, 4 frames of 112 px, 32 new tokens (forced),
+    the rollout alone and the whole GRPO step, with the decode loop and with transformers' generate."""
+    B, G, S, C = 2, 8, 4, 32
+    samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S, size=112)[i] for i in range(B)]
+    task = rft3d.TASKS["grounding"]
+    enc = net.encode([s.frames for s in samples])
+    enc_G = [e for e in enc for _ in range(G)]
+    batch = net.prompt_batch(tok, [task.prompt(s, think=True) for s in samples for _ in range(G)], enc_G)
+    print(f"\n== Rollout, tiny model, grounding: {B} prompts x G={G} ({B * G} rows, prompt {batch['input_ids'].shape[1]} "
+          f"tokens), {S} frames of 112 px, {C} new tokens (EOS suppressed), device {net.device}, "
+          f"median of {args.repeats} ==")
+    rollout_comparison(net, batch, enc_G, C, args.repeats)
+    a = grpo_args(G, C)
+    phases = ["encode", "rollout", "reward", "ref+old logp", "policy fwd/bwd", "optimizer"]
+    rows, totals = [], {}
+    for name, ctx in (("decode loop", contextlib.nullcontext), ("transformers", lambda: transformers_rollouts(net))):
+        with ctx(), eos_suppressed(net):
+            time_step(step_encode_once, net, ref, tok, samples, a)  # warm-up
+            p, tot, nt, _ = time_step(step_encode_once, net, ref, tok, samples, a, repeats=args.step_repeats)
+        totals[name] = tot
+        rows.append([name] + [f"{p[k]:.3f}" for k in phases] + [f"{tot:.3f}", f"{nt:.0f}", f"{p['rollout'] / tot:.0%}"])
+    print("\nGRPO step (step_encode_once: rollout, reference, old policy, policy, optimizer), seconds:")
+    table(["rollouts by"] + phases + ["step s", "tokens", "rollout share"], rows)
+    print(f"GRPO step speed-up {totals['transformers'] / totals['decode loop']:.2f}x")
+
+
 def logprob_mem_child(a):
     """Runs in a fresh process: peak memory growth of one log-prob forward + backward at Qwen's vocabulary."""
     cuda = torch.cuda.is_available()
@@ -340,6 +479,10 @@ def throughput(args):
     out.mkdir(parents=True, exist_ok=True)
     net, tok = tiny_model(out / "tiny")
     ref = copy.deepcopy(net).requires_grad_(False)
+    args.repeats, args.step_repeats = (3, 1) if args.quick else (args.repeats, 3)
+    rollout_section(net, ref, tok, args)
+    if args.rollout_only:
+        return
     B, G, S = args.prompts, 8, 32
     samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S)[i] for i in range(B)]
     a = grpo_args(G, args.max_new_tokens)
@@ -603,6 +746,7 @@ def gpu(args):
     enc_G = enc * args.G
     batch = {k: v for k, v in seq_batch(answer[:, :0].expand(args.G, 0)).items() if k != "first_position"}
     net.eval()
+    net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)  # warm-up: records the graph
     with t("rollout"):
         completion = net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)
     net.train()
@@ -626,6 +770,8 @@ def gpu(args):
     res.update({f"{k}_s": v for k, v in t.s.items() if k != "warm-up"}, prompt_tokens=P)
     res["grpo_step_s"] = sum(t.s[k] for k in ("encode", "rollout", "reference logp", "policy fwd/bwd", "optimizer"))
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+    if args.compare_rollout:  # the decode loop vs transformers' generate at this size, and the bandwidth limit
+        rollout_comparison(net, batch, enc_G, args.new_tokens, repeats=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -694,6 +840,8 @@ def main(argv=None):
     t.add_argument("--quick", action="store_true")
     t.add_argument("--prompts", type=int, default=4, help="B: prompts per step")
     t.add_argument("--max-new-tokens", type=int, default=rft3d.MAX_NEW_TOKENS["grounding"])
+    t.add_argument("--rollout-only", action="store_true", help="only the decode loop vs transformers' generate")
+    t.add_argument("--repeats", type=int, default=10, help="timed calls per rollout variant (median)")
     lp = sub.add_parser("learning", help="SFT->SFT vs SFT->GRPO, paired per-scene test differences")
     lp.add_argument("--quick", action="store_true")
     gp = sub.add_parser("gpu", help="real-size random-weight SFT/GRPO step on one GPU (bf16)")
@@ -703,6 +851,7 @@ def main(argv=None):
     gp.add_argument("--new-tokens", type=int, default=128)
     gp.add_argument("--micro-batch", type=int, default=2)
     gp.add_argument("--fsdp", action="store_true")
+    gp.add_argument("--compare-rollout", action="store_true", help="also time transformers' generate (issue 13)")
     th = sub.add_parser("threads", help="CPU threads: SFT warm-up step time per setting, idle and with a busy core")
     th.add_argument("--quick", action="store_true")
     sp = sub.add_parser("_sft_speed")  # internal: one measurement in a fresh process
