@@ -70,7 +70,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import resource
 import shutil
@@ -89,7 +88,7 @@ import model as vgllm
 import rft3d
 import scenes
 import train
-from eval import evaluate
+from eval import PRIMARY_METRIC, SCENE_METRICS, claim, compare_table, fmt, paired, per_scene, plot, table
 
 OUT = Path("bench_out")
 V_QWEN = 151936  # Qwen2.5 vocabulary (the 3B's lm_head rows)
@@ -122,47 +121,6 @@ def count_calls(modules):
             if m is not None:
                 handles.append(m.register_forward_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1)))
     return counts, handles
-
-
-def table(header, rows):
-    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "  ".join(str(x).rjust(k) for x, k in zip(r, w))
-    print(line(header) + "\n" + "  ".join("-" * k for k in w))
-    for r in rows:
-        print(line(r))
-
-
-def plot(path, title, series, xlabel="step", size=(640, 400)):
-    """series: {name: (xs, ys)} -> a PNG line plot drawn with PIL.ImageDraw (matplotlib is not a dependency)."""
-    from PIL import Image, ImageDraw
-    W, H, m = size[0], size[1], 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-    if not pts:
-        return
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-    sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
-    sy = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
-    d.rectangle([m, m, W - m, H - m], outline="black")
-    d.text((m, 10), title, fill="black")
-    d.text((m, H - m + 5), f"{x0:g}", fill="black")
-    d.text((W - m - 30, H - m + 5), f"{x1:g} {xlabel}", fill="black")
-    d.text((5, H - m - 10), f"{y0:.3g}", fill="black")
-    d.text((5, m), f"{y1:.3g}", fill="black")
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    for k, (name, (xs, ys)) in enumerate(series.items()):
-        c = colours[k % len(colours)]
-        p = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-        if len(p) > 1:
-            d.line(p, fill=c, width=2)
-        for q in p if len(p) < 30 else []:
-            d.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=c)
-        d.text((W - m - 170, m + 5 + 14 * k), name, fill=c)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,145 +494,181 @@ def throughput(args):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Learning: SFT -> SFT vs SFT -> GRPO from the same checkpoint (3D-RFT's ablation, ScanRefer-like)
+# 2. Learning: does SFT -> GRPO beat the best SFT model? (DESIGN.md section 9; README "Learning")
+#    One start: the main command's own SFT warm-up (train.py's defaults), best on validation. From it, with the
+#    same number of optimiser updates, SFT -> SFT and SFT -> GRPO (train.py's GRPO defaults), each with its
+#    learning rate picked on validation from a sweep and early stopping on validation (train.py keeps best/),
+#    3 seeds, then paired per-scene differences on 400 test scenes (seed 2, never used for a choice). The best
+#    SFT model is whichever of the start and SFT -> SFT is better on validation. Then one knob at a time from
+#    that baseline (1 seed each, the baseline's learning rate), every row kept.
+
+LEARN = {  # arm_steps: optimiser updates per arm; val: validation scenes for every choice; lrs: the sweeps
+    "detection": dict(arm_steps=200, eval_every=25, val=200, lrs={"sft": [1e-4, 3e-4, 1e-3], "grpo": [3e-5, 1e-4, 3e-4]}),
+    "grounding": dict(arm_steps=200, eval_every=25, val=200, lrs={"sft": [1e-4, 3e-4, 1e-3], "grpo": [3e-5, 1e-4, 3e-4]}),
+}
+QUICK = dict(arm_steps=20, eval_every=10, val=20, test=40, sft_steps=60, seeds=[0], lrs={"sft": [3e-4], "grpo": [1e-4]})
+# (row, GRPO flags, flags of an SFT -> SFT run in the same setting, flags of another start): one change each
+KNOBS = [
+    ("data: fixed 500 scenes", ["--train-size", "500"], ["--train-size", "500"], None),
+    ("data: fresh scenes", ["--train-size", "0"], ["--train-size", "0"], None),
+    ("start: 1/3 of the SFT budget", [], [], "short"),
+    ("G = 16", ["--G", "16"], None, None),
+    ("temperature 0.7", ["--temperature", "0.7"], None, None),
+    ("beta = 0 (no reference)", ["--beta", "0"], None, None),
+    ("mu = 2 (clipping active)", ["--mu", "2"], None, None),
+    ("reward: robust IoU", ["--iou-mode", "robust"], None, None),
+    ("reward: gt IoU (a miss costs)", ["--iou-mode", "gt"], None, None),
+]
 
 
-def run_train(argv, data_seed, log):
-    """train.main in-process, stdout/stderr to a log; the same fixed training set (--data-seed) whatever --seed.
-    Returns the rows of metrics.jsonl."""
-    with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
-        train.main(argv + ["--data-seed", str(data_seed)])
-    out = argv[argv.index("--out") + 1]
-    stage = argv[argv.index("--stage") + 1]
-    return [json.loads(x) for x in open(Path(out) / stage / "metrics.jsonl")]
+def run_jobs(jobs, n_workers):
+    """jobs: [(name, [argv, ...], log)]: each job's commands run one after another, up to n_workers jobs at once
+    (each one thread: two single-thread processes on two cores, not two two-thread ones fighting)."""
+    from concurrent.futures import ThreadPoolExecutor
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def one(job):
+        name, cmds, log = job
+        t0 = time.time()
+        with open(log, "a") as f:
+            for cmd in cmds:
+                f.write("$ " + " ".join(map(str, cmd)) + "\n")
+                f.flush()
+                if subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
+                    raise RuntimeError(f"{name} failed: see {log}")
+        print(f"  done {name} ({time.time() - t0:.0f} s)", flush=True)
+
+    with ThreadPoolExecutor(n_workers) as pool:
+        list(pool.map(one, jobs))
 
 
-def test_records(path, test_set):
-    """Per-scene test records of a saved model (greedy), cached as JSON next to the model."""
-    f = Path(path) / "test-records.json"
-    if not f.exists():
-        net, tok = checkpoints.load_pretrained(str(path))
-        recs = evaluate(net, tok, "grounding", test_set, rft3d.MAX_NEW_TOKENS["grounding"])["records"]
-        f.write_text(json.dumps(recs))
-    return json.loads(f.read_text())
+class Arm:
+    """One training run from a start + its test records. Cached: a finished arm is read back, never rerun."""
+
+    def __init__(self, root, name, task, stage, argv, test_argv):
+        self.dir, self.name, self.task, self.stage = root / name, name, task, stage
+        self.argv, self.test_argv = argv, test_argv
+
+    def jobs(self):
+        if (self.dir / "test" / "predictions.jsonl").exists():
+            return []
+        self.dir.mkdir(parents=True, exist_ok=True)
+        resume = ["--resume"] if (self.dir / self.stage).exists() else []
+        train_cmd = ["train.py", "--stage", self.stage, "--task", self.task, *self.argv, *resume, "--out", self.dir]
+        test_cmd = ["eval.py", "--ckpt", self.dir / self.stage / "best", "--task", self.task, *self.test_argv,
+                    "--out", self.dir / "test"]
+        return [(self.name, [train_cmd, test_cmd], self.dir / "log.txt")]
+
+    def rows(self):
+        return [json.loads(x) for x in open(self.dir / self.stage / "metrics.jsonl")]
+
+    def val(self):
+        """The best validation value of the primary metric (what train.py's best/ was chosen by)."""
+        return max(r[f"eval/{PRIMARY_METRIC[self.task]}"] for r in self.rows() if f"eval/{PRIMARY_METRIC[self.task]}" in r)
+
+    def test(self):
+        recs = [json.loads(x) for x in open(self.dir / "test" / "predictions.jsonl")]
+        return per_scene(self.task, sorted(recs, key=lambda r: r["index"]))
+
+    def seconds(self):
+        rows = [r for r in self.rows() if "step_time" in r]
+        return sum(r["step_time"] for r in rows), len(rows)
 
 
-def per_scene(records):
-    """-> {metric: array over scenes}: reward-independent grounding metrics, per scene."""
-    iou = np.array([float(r["iou"] or 0.0) for r in records])
-    return {"iou": iou, "acc25": (iou >= 0.25).astype(float), "acc50": (iou >= 0.5).astype(float),
-            "frame": np.array([float(r["frame_pred"] is not None and r["frame_pred"] == r["frame_gt"]) for r in records]),
-            "parse": np.array([float(r["parsed"]) for r in records])}
+def learning_task(task, args):
+    q = args.quick
+    cfg = {**LEARN[task], **(QUICK if q else {})}
+    seeds, test_n = cfg.get("seeds", [0, 1, 2]), cfg.get("test", 400)
+    root = OUT / ("learning-quick" if q else "learning") / task
+    root.mkdir(parents=True, exist_ok=True)
+    common = ["--val-size", cfg["val"], "--eval-every", cfg["eval_every"], "--save-every", cfg["arm_steps"],
+              "--keep", "1", "--steps", cfg["arm_steps"]]
+    test_argv = ["--n", test_n]
+    t_start = time.time()
+
+    # 1. The start(s): the main command's SFT warm-up (train.py's defaults); "short" = 1/3 of its SFT budget.
+    sft_default = train.get_args(["--stage", "sft", "--task", task]).steps
+    starts = {"main": cfg.get("sft_steps", sft_default), "short": cfg.get("sft_steps", sft_default) // 3}
+    start_arms = {k: Arm(root, f"start-{k}", task, "sft", ["--steps", n, "--val-size", cfg["val"]], test_argv)
+                  for k, n in starts.items()}
+    print(f"[{task}] starts: SFT warm-up of {starts['main']} steps (and {starts['short']} for the start-quality row)")
+    run_jobs([j for a in start_arms.values() for j in a.jobs()], args.jobs)
+    start_model = {k: a.dir / "sft" / "best" for k, a in start_arms.items()}
+
+    def arm(name, stage, lr, seed, extra=(), start="main"):
+        return Arm(root, name, task, stage, ["--model", start_model[start], "--lr", lr, "--seed", seed,
+                                             "--warmup", "10", "--schedule", "constant", *common, *extra], test_argv)
+
+    # 2. Learning-rate sweeps on validation (seed 0), then the chosen rate for every seed.
+    sweep = {(stage, lr): arm(f"{stage}-lr{lr:g}-s0", stage, lr, 0) for stage in ("sft", "grpo") for lr in cfg["lrs"][stage]}
+    run_jobs([j for a in sweep.values() for j in a.jobs()], args.jobs)
+    lr = {stage: max(cfg["lrs"][stage], key=lambda v: sweep[(stage, v)].val()) for stage in ("sft", "grpo")}
+    for stage in ("sft", "grpo"):
+        print(f"[{task}] {stage} lr on validation {PRIMARY_METRIC[task]}: " +
+              ", ".join(f"{v:g}: {sweep[(stage, v)].val():.2f}" for v in cfg["lrs"][stage]) + f" -> {lr[stage]:g}")
+    arms = {stage: [sweep[(stage, lr[stage])]] + [arm(f"{stage}-lr{lr[stage]:g}-s{s}", stage, lr[stage], s)
+                                                  for s in seeds[1:]] for stage in ("sft", "grpo")}
+    run_jobs([j for a in arms["sft"] + arms["grpo"] for j in a.jobs()], args.jobs)
+
+    # 3. The three-arm table: the best SFT model (on validation) against SFT -> GRPO, paired on the test scenes.
+    start = start_arms["main"]
+    sft_val = float(np.mean([a.val() for a in arms["sft"]]))
+    best = "start" if start.val() >= sft_val else "SFT->SFT"
+    print(f"\n== {task}: three arms from one start, {cfg['arm_steps']} optimiser updates per arm, seeds {seeds}, "
+          f"{test_n} test scenes (seed 2), paired per scene ==")
+    print(f"start = best-on-validation of the main command's SFT warm-up ({starts['main']} steps); best SFT on "
+          f"validation ({PRIMARY_METRIC[task]}): start {start.val():.2f}, SFT->SFT {sft_val:.2f} -> {best}")
+    for stage, name in (("sft", "SFT->SFT"), ("grpo", "SFT->GRPO")):
+        secs = [a.seconds() for a in arms[stage]]
+        print(f"  {name}: lr {lr[stage]:g}, {secs[0][1]} updates, {np.mean([s for s, _ in secs]):.0f} s of steps per "
+              f"run (mean over seeds), validation {np.mean([a.val() for a in arms[stage]]):.2f}")
+    tests = {"start": start.test(), "SFT->SFT": [a.test() for a in arms["sft"]],
+             "SFT->GRPO": [a.test() for a in arms["grpo"]]}
+    diffs = compare_table(task, tests, base=best)
+    verdict = claim(task, diffs["SFT->GRPO"])
+    spread = {k: np.std([np.mean(x[k]) for x in tests["SFT->GRPO"]], ddof=1) if len(seeds) > 1 else float("nan")
+              for k, _, _ in SCENE_METRICS[task]}
+    main = SCENE_METRICS[task][0]
+    print(f"seed spread of SFT->GRPO's {main[1]} (std of per-seed means): {fmt(spread[main[0]], main[2])}")
+    print(f"verdict: {verdict}")
+    summary = {"lr": lr, "best_sft": best, "diffs": diffs, "verdict": verdict,
+               "val": {"start": start.val(), "sft": sft_val, "grpo": float(np.mean([a.val() for a in arms["grpo"]]))}}
+
+    # 4. Knob rows: one change each from the baseline, 1 seed, the baseline's learning rates.
+    if task == "detection":
+        knob_arms = []
+        for name, grpo_flags, sft_flags, start_key in KNOBS:
+            key = name.split(":")[0].replace(" ", "")[:8] + str(abs(hash(name)) % 10**6)
+            g = arm(f"knob-{key}-grpo", "grpo", lr["grpo"], 0, grpo_flags, start_key or "main")
+            s = arm(f"knob-{key}-sft", "sft", lr["sft"], 0, sft_flags, start_key or "main") if sft_flags is not None else None
+            knob_arms.append((name, g, s, start_key))
+        run_jobs([j for _, g, s, _ in knob_arms for a in (g, s) if a for j in a.jobs()], args.jobs)
+        base_best = start.test() if best == "start" else arms["sft"][0].test()  # the baseline's best SFT (seed 0)
+        rows = [["baseline (seed 0)", f"{arms['grpo'][0].val():.2f}"] + knob_cells(task, arms["grpo"][0].test(), base_best)]
+        for name, g, s, start_key in knob_arms:
+            st = start_arms[start_key or "main"]
+            ref = st.test() if s is None or st.val() >= s.val() else s.test()  # the best SFT in that setting
+            rows.append([name, f"{g.val():.2f}"] + knob_cells(task, g.test(), ref))
+        print(f"\n== {task}: one knob at a time (SFT->GRPO, seed 0, lr {lr['grpo']:g}) vs the best SFT model of the same "
+              f"setting (data and start rows: their own SFT->SFT run), paired on {test_n} test scenes ==")
+        table(["row", f"val {PRIMARY_METRIC[task]}"] + [f"d {n}" for _, n, _ in SCENE_METRICS[task][:5]], rows)
+        summary["knobs"] = rows
+    (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    curves = {f"seed {s}": ([r["step"] for r in a.rows() if "reward" in r], [r["reward"] for r in a.rows() if "reward" in r])
+              for s, a in zip(seeds, arms["grpo"])}
+    plot(root / "grpo_reward.png", [(f"{task}: SFT->GRPO training reward per step", curves)])
+    print(f"[{task}] wall time {time.time() - t_start:.0f} s; logs, curves and summary.json in {root}/")
 
 
-METRICS = [("iou", "mean IoU", 1), ("acc25", "Acc@0.25", 100), ("acc50", "Acc@0.5", 100), ("frame", "frame acc", 100),
-           ("parse", "parse", 100)]
+def knob_cells(task, a, b):
+    """Paired differences (a - b) with standard errors for the first five scene metrics, as table cells."""
+    return [f"{fmt(d, s, True)}+-{fmt(se, s)}" for k, _, s in SCENE_METRICS[task][:5] for d, se in [paired(a[k], b[k])]]
 
 
 def learning(args):
-    q = args.quick
-    cfg = dict(train_size=200, sft_steps=200, val=50, test=200, arm_steps=15, seeds=[0],
-               lrs={"sft": [1e-4], "grpo": [1e-4]}) if q else \
-        dict(train_size=500, sft_steps=700, val=100, test=400, arm_steps=40, seeds=[0, 1, 2],
-             lrs={"sft": [3e-5, 1e-4, 3e-4], "grpo": [3e-5, 1e-4, 3e-4]})
-    out = OUT / ("learning-quick" if q else "learning")
-    out.mkdir(parents=True, exist_ok=True)
-    test_set = scenes.SyntheticDataset("grounding", cfg["test"], seed=2)  # never seen, never tuned on
-    t_start = time.time()
-    common = ["--task", "grounding", "--val-size", str(cfg["val"])]
+    for task in (["detection", "grounding"] if args.task == "both" else [args.task]):
+        learning_task(task, args)
 
-    # Regime A step 1: SFT to convergence on a fixed training set, cosine lr; best on validation.
-    base = out / "base"
-    if not (base / "sft" / "best" / "config.json").exists():
-        t0 = time.time()
-        rows = run_train(["--stage", "sft", "--train-size", str(cfg["train_size"]), "--steps", str(cfg["sft_steps"]),
-                          "--out", str(base)] + common, 0, out / "base.log")
-        print(f"SFT base: {cfg['sft_steps']} steps on {cfg['train_size']} scenes in {time.time() - t0:.0f} s")
-        ev = [r for r in rows if "eval/acc@0.25" in r]
-        plot(out / "sft_base.png", "SFT base: train loss (x0.1) and val Acc@0.25 / 100",
-             {"loss x0.1": ([r["step"] for r in rows if "loss" in r], [0.1 * r["loss"] for r in rows if "loss" in r]),
-              "val acc@0.25": ([r["step"] for r in ev], [r["eval/acc@0.25"] / 100 for r in ev])})
-    start = base / "sft" / "best"
-
-    def arm(regime, stage, lr, seed):
-        """One continuation run from `start`; returns (final model dir, metrics rows, seconds)."""
-        d = out / f"{regime}-{stage}-lr{lr:g}-s{seed}"
-        if not (d / stage / "final" / "config.json").exists():
-            t0 = time.time()
-            run_train(["--stage", stage, "--model", str(start), "--lr", str(lr), "--schedule", "constant",
-                       "--warmup", "3", "--steps", str(cfg["arm_steps"]), "--seed", str(seed),
-                       "--eval-every", str(cfg["arm_steps"]), "--save-every", str(cfg["arm_steps"]),
-                       "--train-size", str(cfg["train_size"] if regime == "A" else 0), "--out", str(d)] + common,
-                      0 if regime == "A" else 100 + seed, d.parent / f"{d.name}.log")
-            (d / "seconds").write_text(f"{time.time() - t0:.1f}")
-        rows = [json.loads(x) for x in open(d / stage / "metrics.jsonl")]
-        return d / stage / "final", rows, float((d / "seconds").read_text())
-
-    start_m = per_scene(test_records(start, test_set))
-    results, chosen = {}, {}
-    for regime in ("A", "B"):
-        for stage in ("sft", "grpo"):
-            # lr sweep on the validation split with seed 0 (regime B reuses regime A's choice to save time)
-            if regime == "A":
-                sweep = {lr: arm(regime, stage, lr, 0) for lr in cfg["lrs"][stage]}
-                val = {lr: [r for r in s[1] if "eval/iou" in r][-1]["eval/iou"] for lr, s in sweep.items()}
-                chosen[stage] = max(val, key=val.get)
-                print(f"regime A {stage}: val mean IoU by lr " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in val.items())
-                      + f" -> lr {chosen[stage]:g}")
-            runs = [arm(regime, stage, chosen[stage], s) for s in cfg["seeds"]]
-            results[(regime, stage)] = [(per_scene(test_records(p, test_set)), rows, sec) for p, rows, sec in runs]
-        plot(out / f"regime{regime}_grpo_reward.png", f"regime {regime}: GRPO train reward (format+frame+IoU)",
-             {f"seed {s}": ([r["step"] for r in rows if "reward" in r], [r["reward"] for r in rows if "reward" in r])
-              for s, (_, rows, _) in zip(cfg["seeds"], results[(regime, "grpo")])})
-        plot(out / f"regime{regime}_sft_loss.png", f"regime {regime}: SFT->SFT train loss",
-             {f"seed {s}": ([r["step"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r])
-              for s, (_, rows, _) in zip(cfg["seeds"], results[(regime, "sft")])})
-
-    # The table: absolute metrics (mean over seeds), then paired per-scene differences.
-    n = len(test_set)
-    print(f"\n== Learning: synthetic grounding (ScanRefer-like), tiny model, test {n} scenes (seed 2), "
-          f"val {cfg['val']} (seed 1) ==")
-    print(f"start = best-on-val SFT checkpoint after {cfg['sft_steps']} cosine steps on {cfg['train_size']} fixed scenes. "
-          f"Budget: equal optimiser updates, {cfg['arm_steps']} per arm (SFT: 16 scenes/step; GRPO: 4 prompts x G=8). "
-          f"Regime A: the same {cfg['train_size']} training scenes; B: fresh scenes every step. lr by val mean IoU "
-          f"(seed 0; B reuses A's). Seeds {cfg['seeds']}.")
-    rows = [["start", "-", "-", "-"] + [f"{start_m[k].mean() * s:.3f}" if s == 1 else f"{start_m[k].mean() * s:.1f}"
-                                        for k, _, s in METRICS]]
-    for (regime, stage), runs in results.items():
-        mean = {k: np.mean([m[k].mean() for m, _, _ in runs]) for k, _, _ in METRICS}
-        rows.append([f"{regime}: SFT->{stage.upper()}", f"{chosen[stage]:g}", len(runs),
-                     f"{np.mean([s for _, _, s in runs]):.0f}"] +
-                    [f"{mean[k] * s:.3f}" if s == 1 else f"{mean[k] * s:.1f}" for k, _, s in METRICS])
-    table(["arm", "lr", "seeds", "s/run"] + [name for _, name, _ in METRICS], rows)
-
-    print("\nPaired per-scene differences: mean +- standard error over scenes (per-scene values averaged over seeds)"
-          " [spread over seeds: std of the per-seed means]")
-    rows, summary = [], {}
-    for regime in ("A", "B"):
-        sft, rl = results[(regime, "sft")], results[(regime, "grpo")]
-        pairs = {"SFT->SFT - start": [(m, {k: start_m[k] for k in start_m}) for m, _, _ in sft],
-                 "SFT->GRPO - start": [(m, {k: start_m[k] for k in start_m}) for m, _, _ in rl],
-                 "GRPO - SFT": [(a[0], b[0]) for a, b in zip(rl, sft)]}
-        for name, ps in pairs.items():
-            row = [f"{regime}: {name}"]
-            for k, _, s in METRICS:
-                diffs = np.stack([a[k] - b[k] for a, b in ps])  # [seeds, scenes]
-                per = diffs.mean(0)
-                se, spread = per.std(ddof=1) / math.sqrt(n), (diffs.mean(1).std(ddof=1) if len(ps) > 1 else float("nan"))
-                row.append(f"{per.mean() * s:+.3f}±{se * s:.3f} [{spread * s:.3f}]" if s == 1 else
-                           f"{per.mean() * s:+.1f}±{se * s:.1f} [{spread * s:.1f}]")
-                summary[f"{regime}/{name}/{k}"] = (per.mean() * s, se * s, spread * s)
-            rows.append(row)
-    table(["difference"] + [name for _, name, _ in METRICS], rows)
-    for regime in ("A", "B"):
-        d, se, _ = summary[f"{regime}/GRPO - SFT/acc25"]
-        verdict = "GRPO better" if d > 2 * se else ("SFT better" if d < -2 * se else "no significant difference")
-        print(f"regime {regime}: SFT->GRPO - SFT->SFT, Acc@0.25 {d:+.1f} +- {se:.1f} points (2 SE rule: {verdict})")
-    (out / "summary.json").write_text(json.dumps({k: list(v) for k, v in summary.items()}, indent=1))
-    print(f"wall time {time.time() - t_start:.0f} s; curves and logs in {out}/")
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------------------
@@ -842,8 +836,10 @@ def main(argv=None):
     t.add_argument("--max-new-tokens", type=int, default=rft3d.MAX_NEW_TOKENS["grounding"])
     t.add_argument("--rollout-only", action="store_true", help="only the decode loop vs transformers' generate")
     t.add_argument("--repeats", type=int, default=10, help="timed calls per rollout variant (median)")
-    lp = sub.add_parser("learning", help="SFT->SFT vs SFT->GRPO, paired per-scene test differences")
-    lp.add_argument("--quick", action="store_true")
+    lp = sub.add_parser("learning", help="start vs SFT->SFT vs SFT->GRPO, paired per-scene test differences, knob rows")
+    lp.add_argument("--quick", action="store_true", help="a few minutes: tiny budgets, one seed (checks the pipeline)")
+    lp.add_argument("--task", choices=["detection", "grounding", "both"], default="both")
+    lp.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
     gp = sub.add_parser("gpu", help="real-size random-weight SFT/GRPO step on one GPU (bf16)")
     gp.add_argument("--model", default="qwen2.5-vl-3b", choices=["qwen2.5-vl-3b", "qwen2.5-vl-7b"])
     gp.add_argument("--frames", type=int, default=32)

@@ -270,7 +270,7 @@ def print_table(task_name, metrics):
 
 # per task: (key, name, scale): the metrics a learning claim is read from, per scene
 SCENE_METRICS = {
-    "detection": [("iou_gt", "IoU over GT boxes (1-to-1)", 1), ("f1_25", "F1@0.25", 1), ("f1_50", "F1@0.5", 1),
+    "detection": [("iou_gt", "IoU/GT box", 1), ("f1_25", "F1@0.25", 1), ("f1_50", "F1@0.5", 1),
                   ("count", "count acc", 1), ("boxes", "boxes/scene", 1), ("parse", "parse", 1)],
     "grounding": [("iou", "IoU", 1), ("acc25", "Acc@0.25", 100), ("acc50", "Acc@0.5", 100),
                   ("frame", "frame acc", 100), ("parse", "parse", 100)],
@@ -338,35 +338,53 @@ def compare_table(task_name, arms, base):
     return out
 
 
-def plot(path, title, series, xlabel="step", size=(640, 400)):
-    """series: {name: (xs, ys)} -> a PNG line plot drawn with PIL.ImageDraw (matplotlib is not a dependency)."""
+def claim(task_name, diff):
+    """DESIGN section 9's rule for a paired difference {metric: (d, se)} of a trained arm against the best SFT
+    model: real above 3 standard errors on the main reward-independent metric (the first of SCENE_METRICS), with no
+    loss of more than one standard error on the guards (detection: count accuracy and F1@0.25; grounding: frame)."""
+    main = SCENE_METRICS[task_name][0][0]
+    d, se = diff[main]
+    guards = {"detection": ("count", "f1_25"), "grounding": ("frame",), "spatial": ()}[task_name]
+    lost = [k for k in guards if diff[k][0] < -diff[k][1]]
+    if d > 3 * se and not lost:
+        return f"better: {main} {d:+.3f} +- {se:.3f} (> 3 standard errors), no guard metric lost more than 1"
+    if d < -3 * se:
+        return f"worse: {main} {d:+.3f} +- {se:.3f}"
+    return f"no claim: {main} {d:+.3f} +- {se:.3f}" + (f"; lost more than 1 standard error on {lost}" if lost else "")
+
+
+def plot(path, panels, xlabel="step", size=(640, 300)):
+    """panels: [(title, {name: (xs, ys)})] -> a PNG of line plots stacked vertically, drawn with PIL.ImageDraw
+    (matplotlib is not a dependency)."""
     from PIL import Image, ImageDraw
-    W, H, m = size[0], size[1], 50
-    img = Image.new("RGB", size, "white")
+    W, H, m = size[0], size[1], 45
+    img = Image.new("RGB", (W, H * len(panels)), "white")
     d = ImageDraw.Draw(img)
-    pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-    if not pts:
-        return
-    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
-    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-    sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
-    sy = lambda y: H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
-    d.rectangle([m, m, W - m, H - m], outline="black")
-    d.text((m, 10), title, fill="black")
-    d.text((m, H - m + 5), f"{x0:g}", fill="black")
-    d.text((W - m - 30, H - m + 5), f"{x1:g} {xlabel}", fill="black")
-    d.text((5, H - m - 10), f"{y0:.3g}", fill="black")
-    d.text((5, m), f"{y1:.3g}", fill="black")
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    for k, (name, (xs, ys)) in enumerate(series.items()):
-        c = colours[k % len(colours)]
-        p = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-        if len(p) > 1:
-            d.line(p, fill=c, width=2)
-        for q in p if len(p) < 30 else []:
-            d.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=c)
-        d.text((W - m - 170, m + 5 + 14 * k), name, fill=c)
+    for row, (title, series) in enumerate(panels):
+        top = row * H
+        pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        d.text((m, top + 8), title, fill="black")
+        d.rectangle([m, top + m, W - m, top + H - m], outline="black")
+        if not pts:
+            continue
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+        sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
+        sy = lambda y: top + H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
+        d.text((m, top + H - m + 5), f"{x0:g}", fill="black")
+        d.text((W - m - 60, top + H - m + 5), f"{x1:g} {xlabel}", fill="black")
+        d.text((3, top + H - m - 10), f"{y0:.3g}", fill="black")
+        d.text((3, top + m), f"{y1:.3g}", fill="black")
+        for k, (name, (xs, ys)) in enumerate(series.items()):
+            c = colours[k % len(colours)]
+            p = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+            if len(p) > 1:
+                d.line(p, fill=c, width=2)
+            for q in p if len(p) < 30 else []:
+                d.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=c)
+            d.text((W - m - 170, top + m + 5 + 14 * k), name, fill=c)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     img.save(path)
 

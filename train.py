@@ -35,6 +35,7 @@ import grpo
 import model as vgllm
 import rft3d
 import scenes
+import eval as eval_lib
 from eval import PRIMARY_METRIC, evaluate
 
 # --------------------------------------------------------------------------------------------------
@@ -57,6 +58,8 @@ def get_args(argv=None, stage=None):
     a("--media-root", default=None, help="root of the image/video paths in --data")
     a("--train-size", type=int, default=0, help="synthetic: fixed training set size (0 = fresh scenes forever)")
     a("--val-size", type=int, default=100, help="synthetic validation scenes for periodic eval")
+    a("--test-size", type=int, default=400, help="GRPO on synthetic scenes: unseen test scenes of the final "
+                                                  "start-vs-GRPO table (0: skip)")
     a("--data-seed", type=int, default=0, help="synthetic training scenes (fixed apart from --seed: same set, new run)")
     a("--frames", type=int, default=4, help="frames sampled per video / scene")
     a("--image-size", type=int, default=56, help="synthetic frame size in pixels")
@@ -157,6 +160,8 @@ AT_LEAST = {
     "--lora-rank": (0, "0 means full fine-tuning"),
     "--seed": (0, "seeds are non-negative integers"),
     "--data-seed": (0, "seeds are non-negative integers"),
+    "--test-size": (0, "unseen test scenes for the final start-vs-GRPO table (0: skip it)"),
+    "--max-objects": (1, "objects per synthetic scene, at most (default 3)"),
 }
 # flag -> (test, why / what to try) for the real-valued knobs; every one must also be finite (argparse takes "nan").
 REAL = {
@@ -506,7 +511,7 @@ def train(args):
 
     # 1. Start point: --model, else the SFT result for GRPO (main() runs the warm-up if it is missing), else
     #    (None) the Qwen + VGGT pair or the tiny default. A resumed run loads its newest intact checkpoint instead.
-    start = args.model or (str(Path(args.out) / "sft" / "final") if args.stage == "grpo" and not args.qwen else None)
+    start = start_point(args)
     ckpt, net, tokenizer, state = resume_point(args, rank, stage_dir) if args.resume else (None,) * 4
     if ckpt is None:
         net, tokenizer = load_model(args, rank, start)
@@ -627,6 +632,42 @@ def save_model(policy, tokenizer, path, rank):
         dist.barrier()
 
 
+def report(args, start, rank, device):
+    """The main command's last part (synthetic data): the SFT start and the GRPO result, each the best on validation,
+    greedy on the same --test-size unseen test scenes (seed 2), side by side with paired per-scene differences and
+    their standard errors (DESIGN.md section 9), and grpo/curves.png: the training reward and the validation metric
+    over the steps. A single run is one seed: bench.py learning makes the claim with seeds and learning-rate sweeps."""
+    test = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **world(args))
+    grpo_dir = Path(args.out) / "grpo"
+    per = {}
+    for name, path in (("SFT start", Path(start)), ("GRPO", grpo_dir / "best")):
+        net, tok = checkpoints.load_pretrained(path)
+        records = evaluate(net.to(device), tok, args.task, test, max_new_tokens=args.max_new_tokens,
+                           synced_gpus=args.fsdp, progress=True)["records"]
+        per[name] = eval_lib.per_scene(args.task, records)
+    if rank != 0:
+        return
+    print(f"\n== {args.task}: the SFT start ({start}) vs GRPO ({grpo_dir / 'best'}), {args.test_size} unseen test "
+          f"scenes, paired per scene (mean +- standard error) ==")
+    diffs = eval_lib.compare_table(args.task, per, base="SFT start")
+    print(eval_lib.claim(args.task, diffs["GRPO"]) + " (one run, one seed)")
+    rows = [json.loads(x) for x in open(grpo_dir / "metrics.jsonl")]
+    steps = [r for r in rows if "reward" in r]
+    smooth = [float(np.mean([r["reward"] for r in steps[max(0, i - 9):i + 1]])) for i in range(len(steps))]
+    key = f"eval/{PRIMARY_METRIC[args.task]}"
+    val = [r for r in rows if key in r]
+    eval_lib.plot(grpo_dir / "curves.png", [
+        (f"GRPO training reward ({args.task}, format + task terms)",
+         {"reward": ([r["step"] for r in steps], [r["reward"] for r in steps]),
+          "mean of 10 steps": ([r["step"] for r in steps], smooth)}),
+        (f"validation {PRIMARY_METRIC[args.task]} ({args.val_size} scenes)",
+         {"GRPO": ([r["step"] for r in val], [r[key] for r in val])})])
+    (grpo_dir / "report.json").write_text(json.dumps({"test_size": args.test_size, "start": str(start), "diffs": diffs,
+                                                       "means": {k: {m: float(v.mean()) for m, v in d.items()}
+                                                                 for k, d in per.items()}}, indent=1))
+    print(f"wrote {grpo_dir / 'curves.png'} and {grpo_dir / 'report.json'}")
+
+
 def set_threads():
     """torch's CPU threads for this process, printed at start. OMP_NUM_THREADS wins when set (torchrun sets 1 for
     several processes). Otherwise one thread on a CPU: the tiny default is dominated by per-op overhead, and with
@@ -660,6 +701,14 @@ def check_out(args, warmup):
              "--resume to start a fresh run")
 
 
+def start_point(args):
+    """What a stage starts from: --model; else, for GRPO, the SFT warm-up's best model on validation (the paper's RL
+    start: the SFT model, early-stopped); else None (the Qwen + VGGT pair or the tiny default)."""
+    if args.model or args.qwen or args.stage != "grpo":
+        return args.model
+    return str(Path(args.out) / "sft" / "best")
+
+
 def main(argv=None):
     args = get_args(argv)
     set_threads()
@@ -675,6 +724,9 @@ def main(argv=None):
             print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft)")
             train(sft_args)
         train(args)
+        if args.stage == "grpo" and not args.data and args.test_size:  # the main command ends with its result
+            rank, _, device = setup_distributed()
+            report(args, start_point(args), rank, device)
     except checkpoints.CheckpointError as e:  # a damaged --model, init/ or sft/final: name the file, no traceback
         init = Path(args.out) / "init"
         fail(f"{e}" + (f" (delete {init} to rebuild it from --seed)" if str(init) in str(e) else ""), code=1)

@@ -91,3 +91,35 @@ def test_print_table_shows_every_class(capsys):
     assert "per class @ IoU 0.25" in out and "per class @ IoU 0.5" in out
     chair = [line.split() for line in out.splitlines() if line.strip().startswith("chair")]
     assert chair[0][1:4] == ["1", "0", "1"] and abs(float(chair[0][-1]) - 100 * 2 / 3) < 0.01  # F1 = 2TP/(2TP+FP+FN)
+
+
+def test_per_scene_and_paired_differences():
+    """Per-scene detection metrics from the records (hand-computed F1 per scene), paired differences with the
+    standard error of the per-scene differences (written out), seeds averaged per scene first."""
+    import math
+
+    import numpy as np
+    records = [det_record({"chair": [2, 1, 1], "lamp": [1, 0, 0]}, {"chair": [1, 2, 2]}, 4, 4, 0.5),
+               det_record({"chair": [1, 0, 2], "sofa": [0, 3, 0]}, {}, 4, 3, 0.25),
+               det_record({}, {}, 0, 0, 0.0, parsed=False)]
+    m = E.per_scene("detection", records)
+    # scene 1: TP 3 FP 1 FN 1 -> 6/8; scene 2: TP 1 FP 3 FN 2 -> 2/7; scene 3: nothing at all -> 1
+    assert m["f1_25"].tolist() == pytest.approx([6 / 8, 2 / 7, 1.0])
+    assert m["f1_50"].tolist() == pytest.approx([2 / 6, 1.0, 1.0])  # 0.5: scene 1 TP 1 FP 2 FN 2
+    assert m["count"].tolist() == [1.0, 0.0, 1.0] and m["boxes"].tolist() == [4, 4, 0]
+    assert m["iou_gt"].tolist() == [0.5, 0.25, 0.0] and m["parse"].tolist() == [1, 1, 0]
+    a, b = np.array([0.5, 0.25, 0.0, 1.0]), np.array([0.25, 0.25, 0.5, 0.0])
+    d = [0.25, 0.0, -0.5, 1.0]
+    mean = sum(d) / 4
+    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2
+    assert E.paired(a, b) == pytest.approx((mean, se))
+    seeds = np.stack([a, a + 0.2])  # two seeds of one arm: scenes averaged over seeds, then paired
+    assert E.paired(seeds, b) == pytest.approx((mean + 0.1, se))
+
+
+def test_claim_follows_the_three_standard_error_rule():
+    diff = lambda d, se, count=(0.0, 0.01), f1=(0.0, 0.01): {"iou_gt": (d, se), "count": count, "f1_25": f1}
+    assert E.claim("detection", diff(0.031, 0.01)).startswith("better")
+    assert E.claim("detection", diff(0.029, 0.01)).startswith("no claim")
+    assert E.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01))).startswith("no claim")  # lost the count guard
+    assert E.claim("detection", diff(-0.04, 0.01)).startswith("worse")

@@ -28,7 +28,8 @@ import scenes
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2", "--warmup", "1"]
+FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2", "--warmup", "1",
+        "--test-size", "0"]
 # The main command at toy size: an SFT warm-up of 6 steps (a checkpoint and an evaluation every step), then 3 GRPO
 # steps with a checkpoint every step.
 MAIN = ["--stage", "grpo", "--task", "detection", "--sft-steps", "6", "--steps", "3", "--batch-size", "2", "--G", "2",

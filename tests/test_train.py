@@ -20,7 +20,8 @@ import scenes
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2", "--warmup", "1"]
+FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2", "--warmup", "1",
+        "--test-size", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +153,12 @@ def test_sft_then_grpo_then_eval(tmp_path):
     out = tmp_path / "run"
     train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2", "--out", str(out), *FAST])
     train.main(["--stage", "grpo", "--task", "grounding", "--steps", "2", "--G", "2", "--prompts-per-rank", "2",
-                "--out", str(out), *FAST])  # finds the SFT model in out/sft/final
+                "--out", str(out), *FAST, "--test-size", "3"])  # starts from the SFT model in out/sft/best
     lines = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
+    # the main command's last part: start vs GRPO on 3 test scenes, paired, and the curves
+    report = json.loads((out / "grpo/report.json").read_text())
+    assert report["test_size"] == 3 and set(report["means"]) == {"SFT start", "GRPO"}
+    assert (out / "grpo/curves.png").stat().st_size > 0
     for key in ("reward", "reward_std", "zero_std_frac", "kl", "clip_frac", "ratio", "entropy", "completion_len",
                 "truncated", "reward_format", "reward_frame", "reward_iou", "lr", "grad_norm", "step_time", "tokens_per_s"):
         assert key in lines[0] and math.isfinite(lines[0][key]), key
