@@ -100,9 +100,10 @@ def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1, pit
     orbit: the camera circles the objects by `motion` radians (default 0.6) looking at their centre.
     pan:   the camera stands still and turns by `motion` radians (default 2.0) across objects spread
            around it, so objects enter the view one after another (used for appearance order).
-    pitch: None = look at a point 0.4 m above the floor (the camera pitches down by ~15-30 degrees, a little
-           differently in every frame); a number = that downward pitch in degrees in every frame, no roll: with
-           0 the camera is level, so its y axis is gravity and upright boxes need one angle (see camera_box)."""
+    pitch: None = a hand-held camera 1.3-1.8 m up looking at a point 0.4 m above the floor (it pitches down by
+           ~15-30 degrees, a little differently in every frame); a number = a camera mounted at a fixed height,
+           pitched down by that many degrees in every frame, no roll: with 0 it is level, so its y axis is gravity
+           and upright boxes need one angle (see camera_box)."""
     objects, tries = [], 0
     while len(objects) < n_objects and tries < 200:
         tries += 1
@@ -120,8 +121,10 @@ def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1, pit
             objects.append(o)
     S = frames
     s = np.linspace(-0.5, 0.5, S) if S > 1 else np.zeros(1)
-    # with a given pitch, the height makes the central ray meet the objects (~2.6 m away) half a metre up
-    height = rng.uniform(1.3, 1.8) if pitch is None else rng.uniform(0.5, 0.8) + 2.6 * math.tan(math.radians(pitch))
+    # With a given pitch the camera is mounted at a fixed height (the central ray meets the objects, ~2.6 m away,
+    # half a metre up), like a robot's camera: then the image row where an object meets the floor tells its depth
+    # (z = f h / (v - c_y) for a level camera). A height that varies per scene would make depth ambiguous.
+    height = rng.uniform(1.3, 1.8) if pitch is None else 0.5 + 2.6 * math.tan(math.radians(pitch))
     tilt = None if pitch is None else math.radians(pitch)
     if camera == "pan":
         eye = np.array([0.0, 0.0, height])
@@ -136,7 +139,9 @@ def make_scene(rng, n_objects, frames, camera="orbit", motion=None, gap=0.1, pit
         for k in range(S):
             eye = np.array([centre[0] + radius * math.cos(phi[k]), centre[1] + radius * math.sin(phi[k]), height])
             target = np.array([*(centre + rng.uniform(-0.2, 0.2, 2)), 0.4])
-            c2w.append(look_at(eye + rng.uniform(-0.05, 0.05, 3), target, tilt))
+            jitter = rng.uniform(-0.05, 0.05, 3)   # hand-held wobble (horizontal only for a mounted camera)
+            jitter[2] *= pitch is None
+            c2w.append(look_at(eye + jitter, target, tilt))
         c2w = np.stack(c2w)
     # room: the bounding rectangle of objects and cameras plus random margins; then shift so that the room's
     # corner is the aligned world origin (like ScanNet's axis-aligned frame, floor at z = 0)
@@ -454,12 +459,17 @@ def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects
 # ----------------------------------------------------------------------------------------------------------
 # 3. SyntheticDataset: item i is a pure function of (seed, i); "infinite fresh data" = huge n or a new seed
 # ----------------------------------------------------------------------------------------------------------
+CACHE_BYTES = 2**29  # a fixed set whose frames fit in 512 MiB keeps its samples in memory (4 x 56 px: 38 KB each)
+
+
 class SyntheticDataset(torch.utils.data.Dataset):
     def __init__(self, task, n, seed=0, frames=4, size=56, min_objects=1, max_objects=3, camera="orbit",
                  motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True, pitch=0.0,
                  spelling="canonical"):
         assert task in TASK_NAMES, task
-        self.task, self.n, self.seed = task, n, seed
+        self.task, self.n, self.seed, self.cache = task, n, seed, {}
+        H, W = (size, size) if isinstance(size, int) else size
+        self.cached = n * frames * H * W * 3 <= CACHE_BYTES
         self.kw = dict(frames=frames, size=size, min_objects=min_objects, max_objects=max_objects, camera=camera,
                        motion=motion, question_types=tuple(question_types), min_pixels=min_pixels,
                        axis_align=axis_align, pitch=pitch, spelling=spelling)
@@ -470,6 +480,10 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        return make_sample(self.task, self.seed, i, **self.kw)
+        if not self.cached:
+            return make_sample(self.task, self.seed, i, **self.kw)
+        if i not in self.cache:   # a fixed set is read many times over: render each scene once
+            self.cache[i] = make_sample(self.task, self.seed, i, **self.kw)
+        return self.cache[i]
 
 

@@ -23,9 +23,9 @@ def tok():
     return M.build_tiny_tokenizer(CORPUS, vocab_size=400)
 
 
-def make_model(tok, vggt=True, seed=0):
+def make_model(tok, vggt=True, seed=0, patch_size=14):
     torch.manual_seed(seed)
-    return M.VGLLM(M.tiny_config(len(tok), vggt=vggt)).eval()
+    return M.VGLLM(M.tiny_config(len(tok), vggt=vggt, patch_size=patch_size)).eval()
 
 
 def mixed_batch(model, tok):
@@ -95,11 +95,11 @@ def transformers_greedy(model, batch, enc, n):
     return tokens, logp
 
 
-@pytest.mark.parametrize("vggt", [True, False])
-def test_greedy_equals_transformers_generate(tok, vggt):
+@pytest.mark.parametrize("vggt,patch_size", [(True, 14), (False, 14), (True, 7)])
+def test_greedy_equals_transformers_generate(tok, vggt, patch_size):
     """The same tokens, and the same log-probs to 1e-5: a random-init model's argmax barely depends on the context,
-    so the log-probs are what catches a wrong position, cache row or mask."""
-    model = make_model(tok, vggt)
+    so the log-probs are what catches a wrong position, cache row or mask. (Patch 7: the tiny default's grid.)"""
+    model = make_model(tok, vggt, patch_size=patch_size)
     batch, enc = mixed_batch(model, tok)
     ours, logp = model.generate(batch, enc, 10, do_sample=False, return_logprobs=True)
     ref, ref_logp = transformers_greedy(model, batch, enc, 10)
@@ -207,7 +207,7 @@ def _lockstep_worker(rank, init_file, vocab, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
-        model = M.VGLLM(M.tiny_config(vocab, vggt=False)).eval()
+        model = M.VGLLM(M.tiny_config(vocab, vggt=False, patch_size=14)).eval()
         eos = model.config["eos_token_id"]
         # rank 0 can only emit EOS (every row ends at once), rank 1 never can: without the all-reduce rank 0 would
         # stop at the first check while rank 1 goes on (under FSDP: a hang in rank 1's next all-gather)
@@ -238,7 +238,7 @@ def test_synced_gpus_every_rank_runs_the_same_steps(tok, tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 
 def one_layer_model(tok):
-    cfg = M.tiny_config(len(tok))
+    cfg = M.tiny_config(len(tok), patch_size=14)
     text = cfg["qwen"]["text_config"]
     text["num_hidden_layers"], text["layer_types"] = 1, text["layer_types"][:1]  # one layer: tracing takes seconds
     torch.manual_seed(0)

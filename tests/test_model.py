@@ -28,7 +28,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def cfg(tok):
-    return M.tiny_config(len(tok))
+    return M.tiny_config(len(tok), patch_size=14)  # 4 x 4 patches of a 56 px frame: the shapes below
 
 
 def make_model(cfg, seed=0):
@@ -369,7 +369,7 @@ def test_geometry_changes_embeddings_only_through_merger(tok, cfg, frames):
     geo = model.merger(enc.geometry, *enc.geometry_hw).split(enc.n_tokens_per_image)
     for f, v, g in zip(fused, enc.image_embeds, geo):
         assert torch.allclose(f, v + g, atol=1e-6)
-    plain = M.VGLLM(M.tiny_config(len(tok), vggt=False))
+    plain = M.VGLLM(M.tiny_config(len(tok), vggt=False, patch_size=14))
     e = plain.encode(frames[:1])[0]
     assert plain.vggt is None and plain.merger is None and e.geometry is None
     assert all(torch.equal(a, b) for a, b in zip(plain.image_embeds([e]), e.image_embeds))
