@@ -649,7 +649,7 @@ def main(argv=None):
     ap.add_argument("--index", type=int, default=0)
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--size", type=int, default=56)
-    ap.add_argument("--max-objects", type=int, default=3)
+    ap.add_argument("--max-objects", type=int, default=1)
     ap.add_argument("--image-format", choices=["png", "jpg"], default="png")
     ap.add_argument("--out", default="out/synthetic")
     a = ap.parse_args(argv)

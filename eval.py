@@ -425,7 +425,7 @@ def main(argv=None):
     p.add_argument("--frames", type=int, default=4, help="frames per video / scene")
     p.add_argument("--image-size", type=int, default=56, help="synthetic frame size")
     p.add_argument("--pitch", type=float, default=0.0, help="synthetic: camera pitch in degrees (as in training)")
-    p.add_argument("--max-objects", type=int, default=3, help="synthetic: objects per scene, at most")
+    p.add_argument("--max-objects", type=int, default=1, help="synthetic: objects per scene, at most (as in training)")
     p.add_argument("--spelling", choices=["canonical", "random"], default="canonical", help="synthetic: box spellings")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")

@@ -388,7 +388,7 @@ def face_camera(objects, cam2world):
             o["box"][6] = math.atan2(cam2world[1, 0], cam2world[0, 0])
 
 
-def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects=3, camera="orbit",
+def make_sample(task, seed, index, frames=4, size=56, min_objects=1, max_objects=1, camera="orbit",
                 motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True, pitch=0.0,
                 spelling="canonical"):
     """Sample `index` of the synthetic set `seed`: a pure function of its arguments. pitch: the camera's
@@ -463,7 +463,7 @@ CACHE_BYTES = 2**29  # a fixed set whose frames fit in 512 MiB keeps its samples
 
 
 class SyntheticDataset(torch.utils.data.Dataset):
-    def __init__(self, task, n, seed=0, frames=4, size=56, min_objects=1, max_objects=3, camera="orbit",
+    def __init__(self, task, n, seed=0, frames=4, size=56, min_objects=1, max_objects=1, camera="orbit",
                  motion=None, question_types=SPATIAL_TYPES, min_pixels=6, axis_align=True, pitch=0.0,
                  spelling="canonical"):
         assert task in TASK_NAMES, task

@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +65,15 @@ def get_args(argv=None, stage=None):
     a("--frames", type=int, default=4, help="frames sampled per video / scene")
     a("--image-size", type=int, default=56, help="synthetic frame size in pixels")
     a("--pitch", type=float, default=0.0, help="synthetic: camera pitch in degrees (0: level, boxes need one angle)")
-    a("--max-objects", type=int, default=3, help="synthetic: objects per scene, at most")
+    a("--max-objects", type=int, default=1, help="synthetic: objects per scene, at most (1: the learnable default; "
+      "3: multi-object scenes, which the tiny model does not bind within the default budget, README)")
     a("--spelling", choices=["canonical", "random"], default="canonical",
       help="synthetic: target boxes/order spelled one way, or a random one of the equivalent spellings")
-    a("--steps", type=int, default=None, help="optimiser steps (default: sft 1500, grpo 200)")
-    a("--sft-steps", type=int, default=1500, help="steps of the SFT warm-up that GRPO runs when it finds none")
-    a("--batch-size", type=int, default=16, help="SFT samples per rank per step")
-    a("--prompts-per-rank", type=int, default=4, help="GRPO prompts per rank per step (x G completions)")
+    a("--steps", type=int, default=None, help="optimiser steps (default: sft --sft-steps, grpo 200)")
+    a("--sft-steps", type=int, default=1200, help="steps of the SFT warm-up that GRPO runs when it finds none")
+    a("--batch-size", type=int, default=None, help="SFT samples per rank per step (default: 16 per step over all ranks)")
+    a("--prompts-per-rank", type=int, default=None, help="GRPO prompts per rank per step, x G completions (default: 4 "
+      "per step over all ranks)")
     a("--micro-batch", type=int, default=16, help="sequences per forward (gradient accumulation below that)")
     a("--lr", type=float, default=None, help="LLM learning rate (default: sft 1e-3, grpo 1e-4; real models ~5e-6)")
     a("--lr-merger", type=float, default=None, help="geometry-merger learning rate (default: 2 x --lr)")
@@ -114,8 +117,13 @@ def get_args(argv=None, stage=None):
     # Defaults that depend on the stage. `is None`, never `or`: an explicit 0 is the user's value (check_args
     # refuses it where it makes no sense), not a request for the default.
     sft = args.stage == "sft"
-    args.steps = (1500 if sft else 200) if args.steps is None else args.steps
+    args.steps = (args.sft_steps if sft else 200) if args.steps is None else args.steps
     args.lr = (1e-3 if sft else 1e-4) if args.lr is None else args.lr
+    # The batch defaults are per step, whatever the number of ranks (torchrun sets WORLD_SIZE before we parse), so
+    # `--nproc_per_node 2` on a 2-core machine is the same recipe, twice as fast, not a recipe with twice the batch.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    args.batch_size = max(16 // world, 1) if args.batch_size is None else args.batch_size
+    args.prompts_per_rank = max(4 // world, 1) if args.prompts_per_rank is None else args.prompts_per_rank
     args.lr_merger = 2 * args.lr if args.lr_merger is None else args.lr_merger
     args.schedule = ("cosine" if sft else "constant") if args.schedule is None else args.schedule
     args.max_new_tokens = rft3d.MAX_NEW_TOKENS[args.task] if args.max_new_tokens is None else args.max_new_tokens
@@ -138,8 +146,8 @@ def fail(message, code=2):
 
 # flag -> (smallest valid value, why / what to try). Checked in one pass, before anything is loaded or written.
 AT_LEAST = {
-    "--steps": (1, "optimiser steps (default: sft 1500, grpo 200)"),
-    "--sft-steps": (1, "steps of the SFT warm-up (default 1500)"),
+    "--steps": (1, "optimiser steps (default: sft --sft-steps, grpo 200)"),
+    "--sft-steps": (1, "steps of the SFT warm-up (default 1200)"),
     "--batch-size": (1, "SFT samples per rank per step (default 16)"),
     "--prompts-per-rank": (1, "GRPO prompts per rank per step (default 4)"),
     "--micro-batch": (1, "sequences per forward pass (default 16; lower it to save memory)"),
@@ -161,7 +169,7 @@ AT_LEAST = {
     "--seed": (0, "seeds are non-negative integers"),
     "--data-seed": (0, "seeds are non-negative integers"),
     "--test-size": (0, "unseen test scenes for the final start-vs-GRPO table (0: skip it)"),
-    "--max-objects": (1, "objects per synthetic scene, at most (default 3)"),
+    "--max-objects": (1, "objects per synthetic scene, at most (default 1)"),
 }
 # flag -> (test, why / what to try) for the real-valued knobs; every one must also be finite (argparse takes "nan").
 REAL = {
@@ -573,7 +581,7 @@ def train(args):
     samples_log = open(stage_dir / "samples.jsonl", "a") if rank == 0 else None
 
     # 5. The loop.
-    bad_in_a_row = 0
+    bad_in_a_row, t_loop, first = 0, time.time(), step
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.stage} {args.task}", disable=rank != 0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and not args.fsdp)
     while step < args.steps:
@@ -596,6 +604,10 @@ def train(args):
             log.flush()
             bar.update(1)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("loss", "reward") if k in out})
+            if step == first + 5:  # how long this part takes, said early (tqdm's estimate then keeps it current)
+                tqdm.write(f"[{args.stage}] {args.steps - first} steps: about "
+                           f"{(time.time() - t_loop) / 5 * (args.steps - first) / 60:.0f} min at the first steps' pace, "
+                           f"plus {math.ceil((args.steps - first) / args.eval_every)} evaluations on {len(val_set)} scenes")
             if texts and step % args.log_every == 0:
                 samples_log.write(json_line({"step": step, "completions": texts[: args.G]}))
                 samples_log.flush()
@@ -721,7 +733,9 @@ def main(argv=None):
             # The paper: RL from an un-warmed model gets no reward signal (no parseable answers), so GRPO on
             # the embedded default starts from an SFT warm-up, which we run here first, with SFT defaults
             # (with --resume it continues from the warm-up's own newest checkpoint).
-            print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft)")
+            print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft). "
+                  f"Three parts: SFT warm-up ({sft_args.steps} steps), GRPO ({args.steps} steps), then the start-vs-GRPO "
+                  f"table on {args.test_size} test scenes; each says how long it takes when it starts")
             train(sft_args)
         train(args)
         if args.stage == "grpo" and not args.data and args.test_size:  # the main command ends with its result
