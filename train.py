@@ -89,7 +89,8 @@ def get_args(argv=None, stage=None):
     a("--mu", type=int, default=1, help="GRPO: optimiser updates per rollout (1: ratio is exactly 1)")
     a("--adv-scale", choices=["group", "batch", "none"], default="group", help="advantage std scaling")
     a("--agg", choices=["token", "seq", "drgrpo"], default="token", help="loss aggregation")
-    a("--iou-mode", choices=["paper", "robust", "gt"], default="paper", help="detection IoU reward term (rewards.detection_reward)")
+    a("--iou-mode", choices=["paper", "robust", "gt"], default="paper", help="detection IoU reward term: paper (mean over "
+      "predicted boxes), robust or gt (a missed box costs); see rewards.detection_reward and README")
     a("--no-geometry", action="store_true", help="tiny model without the VGGT branch (ablation)")
     a("--lora-rank", type=int, default=0, help="LoRA on the LLM linears (0 = full fine-tuning)")
     a("--bf16", action="store_true", help="bf16 autocast (GPU)")
@@ -588,11 +589,13 @@ def train(args):
         samples = next(loader)
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, args)
+        t_step = time.time()
         with autocast:
             if args.stage == "sft":
                 out = grpo.sft_step(policy, tokenizer, task, samples, optimizer, args.micro_batch, args.max_grad_norm)
             else:
                 out = grpo.grpo_step(policy, ref, tokenizer, task, samples, optimizer, args)
+        out.setdefault("step_time", time.time() - t_step)  # GRPO times its own phases; SFT: the whole step
         step += 1
         bad_in_a_row = bad_in_a_row + 1 if math.isnan(out["grad_norm"]) else 0
         if bad_in_a_row >= args.max_bad_steps:
@@ -733,9 +736,10 @@ def main(argv=None):
             # The paper: RL from an un-warmed model gets no reward signal (no parseable answers), so GRPO on
             # the embedded default starts from an SFT warm-up, which we run here first, with SFT defaults
             # (with --resume it continues from the warm-up's own newest checkpoint).
-            print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft). "
-                  f"Three parts: SFT warm-up ({sft_args.steps} steps), GRPO ({args.steps} steps), then the start-vs-GRPO "
-                  f"table on {args.test_size} test scenes; each says how long it takes when it starts")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"no SFT checkpoint at {sft_final}: running the SFT warm-up first (python train.py --stage sft). "
+                      f"Three parts: SFT warm-up ({sft_args.steps} steps), GRPO ({args.steps} steps), then the start-vs-GRPO "
+                      f"table on {args.test_size} test scenes; each says how long it takes when it starts")
             train(sft_args)
         train(args)
         if args.stage == "grpo" and not args.data and args.test_size:  # the main command ends with its result

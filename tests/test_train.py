@@ -154,6 +154,8 @@ def test_sft_then_grpo_then_eval(tmp_path):
     train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2", "--out", str(out), *FAST])
     train.main(["--stage", "grpo", "--task", "grounding", "--steps", "2", "--G", "2", "--prompts-per-rank", "2",
                 "--out", str(out), *FAST, "--test-size", "3"])  # starts from the SFT model in out/sft/best
+    sft_rows = [json.loads(x) for x in (out / "sft/metrics.jsonl").read_text().splitlines()]
+    assert all(r["step_time"] > 0 for r in sft_rows if "loss" in r)  # bench.py's wall time per arm reads it
     lines = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
     # the main command's last part: start vs GRPO on 3 test scenes, paired, and the curves
     report = json.loads((out / "grpo/report.json").read_text())
@@ -169,3 +171,14 @@ def test_sft_then_grpo_then_eval(tmp_path):
         assert math.isfinite(metrics[key]), key
     assert len((tmp_path / "ev/predictions.jsonl").read_text().splitlines()) == 3
     assert len(list((tmp_path / "ev").glob("viz-*.png"))) == 2
+
+
+def test_batch_defaults_are_per_step_over_ranks(monkeypatch):
+    """The defaults keep 16 SFT samples / 4 GRPO prompts per optimiser step whatever torchrun's world size, so
+    `--nproc_per_node 2` is the README recipe run faster; an explicit value stays per rank."""
+    for world, (batch, prompts) in {"1": (16, 4), "2": (8, 2), "4": (4, 1), "8": (2, 1)}.items():
+        monkeypatch.setenv("WORLD_SIZE", world)
+        args = train.get_args(["--stage", "grpo"])
+        assert (args.batch_size, args.prompts_per_rank) == (batch, prompts), world
+        assert train.get_args(["--stage", "grpo"], stage="sft").batch_size == batch  # the warm-up's own parse
+    assert train.get_args(["--batch-size", "3", "--prompts-per-rank", "5"]).batch_size == 3
