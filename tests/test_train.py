@@ -47,6 +47,17 @@ def assert_same_params(a, b, atol):
     assert worst <= atol, f"max parameter difference {worst}"
 
 
+def assert_resume_exact(common, stage, tmp_path):
+    """Two steps uninterrupted == one step, stopped, then resumed to two: the same final weights bit for bit (CPU),
+    and the run did move (the final weights differ from step 1's)."""
+    train.main([*common, "--steps", "2", "--out", str(tmp_path / "a")])
+    train.main([*common, "--steps", "1", "--out", str(tmp_path / "b")])
+    train.main([*common, "--steps", "2", "--resume", "--out", str(tmp_path / "b")])
+    assert_same_params(tmp_path / f"a/{stage}/final", tmp_path / f"b/{stage}/final", atol=0.0)
+    assert not torch.equal(params(tmp_path / f"a/{stage}/final")["merger.mlp.0.weight"],
+                           params(tmp_path / f"a/{stage}/step-1/model")["merger.mlp.0.weight"])
+
+
 def torchrun(nproc, argv, tmp):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -137,12 +148,7 @@ def test_resume_is_bit_exact(init_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(rft3d.TASKS, "detection", task._replace(reward=varied))
     common = ["--stage", "grpo", "--task", "detection", "--model", init_dir, "--G", "2", "--prompts-per-rank", "2",
               "--eval-every", "100", "--save-every", "1", "--lr", "1e-2", "--mu", "2", *FAST]
-    train.main([*common, "--steps", "2", "--out", str(tmp_path / "a")])
-    train.main([*common, "--steps", "1", "--out", str(tmp_path / "b")])
-    train.main([*common, "--steps", "2", "--resume", "--out", str(tmp_path / "b")])
-    assert_same_params(tmp_path / "a/grpo/final", tmp_path / "b/grpo/final", atol=0.0)
-    assert not torch.equal(params(tmp_path / "a/grpo/final")["merger.mlp.0.weight"],
-                           params(tmp_path / "a/grpo/step-1/model")["merger.mlp.0.weight"])
+    assert_resume_exact(common, "grpo", tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
