@@ -62,7 +62,19 @@ camera, 1.95M params (0.94M trainable). The main command on a fresh clone (READM
   SFT to the 15-minute target on the old 3-object world (single process, 900 steps): validation F1@0.25 22, IoU
     over GT 0.14. One object, one process, 1,200 cosine steps (another data order): validation 73 / 0.37 at step
     1,050: one run to the next differs by more than the 100-scene validation error (~5 points of F1).
-BENCH_LEARNING_NOTE
+  `bench.py learning --task both --jobs 2` (the detection start = the main command's SFT run above, copied into
+    bench_out/learning/detection/start-main; the grounding start ran here, 1,200 steps, one process, 26 min):
+    detection lr on validation F1@0.25: SFT 3e-4: 60, 1e-3: 54 -> 3e-4; GRPO 1e-4: 54, 3e-4: 47.4 -> 1e-4.
+    Three arms, 200 updates, 3 seeds (--seed s --data-seed s), 400 test scenes, paired per scene (README table):
+    start IoU over GT 0.311, SFT->SFT 0.341, SFT->GRPO 0.335; GRPO - SFT->SFT (the best SFT on validation, 63.7 vs
+    the start's 58.0): IoU -0.006 +- 0.006, F1@0.25 -0.010 +- 0.015, F1@0.5 +0.004 +- 0.014: no claim. Steps per
+    arm: SFT 268 s, GRPO 582 s (one thread, the other core busy). A first pass passed --seed only: the three SFT
+    seeds were then one run (fresh scenes are drawn from --data-seed), caught and rerun with --data-seed.
+    Grounding (one lr per arm, detection's choice; 3 seeds): start IoU 0.338, Acc@0.25 64.2, Acc@0.5 24.8, frame
+    37.5; SFT->SFT 0.348 / 67.8 / 25.0 / 39.4; SFT->GRPO 0.340 / 68.1 / 20.7 / 26.5. GRPO - SFT->SFT (best SFT on
+    validation, 68.7 vs 67.0): Acc@0.25 +0.2 +- 1.4, IoU -0.008 +- 0.005, Acc@0.5 -4.3 +- 1.5, frame accuracy
+    -12.9 +- 2.4 (the 5-frame window of the frame reward barely separates 4 frames). Steps per arm: SFT 222 s,
+    GRPO 571 s.
 
 2026-11-22, one NVIDIA H100 80GB HBM3 (device machine), torch 2.11.0+cu130, transformers 5.23.0, random weights in
 bf16, gradient checkpointing on, 518x392 frames (252 Qwen tokens each), 128-token answers; `bench.py gpu`:

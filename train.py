@@ -70,7 +70,7 @@ def get_args(argv=None, stage=None):
     a("--spelling", choices=["canonical", "random"], default="canonical",
       help="synthetic: target boxes/order spelled one way, or a random one of the equivalent spellings")
     a("--steps", type=int, default=None, help="optimiser steps (default: sft --sft-steps, grpo 200)")
-    a("--sft-steps", type=int, default=1200, help="steps of the SFT warm-up that GRPO runs when it finds none")
+    a("--sft-steps", type=int, default=1200, help="steps of the SFT warm-up that GRPO runs when it finds none (1200)")
     a("--batch-size", type=int, default=None, help="SFT samples per rank per step (default: 16 per step over all ranks)")
     a("--prompts-per-rank", type=int, default=None, help="GRPO prompts per rank per step, x G completions (default: 4 "
       "per step over all ranks)")
@@ -89,8 +89,9 @@ def get_args(argv=None, stage=None):
     a("--mu", type=int, default=1, help="GRPO: optimiser updates per rollout (1: ratio is exactly 1)")
     a("--adv-scale", choices=["group", "batch", "none"], default="group", help="advantage std scaling")
     a("--agg", choices=["token", "seq", "drgrpo"], default="token", help="loss aggregation")
-    a("--iou-mode", choices=["paper", "robust", "gt"], default="paper", help="detection IoU reward term: paper (mean over "
-      "predicted boxes), robust or gt (a missed box costs); see rewards.detection_reward and README")
+    a("--iou-mode", choices=["paper", "robust", "gt"], default="paper", help="detection IoU reward term: paper (the default: "
+      "mean over predicted boxes; at one object per scene it equals gt on every one-box answer, so dropping boxes "
+      "cannot pay), robust, or gt (a missed box costs; use it with --max-objects > 1); rewards.detection_reward")
     a("--no-geometry", action="store_true", help="tiny model without the VGGT branch (ablation)")
     a("--lora-rank", type=int, default=0, help="LoRA on the LLM linears (0 = full fine-tuning)")
     a("--bf16", action="store_true", help="bf16 autocast (GPU)")
