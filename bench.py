@@ -75,6 +75,10 @@ camera, 1.95M params (0.94M trainable). The main command on a fresh clone (READM
     validation, 68.7 vs 67.0): Acc@0.25 +0.2 +- 1.4, IoU -0.008 +- 0.005, Acc@0.5 -4.3 +- 1.5, frame accuracy
     -12.9 +- 2.4 (the 5-frame window of the frame reward barely separates 4 frames). Steps per arm: SFT 222 s,
     GRPO 571 s.
+    Knob rows (seed 0, vs the best SFT of the same setting; IoU over GT, F1@0.25 differences, paired): baseline
+    -0.017 +- 0.007 / -0.007 +- 0.018; fixed 500 scenes (own SFT->SFT on them, val 72) -0.045 +- 0.009 /
+    -0.028 +- 0.024; beta 0 -0.022 +- 0.007 / -0.022 +- 0.017. The other rows did not finish in the session.
+    (A GRPO-only row was first compared with the start instead of the baseline's best SFT; fixed before reporting.)
 
 2026-11-22, one NVIDIA H100 80GB HBM3 (device machine), torch 2.11.0+cu130, transformers 5.23.0, random weights in
 bf16, gradient checkpointing on, 518x392 frames (252 Qwen tokens each), 128-token answers; `bench.py gpu`:
@@ -675,7 +679,9 @@ def learning_task(task, args):
         rows = [["baseline (seed 0)", f"{arms['grpo'][0].val():.2f}"] + knob_cells(task, arms["grpo"][0].test(), base_best)]
         for name, g, s, start_key in knob_arms:
             st = start_arms[start_key or "main"]
-            ref = st.test() if s is None or st.val() >= s.val() else s.test()  # the best SFT in that setting
+            # the best SFT model of that setting: a row with its own SFT run (data, start) picks between that run and
+            # its start on validation; a GRPO-only row (G, T, beta, mu, reward) shares the baseline's setting
+            ref = base_best if s is None else (st.test() if st.val() >= s.val() else s.test())
             rows.append([name, f"{g.val():.2f}"] + knob_cells(task, g.test(), ref))
         print(f"\n== {task}: one knob at a time (SFT->GRPO, seed 0, lr {lr['grpo']:g}) vs the best SFT model of the same "
               f"setting (data and start rows: their own SFT->SFT run), paired on {test_n} test scenes ==")
