@@ -608,6 +608,8 @@ class Arm:
 
 
 def learning_task(task, args):
+    """A generator: yields each set of jobs (starts, sweeps, seeds, knob rows) and resumes once learning() has run
+    them, to choose on validation and print the tables."""
     q = args.quick
     cfg = {**LEARN[task], **(QUICK if q else {})}
     seeds, test_n = cfg.get("seeds", [0, 1, 2]), cfg.get("test", 400)

@@ -150,8 +150,8 @@ def fail(message, code=2):
 AT_LEAST = {
     "--steps": (1, "optimiser steps (default: sft --sft-steps, grpo 200)"),
     "--sft-steps": (1, "steps of the SFT warm-up (default 1200)"),
-    "--batch-size": (1, "SFT samples per rank per step (default 16)"),
-    "--prompts-per-rank": (1, "GRPO prompts per rank per step (default 4)"),
+    "--batch-size": (1, "SFT samples per rank per step (default: 16 per step over all ranks)"),
+    "--prompts-per-rank": (1, "GRPO prompts per rank per step (default: 4 per step over all ranks)"),
     "--micro-batch": (1, "sequences per forward pass (default 16; lower it to save memory)"),
     "--frames": (1, "frames per video / scene (default 4)"),
     "--image-size": (1, "synthetic frame size in pixels (default 56)"),
