@@ -93,6 +93,13 @@ camera, 1.95M params (0.94M trainable). The main command on a fresh clone (READM
     Fixed 2000 scenes, seeds 1 and 2 (the only row above 2 SEs at seed 0, so KNOB_SEEDS gives it three):
     GRPO - its SFT->SFT IoU over GT -0.026 +- 0.009 and -0.016 +- 0.009 (SFT->SFT test IoU 0.339, 0.326; GRPO 0.313,
     0.310); 3 seeds together -0.006 +- 0.006, F1@0.25 -0.015 +- 0.015, count accuracy -0.037 +- 0.005. No claim.
+    Temperature 0.7, seeds 1 and 2 (the GRPO row best on validation, 66): GRPO - the baseline SFT->SFT of the same
+    seed, IoU over GT -0.009 +- 0.010 and +0.018 +- 0.011 (val 59, 60); 3 seeds together +0.003 +- 0.006, F1@0.25
+    -0.023 +- 0.013, F1@0.5 +0.027 +- 0.017. No claim. (Against GRPO at T 1 of the same seed: +0.019, -0.017,
+    +0.025 IoU.) 8 min of one core per arm.
+    Found on the way: every bench arm's GRPO run also ended with train.py's own start-vs-GRPO table (2 x 400 test
+    scenes) that eval.py then scored again; the arms now pass --test-size 0 (no number above changes: it was wall
+    time only). `bench.py learning --quick --task both --jobs 2` (10-update arms, one knob row of each kind): 5m56s wall, no error.
   `OMP_NUM_THREADS=1 python bench.py throughput --rollout-only --repeats 5` (quiet machine, issue 13's setting: 2 prompts
     x G 8, 4 frames of 112 px, 32 new tokens, median of 5): decode loop 278 ms (prefill 34 ms, 7.9 ms per decoding
     step) vs transformers' generate 537 ms (170 ms, 11.8 ms): 1.93x (target 2x: missed narrowly; per step 1.50x,
@@ -557,7 +564,7 @@ LEARN = {  # arm_steps: optimiser updates per arm; val: validation scenes for ev
     "detection": dict(arm_steps=200, eval_every=50, val=100, lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
     "grounding": dict(arm_steps=200, eval_every=50, val=100, lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
 }
-QUICK = dict(arm_steps=20, eval_every=10, val=20, test=40, sft_steps=60, seeds=[0], lrs={"sft": [3e-4], "grpo": [1e-4]},
+QUICK = dict(arm_steps=10, eval_every=5, val=20, test=40, sft_steps=60, seeds=[0], lrs={"sft": [3e-4], "grpo": [1e-4]},
              knobs=["data: fixed 500 scenes", "start: 1/3 of the SFT budget", "beta = 0 (no reference)"])  # one of each kind
 # (row, GRPO flags, flags of an SFT -> SFT run in the same setting (None: a GRPO-only knob), its start (None: the
 # main one; else a key of KNOB_STARTS)): one change each. The baseline is train.py's defaults: fresh scenes every
@@ -646,7 +653,7 @@ def learning_task(task, args):
     root = OUT / ("learning-quick" if q else "learning") / task
     root.mkdir(parents=True, exist_ok=True)
     common = ["--val-size", cfg["val"], "--eval-every", cfg["eval_every"], "--save-every", cfg["arm_steps"],
-              "--keep", "1", "--steps", cfg["arm_steps"]]
+              "--keep", "1", "--steps", cfg["arm_steps"], "--test-size", 0]  # eval.py scores the test scenes below
     test_argv = ["--n", test_n]
     t_start = time.time()
 
