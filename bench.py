@@ -720,25 +720,23 @@ def learning_task(task, args):
                  for k in ks] if sft_flags is not None else []
             knob_arms.append((name, ks, g, s, start_key))
         # the untrained knob starts first (the longest chains), with every row that does not wait for one; then the rest
-        waiting = {k for *_, k in knob_arms if k and start_arms[k].jobs()}
-        yield ([j for k in waiting for j in start_arms[k].jobs()] +
-               [j for _, _, g, s, k in knob_arms if k not in waiting for a in g + s for j in a.jobs()])
-        yield [j for _, _, g, s, k in knob_arms if k in waiting for a in g + s for j in a.jobs()]
+        untrained = {k for *_, k in knob_arms if k and start_arms[k].jobs()}
+        yield ([j for k in untrained for j in start_arms[k].jobs()] +
+               [j for _, _, g, s, k in knob_arms if k not in untrained for a in g + s for j in a.jobs()])
+        yield [j for _, _, g, s, k in knob_arms if k in untrained for a in g + s for j in a.jobs()]
 
-        def stacked(arms_):  # per-scene metrics as [seeds, scenes] arrays (paired() averages over the seeds)
-            tests = [a.test() for a in arms_]
-            return {k: np.stack([np.asarray(t[k], float) for t in tests]) for k, _, _ in SCENE_METRICS[task]}
         base_best = [start if best == "start" else a for a in arms["sft"]]  # the baseline's best SFT model, per seed
-        rows = [["baseline (seed 0)", f"{arms['grpo'][0].val():.2f}"] + knob_cells(task, arms["grpo"][0].test(),
-                                                                                  base_best[0].test())]
+        rows = [["baseline (seed 0)", f"{arms['grpo'][0].val():.2f}"] + knob_cells(task, arms["grpo"][:1], base_best[:1])]
         for name, ks, g, s, start_key in knob_arms:
+            # the best SFT model of that setting: a GRPO-only row (G, T, beta, mu, reward) shares the baseline's, seed
+            # by seed; a row with its own SFT runs (data, start) picks between them and its start on validation
             st = start_arms[start_key or "main"]
-            # the best SFT model of that setting: a row with its own SFT runs (data, start) picks between them and
-            # its start on validation; a GRPO-only row (G, T, beta, mu, reward) shares the baseline's setting
-            ref = ([base_best[seeds.index(k)] for k in ks] if not s else
-                   [st] * len(ks) if st.val() >= np.mean([a.val() for a in s]) else s)
+            if not s:
+                ref = [base_best[seeds.index(k)] for k in ks]
+            else:
+                ref = [st] * len(ks) if st.val() >= np.mean([a.val() for a in s]) else s
             rows.append([name + (f" ({len(ks)} seeds)" if len(ks) > 1 else ""), f"{np.mean([a.val() for a in g]):.2f}"]
-                        + knob_cells(task, stacked(g), stacked(ref)))
+                        + knob_cells(task, g, ref))
         print(f"\n== {task}: one knob at a time (SFT->GRPO, seed 0 unless said, lr {lr['grpo']:g}) vs the best SFT "
               f"model of the same setting (data and start rows: their own SFT->SFT run), paired on {test_n} test scenes ==")
         table(["row", f"val {PRIMARY_METRIC[task]}"] + [f"d {n}" for _, n, _ in SCENE_METRICS[task][:5]], rows)
@@ -751,8 +749,11 @@ def learning_task(task, args):
 
 
 def knob_cells(task, a, b):
-    """Paired differences (a - b) with standard errors for the first five scene metrics, as table cells."""
-    return [f"{fmt(d, s, True)}+-{fmt(se, s)}" for k, _, s in SCENE_METRICS[task][:5] for d, se in [paired(a[k], b[k])]]
+    """Paired differences (arms a - arms b, seed by seed; paired() averages over the seeds) with standard errors for
+    the first five scene metrics, as table cells."""
+    ta, tb = [x.test() for x in a], [x.test() for x in b]
+    return [f"{fmt(d, s, True)}+-{fmt(se, s)}" for k, _, s in SCENE_METRICS[task][:5]
+            for d, se in [paired(np.stack([t[k] for t in ta]), np.stack([t[k] for t in tb]))]]
 
 
 def learning(args):
