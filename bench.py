@@ -44,7 +44,7 @@ B=4 prompts, 56 px frames, max 96 new tokens (random init: completions run to ~9
   Detection, 200 updates per arm from one SFT model (1,500 steps, val F1 26.4), one seed, 400 test scenes (README):
     `python train.py --stage grpo --task detection --model SFT --steps 200 [--iou-mode robust]` vs
     `python train.py --stage sft --task detection --model SFT --steps 200 --lr 1e-4 --schedule constant`, then
-    `python eval.py --ckpt ... --task detection --n 400`. GRPO(paper) - SFT->SFT per scene: F1@0.25 +0.017 +- 0.018,
+    `python eval.py --ckpt ... --task detection --test-size 400`. GRPO(paper) - SFT->SFT per scene: F1@0.25 +0.017 +- 0.018,
     IoU over GT -0.022 +- 0.006, boxes per scene -0.43 +- 0.03 (2.0 -> 1.54), count accuracy -0.22 +- 0.03;
     robust IoU mode: the same picture (boxes 1.56). GRPO ran at 2.3-2.6 s/step on one thread.
     With 3 seeds per arm (--seed s --data-seed s, s = 0, 1, 2): GRPO - SFT->SFT F1@0.25 -0.017 +- 0.013,
@@ -213,7 +213,7 @@ def step_encode_once(net, ref, tok, task, samples, opt, a, t):
     with t("reward"):
         texts = tok.batch_decode(completion, skip_special_tokens=True)
         r = torch.tensor([task.reward(s, x)["total"] for s, x in zip([s for s in samples for _ in range(G)], texts)])
-        adv = grpo.group_advantages(r, G)
+        adv, _ = grpo.group_advantages(r, G)
     slices = [slice(k, k + mb) for k in range(0, len(prompts_G), mb)]
     batches = [grpo.sequence_batch(net, tok, prompts_G[sl], enc_G[sl], completion[sl]) for sl in slices]
     n_tok = sum(m.sum() for _, m in batches).item()
@@ -249,7 +249,7 @@ def step_naive(net, ref, tok, task, samples, opt, a, t):
             seqs.append((s, c))
     with t("reward"):
         r = torch.tensor([task.reward(s, tok.decode(c[0], skip_special_tokens=True))["total"] for s, c in seqs])
-        adv = grpo.group_advantages(r, G)
+        adv, _ = grpo.group_advantages(r, G)
 
     def one(m, s, c, grad):
         with t("encode"):
@@ -654,7 +654,7 @@ def learning_task(task, args):
     root.mkdir(parents=True, exist_ok=True)
     common = ["--val-size", cfg["val"], "--eval-every", cfg["eval_every"], "--save-every", cfg["arm_steps"],
               "--keep", "1", "--steps", cfg["arm_steps"], "--test-size", 0]  # eval.py scores the test scenes below
-    test_argv = ["--n", test_n]
+    test_argv = ["--test-size", test_n]
     t_start = time.time()
 
     # 1. The start: the main command's SFT warm-up (train.py's defaults); the knob rows' own starts (KNOB_STARTS)

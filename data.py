@@ -2,7 +2,8 @@
 
 A Sample is frames (uint8 [S,H,W,3]) + camera poses + exact ground truth for one of three tasks:
   detection   9-DoF boxes [cx,cy,cz,dx,dy,dz,a,b,c] with labels, in the FIRST frame's camera coordinates
-  grounding   a referring expression -> target frame k + box in camera k (and the box in the aligned world)
+  grounding   a referring expression -> target frame k + box in camera k (and the box in the aligned world);
+              rows without a target frame (ScanRefer val) have target_frame None and only the world box
   spatial     a VSI-Bench-style question with options (multiple choice) or a numeric answer
 Conventions (DESIGN.md section 3): R = Rz(a) @ Rx(b) @ Ry(c); OpenCV cameras (x right, y down, z forward);
 cam2global[k] is camera k -> raw world and E_k = axis_align @ cam2global[k] is camera k -> aligned world.
@@ -26,6 +27,11 @@ from PIL import Image, ImageDraw
 TASK_NAMES = ("detection", "grounding", "spatial")
 
 
+class DataError(ValueError):
+    """A bad input file or row: the message names the file (and row). train.py and eval.py print it as one line and
+    exit 1, like a bad flag (exit 2), without a traceback."""
+
+
 @dataclass
 class Sample:
     id: str
@@ -36,8 +42,9 @@ class Sample:
     axis_align: np.ndarray = field(default_factory=lambda: np.eye(4))  # [4,4] raw world -> aligned world
     boxes: list = field(default_factory=list)  # detection: [{"label", "bbox_3d"}] in first-frame camera coords
     description: str = ""                    # grounding: referring expression
-    target_frame: int = -1                   # grounding: frame index (-1 when the data has none)
-    target_box: list = field(default_factory=list)  # grounding: 9 floats in camera target_frame
+    target_frame: int | None = None          # grounding: frame index; None: the row has none (ScanRefer val),
+    #                                          so no frame reward, no SFT target, not in frame accuracy
+    target_box: list = field(default_factory=list)  # grounding: 9 floats in camera target_frame (or [])
     world_box: list = field(default_factory=list)   # grounding: 9 floats in the aligned world
     question: str = ""                       # spatial: the question (no pre/post prompt)
     options: list = field(default_factory=list)     # spatial: ["A. left", "B. right"] or [] for numbers
@@ -221,19 +228,19 @@ def read_rows(path):
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise ValueError(f"{path}: cannot read the file: {e.strerror or e}") from e
+        raise DataError(f"{path}: cannot read the file: {e.strerror or e}") from e
     sha = hashlib.sha256(raw).hexdigest()
     if not raw.strip():
-        raise ValueError(f"{path}: the file is empty (an interrupted download or copy?)")
+        raise DataError(f"{path}: the file is empty (an interrupted download or copy?)")
     if path.endswith(".parquet"):
         try:
             return pq.read_table(pa.BufferReader(raw)).to_pylist(), sha
         except Exception as e:   # pyarrow.ArrowInvalid and friends
-            raise ValueError(f"{path}: not a readable parquet file ({e}); truncated? re-download it") from e
+            raise DataError(f"{path}: not a readable parquet file ({e}); truncated? re-download it") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); is it really a JSON file?") from e
+        raise DataError(f"{path}: not UTF-8 text ({e}); is it really a JSON file?") from e
     if path.endswith(".jsonl"):
         rows = []
         for line in filter(str.strip, text.splitlines()):
@@ -245,11 +252,11 @@ def read_rows(path):
     try:
         rows = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); a truncated file fails like this: re-download or "
+        raise DataError(f"{path}: not valid JSON ({e}); a truncated file fails like this: re-download or "
                          "re-export it") from e
     if not isinstance(rows, list):
         what = f"an object with keys {sorted(rows)[:5]}" if isinstance(rows, dict) else type(rows).__name__
-        raise ValueError(f"{path}: expected a JSON list of rows, got {what}")
+        raise DataError(f"{path}: expected a JSON list of rows, got {what}")
     return rows, sha
 
 
@@ -424,7 +431,7 @@ class RowDataset(torch.utils.data.Dataset):
         rows, sha = read_rows(path)   # (1)
         kind, field = file_kind(rows)   # (2)
         if kind is not None and kind != task:
-            raise ValueError(f"{path}: this looks like a {kind} file (its rows have {field!r}), not {task}: "
+            raise DataError(f"{path}: this looks like a {kind} file (its rows have {field!r}), not {task}: "
                              f"check --task (or pass the {task} file)")
         self.path, self.specs, skipped, seen = path, [], [], {}
         for i, row in enumerate(rows):   # (3)
@@ -437,7 +444,7 @@ class RowDataset(torch.utils.data.Dataset):
             except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                 reason = f"{type(e).__name__}: {e}"
                 if not skip_bad:
-                    raise ValueError(f"{path}: row {i}: {reason}") from e
+                    raise DataError(f"{path}: row {i}: {reason}") from e
                 skipped.append({"row": i, "reason": reason})
                 continue
             spec["id"], spec["row"] = str(row.get("id", f"{os.path.basename(path)}:{i}")), i
@@ -450,10 +457,12 @@ class RowDataset(torch.utils.data.Dataset):
         self.report = {"path": os.path.abspath(path), "sha256": sha, "task": task, "rows": len(rows),
                        "kept": len(self.specs), "skipped": len(skipped), "by_type": dict(sorted(by_type.items())),
                        "skipped_rows": skipped[:1000]}   # the first 1000 with their reasons
+        if task == "grounding":   # rows without a target frame: no frame reward, SFT target or frame accuracy
+            self.report["no_target_frame"] = sum(sp.get("target_frame") is None for sp in self.specs)
         if not self.specs:
             why = f"; all {len(rows)} rows are bad, e.g. row {skipped[0]['row']}: {skipped[0]['reason']}" \
                 if skipped else ""
-            raise ValueError(f"{path}: no usable rows{why}")
+            raise DataError(f"{path}: no usable rows{why}")
         if skipped:
             print(describe(self.report, max_skipped=3), file=sys.stderr)
         self[0]   # (4)
@@ -474,7 +483,7 @@ class RowDataset(torch.utils.data.Dataset):
                 frames, c2g, K = _stack([read_image(p) for p in sp["paths"]], where), sp["cam2global"], \
                     sp["intrinsics"]
         except (OSError, ValueError) as e:
-            raise ValueError(f"{where}: cannot read media: {e}") from e
+            raise DataError(f"{where}: cannot read media: {e}") from e
         keys = ("boxes", "description", "target_frame", "target_box", "world_box", "question", "options",
                 "ground_truth", "question_type")
         return Sample(id=sp["id"], task=sp["task"], frames=frames, intrinsics=K, cam2global=c2g,
@@ -523,8 +532,11 @@ def describe(report, max_skipped=10):
     if "sha256" not in report:   # not a file (e.g. the synthetic scenes): its parameters
         return "data: " + ", ".join(f"{k} {v}" for k, v in report.items())
     types = ", ".join(f"{t} {n}" for t, n in report["by_type"].items())
+    unframed = report.get("no_target_frame") or 0
     lines = [f"data: {report['path']} (sha256 {report['sha256'][:16]}): {report['rows']} rows, {report['kept']} "
-             f"used ({types})" + (f", {report['skipped']} skipped:" if report["skipped"] else "")]
+             f"used ({types})" + (f", {unframed} without a target frame (no frame reward, SFT target or "
+                                  f"frame accuracy)" if unframed else "")
+             + (f", {report['skipped']} skipped:" if report["skipped"] else "")]
     lines += [f"  row {s['row']}: {s['reason']}" for s in report["skipped_rows"][:max_skipped]]
     if report["skipped"] > max_skipped:
         lines.append(f"  ... and {report['skipped'] - max_skipped} more (the first 1000 are in the run's data report)")
@@ -578,8 +590,10 @@ def export_vgllm(dataset, out_dir, image_format="png"):
                 "boxes": s.boxes, **cams, "metadata": meta})
         elif s.task == "grounding":
             prompt = GROUND_TEXT.format(s.description)
-            target = {"frame": s.target_frame, "bbox_3d": s.target_box}
-            answer = f"```json\n\t{json.dumps({'frame': s.target_frame, 'bbox_3d': r2(s.target_box)})}\n```"
+            target, answer = None, ""   # a val-style row: only the world box (gt_bbox), no answer to write
+            if s.target_frame is not None:
+                target = {"frame": s.target_frame, "bbox_3d": s.target_box}
+                answer = f"```json\n\t{json.dumps(dict(target, bbox_3d=r2(s.target_box)))}\n```"
             tokens = "".join(f"Frame-{k}: <image>" for k in range(len(images)))
             rows.append({"id": s.id, "images": images, "conversations": [
                 {"from": "human", "value": f"{tokens}\n{prompt}"}, {"from": "gpt", "value": answer}],
@@ -676,7 +690,7 @@ def main(argv=None):
         img.save(a.out)
         print(f"{s.id}: {len(s.frames)} frames {s.frames.shape[1:3]} -> {a.out}")
         for k in ("boxes", "description", "target_frame", "target_box", "question", "options", "ground_truth"):
-            if getattr(s, k) not in ("", [], -1):
+            if getattr(s, k) not in (None, "", []):
                 print(f"  {k}: {getattr(s, k)}")
 
 

@@ -15,18 +15,25 @@ token, every detection line counted; see rft3d.py) so numbers compare with the p
 replaced by the detector proposal of its scene with the highest IoU to it, then scored; raw and refined
 Acc@0.25/0.5 are reported side by side.
 """
+import argparse
 import hashlib
 import json
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from rewards import iou_3d, iou_3d_many
+import checkpoints
+import data
+import grpo
+import rft3d
+import scenes
+from rewards import box_to_world, iou_3d, iou_3d_many, parse_detections, parse_grounding
 
 # --- metrics ---
 
@@ -103,7 +110,9 @@ def grounding_metrics(records):
     """records: {"iou", "frame_pred", "frame_gt", "unique", "parsed"} (+ "iou_refined", "proposal" with
     --proposals). Acc@t = share with IoU >= t (ScanRefer / VG-LLM use >=); a failed sample has IoU 0. Split by
     unique/multiple where the record says (unique is a bool; None = unknown, left out of both splits).
-    With refined IoUs the same keys again with the suffix "/refined", and the share of boxes replaced."""
+    With refined IoUs the same keys again with the suffix "/refined", and the share of boxes replaced.
+    frame_acc = share of exact frames over the n_frame rows that have a target frame (frame_gt not None;
+    ScanRefer val rows have none); absent when no row has one (0 of 0 is no accuracy, not 0%)."""
     out = {"n": len(records)}
     splits = {"": list(range(len(records))),
               "/unique": [i for i, r in enumerate(records) if r.get("unique") is True],
@@ -121,8 +130,10 @@ def grounding_metrics(records):
                 out[f"n{name}"] = len(idx)
     if len(columns) > 1:
         out["replaced_rate"] = 100 * _mean(float(r.get("proposal") is not None) for r in records)
-    out["frame_acc"] = 100 * _mean(
-        float(r.get("frame_pred") is not None and r.get("frame_pred") == r.get("frame_gt")) for r in records)
+    framed = [r for r in records if r.get("frame_gt") is not None]
+    out["n_frame"] = len(framed)
+    if framed:
+        out["frame_acc"] = 100 * _mean(float(r.get("frame_pred") == r["frame_gt"]) for r in framed)
     out["parse_rate"] = 100 * _mean(float(bool(r.get("parsed"))) for r in records)
     return out
 
@@ -160,20 +171,20 @@ def load_proposals(path):
         with open(path) as f:
             raw = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--proposals {path}: cannot read it as JSON: {e}") from e
+        raise data.DataError(f"--proposals {path}: cannot read it as JSON: {e}") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"--proposals {path}: expected an object {{scene: [boxes]}}, got {type(raw).__name__}")
+        raise data.DataError(f"--proposals {path}: expected an object {{scene: [boxes]}}, got {type(raw).__name__}")
     out = {}
     for scene, boxes in raw.items():
         if not isinstance(boxes, list):
-            raise ValueError(f"--proposals {path}: scene {scene!r}: expected a list of boxes")
+            raise data.DataError(f"--proposals {path}: scene {scene!r}: expected a list of boxes")
         out[scene] = []
         for j, b in enumerate(boxes):
             b = b.get("bbox_3d") if isinstance(b, dict) else b
             ok = isinstance(b, list) and len(b) in (6, 9) and all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in b)
             if not ok or min(b[3:6]) <= 0:
-                raise ValueError(f"--proposals {path}: scene {scene!r}, box {j}: expected 6 or 9 finite numbers "
+                raise data.DataError(f"--proposals {path}: scene {scene!r}, box {j}: expected 6 or 9 finite numbers "
                                  f"with positive sizes, got {b!r:.80}")
             out[scene].append([float(x) for x in b] + [0.0] * (9 - len(b)))
     return out
@@ -231,7 +242,7 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
         samples = [dataset[i] for i in idx]
         missing = sorted({scene_of(s) for s in samples} - set(proposals)) if proposals is not None else []
         if missing:   # before decoding anything: a wrong proposals file fails in the first batch
-            raise ValueError(f"--proposals: no proposals for scene {missing[0]!r} (the file has {len(proposals)} "
+            raise data.DataError(f"--proposals: no proposals for scene {missing[0]!r} (the file has {len(proposals)} "
                              f"scenes, e.g. {sorted(proposals)[:3]})")
         encodings = model.encode([s.frames for s in samples])  # once per sample
         batch = model.prompt_batch(tokenizer, [task.prompt(s, think=think) for s in samples], encodings)
@@ -280,12 +291,16 @@ SCENE_METRICS = {
 
 def per_scene(task_name, records):
     """eval records (rft3d.py's) -> {metric: array over scenes}, in record order. Detection F1 is per scene,
-    2TP / (2TP + FP + FN) at each threshold (1 for an empty scene answered with nothing)."""
+    2TP / (2TP + FP + FN) at each threshold; an empty scene scores 1 when the answer says "nothing" (parsed,
+    no boxes) and 0 for boxes or an answer that did not parse, as iou_gt and the training reward do.
+    Grounding "frame" (1 exact frame, else 0) is NaN for a row without a target frame (frame_gt None,
+    ScanRefer val): undefined, not wrong, and the array stays aligned with the scenes; compare_table and
+    paired() read it over the scenes where it is defined."""
     parse = np.array([float(bool(r.get("parsed"))) for r in records])
     if task_name == "detection":
         def f1(r, thr):
             tp, fp, fn = (sum(int(c[i]) for c in r["counts"][thr].values()) for i in range(3))
-            return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+            return float(bool(r.get("parsed"))) if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
         return {"iou_gt": np.array([_finite(r.get("iou_gt")) for r in records]),
                 "f1_25": np.array([f1(r, "0.25") for r in records]), "f1_50": np.array([f1(r, "0.5") for r in records]),
                 "count": np.array([float(r["n_pred"] == r["n_gt"]) for r in records]),
@@ -293,8 +308,9 @@ def per_scene(task_name, records):
     if task_name == "grounding":
         iou = np.array([_finite(r.get("iou")) for r in records])
         return {"iou": iou, "acc25": (iou >= 0.25).astype(float), "acc50": (iou >= 0.5).astype(float),
-                "frame": np.array([float(r.get("frame_pred") is not None and r.get("frame_pred") == r.get("frame_gt"))
-                                   for r in records]), "parse": parse}
+                "frame": np.array([math.nan if r.get("frame_gt") is None
+                                   else float(r.get("frame_pred") == r["frame_gt"]) for r in records]),
+                "parse": parse}
     return {"score": np.array([_finite(r.get("score")) for r in records]), "parse": parse}
 
 
@@ -303,6 +319,9 @@ def paired(a, b):
     (mean of a - b, its standard error over scenes)."""
     d = np.asarray(a, float) - np.asarray(b, float)
     d = d.mean(0) if d.ndim == 2 else d
+    d = d[np.isfinite(d)]  # scenes where a metric is undefined (NaN: grounding rows without a target frame)
+    if not len(d):
+        return float("nan"), float("nan")
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
@@ -327,7 +346,8 @@ def compare_table(task_name, arms, base):
     metrics = SCENE_METRICS[task_name]
     arms = {name: {k: np.stack([x[k] for x in v]) if isinstance(v, list) else v[k] for k, _, _ in metrics}
             for name, v in arms.items()}
-    rows = [[name] + [fmt(m[k].mean(), s) for k, _, s in metrics] for name, m in arms.items()]
+    rows = [[name] + [fmt(np.nanmean(m[k]) if np.isfinite(m[k]).any() else math.nan, s) for k, _, s in metrics]
+            for name, m in arms.items()]
     out = {}
     for name, m in arms.items():
         if name != base:
@@ -391,9 +411,6 @@ def plot(path, panels, xlabel="step", size=(640, 300)):
 
 def viz(sample, completion):
     """Ground truth (green) and prediction (magenta) projected on the frames; a PIL image."""
-    import data
-    from rewards import box_to_world, parse_detections, parse_grounding
-
     if sample.task == "detection":  # both in the first frame's camera coordinates
         return data.draw_boxes(sample.frames, sample.intrinsics, sample.cam2global, sample.boxes,
                                parse_detections(completion), box_frame=0)
@@ -406,14 +423,7 @@ def viz(sample, completion):
     return data.draw_boxes(sample.frames, None, None, [])  # spatial: the frames, the answer is in the JSONL
 
 
-def main(argv=None):
-    import argparse
-    from pathlib import Path
-
-    import checkpoints
-    import data
-    import scenes
-
+def get_args(argv=None):
     p = argparse.ArgumentParser(description="Greedy evaluation with the official metrics (DESIGN section 4).")
     p.add_argument("--ckpt", required=True, help="model dir: our save or a VG-LLM checkpoint")
     p.add_argument("--task", choices=sorted(METRICS), default="detection", help="which task")
@@ -421,7 +431,8 @@ def main(argv=None):
                    help="VG-LLM JSON / VSI-Bench file(s), evaluated end to end (a train-style ':weight' suffix is "
                         "ignored here); default: synthetic test scenes")
     p.add_argument("--media-root", default=None, help="root of the image/video paths in --data")
-    p.add_argument("--n", type=int, default=400, help="synthetic test scenes (seed 2: never trained on)")
+    p.add_argument("--test-size", "--n", type=int, default=400, help="synthetic test scenes (seed 2: never trained "
+                   "on); --n is its old name, which torchrun's own parser refuses as ambiguous")
     p.add_argument("--frames", type=int, default=4, help="frames per video / scene")
     p.add_argument("--image-size", type=int, default=56, help="synthetic frame size")
     p.add_argument("--pitch", type=float, default=0.0, help="synthetic: camera pitch in degrees (as in training)")
@@ -442,7 +453,7 @@ def main(argv=None):
                         "refined Acc@0.25/0.5 side by side)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows of --data (listed with reasons)")
     args = p.parse_args(argv)
-    for name in ("n", "frames", "image_size", "batch_size", "max_new_tokens"):  # explicit 0s are errors, not defaults
+    for name in ("test_size", "frames", "image_size", "batch_size", "max_new_tokens"):  # explicit 0s are errors, not defaults
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not (Path(args.ckpt) / "config.json").is_file():
@@ -450,24 +461,34 @@ def main(argv=None):
     if args.proposals and args.task != "grounding":
         p.error("--proposals refines grounding boxes: use it with --task grounding")
     try:
-        files = [path for path, _ in data.parse_files(args.data or [])]
+        args.files = [path for path, _ in data.parse_files(args.data or [])]
     except ValueError as e:
         p.error(f"--data {e}")
+    return args
 
-    import rft3d
 
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+def main(argv=None):
+    args = get_args(argv)
+    rank, _, device = grpo.setup_distributed()  # each rank bound to its own GPU, as in train.py
+    try:
+        run(args, rank, device)
+    except (data.DataError, checkpoints.CheckpointError) as e:  # a bad file or row: named, one line, no traceback
+        raise SystemExit(f"eval.py: error: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run(args, rank, device):
     # 1. What is read (data files, proposals), checked before the model loads; printed and stored in metrics.json
     if args.data:
-        dataset, reports = data.load_files(args.task, files, media_root=args.media_root, frames=args.frames,
+        dataset, reports = data.load_files(args.task, args.files, media_root=args.media_root, frames=args.frames,
                                            skip_bad=args.skip_bad)
     else:
         world = dict(frames=args.frames, size=args.image_size, pitch=args.pitch, max_objects=args.max_objects,
                      spelling=args.spelling)
-        dataset = scenes.SyntheticDataset(args.task, args.n, seed=2, **world)
-        reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2, "n": args.n, **world}]
+        dataset = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **world)
+        reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2, "n": args.test_size, **world}]
     proposals, info = None, {"protocol": args.protocol, "data": reports}
     if args.proposals:
         proposals = load_proposals(args.proposals)
@@ -479,14 +500,14 @@ def main(argv=None):
             print(data.describe(r))
         print(f"protocol: {args.protocol}" + (f"; proposals: {json.dumps(info['proposals'])}" if proposals else ""))
     # 2. The model, greedy decoding, the metrics
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.bf16 else None
-    try:
-        cfg = checkpoints.read_json(Path(args.ckpt) / "config.json")
-        net, tok = (checkpoints.from_vgllm(args.ckpt, dtype) if "use_vggt_feature" in cfg else checkpoints.load_pretrained(args.ckpt, dtype))
-    except checkpoints.CheckpointError as e:  # damaged or torn files: name the file, no traceback
-        raise SystemExit(f"eval.py: error: {e}") from None
+    cfg = checkpoints.read_json(Path(args.ckpt) / "config.json")
+    load = checkpoints.from_vgllm if "use_vggt_feature" in cfg else checkpoints.load_pretrained
+    net, tok = load(args.ckpt, dtype)
     net.to(device)
+    if not args.data and rank == 0 and net.config["image_width"] != args.image_size:
+        print(f"--image-size {args.image_size}: this model resizes every frame to {net.config['image_width']} px wide "
+              "(its config's image_width)")
     out = evaluate(net, tok, args.task, dataset, args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task],
                    args.batch_size, think=not args.no_think, progress=True, protocol=args.protocol,
                    proposals=proposals)
@@ -509,8 +530,6 @@ def main(argv=None):
         for r in out["records"][: args.viz]:
             viz(dataset[r["index"]], r["completion"]).save(out_dir / f"viz-{r['index']:05d}.png")
         print(f"wrote {out_dir}/predictions.jsonl, metrics.json" + (f" and {args.viz} PNGs" if args.viz else ""))
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ whole prompt groups, and the only communication we add is the visible `dist.all_
 counts (so the token mean is global) and of logged statistics.
 """
 import math
+import os
 import time
 
 import torch
@@ -23,6 +24,22 @@ import torch.distributed as dist
 
 # --------------------------------------------------------------------------------------------------
 # Small helpers: the distributed world and the unwrapped module
+
+
+def setup_distributed():
+    """-> (rank, world size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; a plain `python train.py` is one
+    process without a process group. On GPUs each rank is bound to cuda:LOCAL_RANK *before* the process group
+    starts (and the group is told the device): otherwise every rank's NCCL collectives and CUDA graphs land on
+    cuda:0. train.py and eval.py both start here."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # SFT warm-up and GRPO run in one process: initialise once
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def world_size():
@@ -118,23 +135,25 @@ def sft_step(policy, tokenizer, task, samples, optimizer, micro_batch, max_grad_
         loss = -(logp * mask.to(logp.dtype)).sum() / n_tokens * world_size()
         loss.backward()
         total += loss.item() / world_size()
-    grad_norm = finish_step(policy, optimizer, total, max_grad_norm)
+    grad_norm, skipped = finish_step(policy, optimizer, total, max_grad_norm)
     return {"loss": all_reduce_sum(torch.tensor(total, device=device)).item(), "grad_norm": grad_norm,
-            "answer_tokens": n_tokens}
+            "skipped": int(skipped), "answer_tokens": n_tokens}
 
 
 def finish_step(policy, optimizer, loss_value, max_grad_norm):
-    """Clip, then step, unless the loss is non-finite on any rank: then every rank skips together
-    (a rank that stepped alone would desynchronise the replicas). Returns the grad norm (nan if skipped)."""
+    """Clip, then step, unless the loss or the gradient norm is non-finite on any rank: then every rank skips
+    together (a rank that stepped alone would desynchronise the replicas) and the weights never see the step.
+    A finite loss can still overflow in backward (bf16 at real size): clip_grad_norm_ would then scale the
+    gradients by max_norm / inf and AdamW would write NaN into the weights. Returns (grad_norm, skipped)."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    bad = all_reduce_sum(torch.tensor(float(not math.isfinite(loss_value)), device=params[0].device))
-    if bad.item() > 0:
-        optimizer.zero_grad(set_to_none=True)
-        return float("nan")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)  # total norm before clipping
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    bad = float(not (math.isfinite(loss_value) and math.isfinite(grad_norm)))
+    skipped = all_reduce_sum(torch.tensor(bad, device=params[0].device)).item() > 0
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    return grad_norm, skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,13 +161,16 @@ def finish_step(policy, optimizer, loss_value, max_grad_norm):
 
 
 def group_advantages(rewards, G, scale="group"):
-    """rewards [N = B * G] (G consecutive completions per prompt) -> advantages [N].
+    """rewards [N = B * G] (G consecutive completions per prompt) -> (advantages [N], constant [B] bool).
 
     group: (r - mean_group) / (std_group + 1e-4)    GRPO (std is torch's unbiased estimate)
     batch: (r - mean_group) / (std_batch + 1e-4)    a batch-level scale (this rank's batch)
     none:  (r - mean_group)                         Dr. GRPO: no std division, no difficulty bias
-    A group whose G rewards are equal gets A = 0 exactly: no policy gradient (only the KL term acts)."""
+    A group whose G rewards are equal gets A = 0 exactly: no policy gradient (only the KL term acts). Equality
+    is decided on the rewards themselves, not on a float std: in float32 the mean of G equal values is often off
+    by one ulp, and (r - mean) / (1e-8 + 1e-4) then gives advantages of +-0.002, all of one sign."""
     r = rewards.view(-1, G)  # [B, G]
+    constant = (r == r[:, :1]).all(1)  # [B]: the groups that carry no signal
     centred = r - r.mean(1, keepdim=True)
     if scale == "group":
         centred = centred / (r.std(1, keepdim=True) + 1e-4)
@@ -156,7 +178,7 @@ def group_advantages(rewards, G, scale="group"):
         centred = centred / (rewards.std() + 1e-4)
     elif scale != "none":
         raise ValueError(f"unknown advantage scale {scale!r}")
-    return centred.reshape(-1)
+    return centred.masked_fill(constant[:, None], 0.0).reshape(-1), constant
 
 
 def grpo_loss(logp, logp_old, logp_ref, adv, mask, eps_low, eps_high, beta, agg, n_tokens, n_seqs, max_len):
@@ -237,8 +259,7 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
     rewards = torch.tensor([p["total"] for p in parts], dtype=torch.float32, device=device)  # [B*G]
 
     # 4. Group-normalised advantages A_i; count the groups that carry no signal.
-    adv = group_advantages(rewards, G, args.adv_scale)
-    zero_std = (rewards.view(-1, G).std(1) == 0).float()  # [B]
+    adv, constant = group_advantages(rewards, G, args.adv_scale)  # [B*G], [B]
 
     # 5. Micro-batches of whole sequences; global counts of tokens and sequences over all ranks.
     n = len(prompts_G)
@@ -257,7 +278,7 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
     # 7. mu optimiser updates on this rollout. Loss sums over micro-batches to the global normalisation;
     #    DDP/FSDP average gradients over ranks, hence the * world_size.
     stats = {"kl": 0.0, "clip_frac": 0.0, "ratio": 0.0, "entropy": 0.0}
-    total_loss, grad_norm = 0.0, 0.0
+    total_loss, grad_norm, skipped = 0.0, 0.0, 0
     for it in range(args.mu):
         total_loss = 0.0
         for k, ((b, mask), (_, enc)) in enumerate(zip(batches, fwd_batches)):
@@ -276,7 +297,8 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
                 # policy has moved from the one that sampled (pass 0 would always log 1 and 0; at mu = 1 it is 1, 0)
                 stats["ratio"] += s["ratio"]
                 stats["clip_frac"] += s["clip_frac"]
-        grad_norm = finish_step(policy, optimizer, total_loss, args.max_grad_norm)
+        grad_norm, skip = finish_step(policy, optimizer, total_loss, args.max_grad_norm)
+        skipped += skip  # of the mu updates
 
     # 8. Logged statistics, averaged over all ranks.
     cmask = completion_mask(completion, tokenizer.eos_token_id, tokenizer.pad_token_id)
@@ -284,7 +306,7 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
         "loss": total_loss,
         "reward": rewards.sum().item(),
         "reward_std": rewards.view(-1, G).std(1).sum().item(),
-        "zero_std_frac": zero_std.sum().item(),
+        "zero_std_frac": constant.sum().item(),
         "completion_len": cmask.sum().item(),
         "truncated": (~(completion == tokenizer.eos_token_id).any(1)).float().sum().item(),
         **{f"reward_{k}": sum(p[k] for p in parts) for k in parts[0] if k != "total"},
@@ -300,7 +322,7 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
             out[k] /= max(n_tokens, 1)
         elif k != "loss":  # per completion
             out[k] /= n_seqs
-    out.update(grad_norm=grad_norm, completion_tokens=n_tokens, step_time=time.time() - t0,
+    out.update(grad_norm=grad_norm, skipped=skipped, completion_tokens=n_tokens, step_time=time.time() - t0,
                rollout_time=t_rollout, tokens_per_s=n_tokens / max(time.time() - t0, 1e-9))
     out["_texts"] = texts  # for the caller's sample log (not reduced: this rank's completions)
     return out

@@ -88,9 +88,10 @@ def _make_config(text, vision, tokens, vggt, merger_hidden, image_width, tie=Fal
             "pad_token_id": tokens["pad_token_id"], "suppress_token_ids": tokens["suppress_token_ids"]}
 
 
-def tiny_config(vocab_size, vggt=True, patch_size=7):
+def tiny_config(vocab_size, vggt=True, patch_size=7, image_size=56):
     """DESIGN section 8's toy size: text hidden 128 x 4 layers, vision depth 2 x 128, a 2-layer 64-wide VGGT.
     Patches of 7 px (Qwen and VGGT alike): a 56 px frame is an 8 x 8 grid, 16 image tokens after the 2x2 merge.
+    image_size: the frame width the model sees (preprocess resizes every frame to it; 112 px: 64 tokens a frame).
     With 14 px patches it would be 4 tokens of 28 x 28 px each, too coarse to place 10 px objects (measured:
     detection F1@0.25 10.6 vs 14.9 after 600 SFT steps, README "Learning")."""
     text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -101,7 +102,7 @@ def tiny_config(vocab_size, vggt=True, patch_size=7):
     tiny_vggt = dict(img_size=56, patch_size=patch_size, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
                      num_register_tokens=4, patch_embed_depth=2, patch_embed_heads=4)
     return _make_config(text, vision, _token_fields(0, len(TINY_SPECIAL_TOKENS)), tiny_vggt if vggt else None,
-                        merger_hidden=128, image_width=56)
+                        merger_hidden=128, image_width=image_size)
 
 
 def real_config(name, vggt=True):

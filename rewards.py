@@ -21,7 +21,9 @@ import re
 import numpy as np
 
 MAX_BOXES = 100       # predicted boxes considered per completion; later ones are ignored (bounds the cost)
-FRAME_WINDOW = 5.0    # R_frame = max(0, 1 - |f_pred - f_gt| / 5)
+FRAME_WINDOW = 5.0    # the paper's R_frame = max(0, 1 - |f_pred - f_gt| / tau) has tau = 5 ...
+FRAME_WINDOW_FRAMES = 32  # ... on 32-frame videos; "scaled" (default) uses tau = 5 S / 32 for S frames
+FRAME_WINDOWS = ("scaled", "fixed")  # grounding_reward(frame_window=...): tau = 5 S / 32, or the paper's 5
 MATCH_IOU = 0.25      # VG-LLM's detection threshold (strict >)
 _MRA_T = np.linspace(0.5, 0.95, 10)  # VSI-Bench: confidence thresholds 0.50, 0.55, ..., 0.95
 
@@ -354,13 +356,21 @@ def match_by_label(pred, gt, iou_threshold=MATCH_IOU):
     return _match(pred, gt, iou_threshold)[0]
 
 
-def gt_iou(pred, gt):
+def gt_iou(pred, gt, parsed=True):
     """Mean over ground-truth boxes of the IoU of the prediction matched to each, one to one (the same greedy
     matching at any overlap > 0; an unmatched box counts 0). Duplicates earn nothing and a missed object costs
-    its whole share. 1.0 when both lists are empty, 0.0 when only the ground truth is."""
+    its whole share. A scene without ground truth: 1.0 for an answer that says "nothing" (no predictions
+    and parsed, i.e. a JSON list such as []: vacuously perfect, as F1 is), 0.0 for predicted boxes or for
+    an answer that did not parse (parsed=False; see answered_list)."""
     if not gt:
-        return float(not pred)
+        return float(not pred and bool(parsed))
     return sum(_match(pred, gt, 0.0)[2]) / len(gt)
+
+
+def answered_list(text, pred):
+    """True iff a detection answer parsed: it has valid boxes (pred, from parse_detections) or is a JSON
+    list, [] included ("nothing here" must be said: unparseable text is not an empty answer)."""
+    return bool(pred) or isinstance(load_json(answer_text(text)), list)
 
 
 def match_detections(pred, gt, iou_threshold=MATCH_IOU):
@@ -444,7 +454,8 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
                        and the denominator is at least #gt, so predicting fewer boxes cannot pay.
     iou_mode "gt":     R_IoU = gt_iou: the mean over ground-truth boxes of their one-to-one IoU at any overlap
                        (the quantity eval reports as iou_gt). A missed object costs its whole share whatever
-                       else is predicted; extra boxes cost only through F1.
+                       else is predicted; extra boxes cost only through F1. On a scene without objects 1 for
+                       a parsed empty answer, 0 for boxes or unparseable text (as F1).
     At most MAX_BOXES predictions are considered."""
     if iou_mode not in ("paper", "robust", "gt"):
         raise ValueError(f"iou_mode must be 'paper', 'robust' or 'gt', got {iou_mode!r}")
@@ -454,29 +465,75 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
     counts, best, matched = _match(pred, gt, MATCH_IOU)
     tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
     # "Nothing here" must be said (a JSON list, [] included): unparseable text earns no F1 on an empty scene
-    parsed = bool(pred) or isinstance(load_json(answer_text(text)), list)
+    parsed = answered_list(text, pred)
     f1 = f1_score(tp, fp, fn) if parsed else 0.0
     if iou_mode == "paper":
         iou = sum(best) / len(best) if best else 0.0
     elif iou_mode == "robust":
         iou = sum(matched) / max(len(pred), len(gt)) if (pred or gt) else 0.0
     else:
-        iou = gt_iou(pred, gt)
+        iou = gt_iou(pred, gt, parsed)
     return {"total": fmt + iou + f1, "format": fmt, "iou": iou, "f1": f1, "n_pred": float(len(pred))}
 
 
-def grounding_reward(text, gt_box, gt_frame, cam2global, axis_align=None):
-    """R = format + R_frame + R_IoU. R_frame = max(0, 1 - |f_pred - f_gt| / 5) for an integer frame of the video;
+def frame_reward(f_pred, f_gt, n_frames=None, frame_window="scaled"):
+    """R_frame = max(0, 1 - |f_pred - f_gt| / tau).
+    frame_window "scaled" (default): tau = 5 S / 32 for a video of S = n_frames frames, the paper's window as
+    the same share of the video (32 frames: exactly the paper's tau = 5; 4 frames: tau = 0.625, so only the
+    exact frame pays); "fixed": the paper's tau = 5 whatever S (n_frames not needed).
+    f_gt None (a row without a target frame, e.g. ScanRefer val) -> 0.0: no frame is right, none earns."""
+    _check_frame_window(frame_window)
+    if f_gt is None:
+        return 0.0
+    tau = _frame_tau(n_frames, frame_window)
+    return max(0.0, 1.0 - min(abs(f_pred - f_gt), 10**6) / tau)  # min(): a 10**400 frame index
+
+
+def _check_frame_window(frame_window):
+    if frame_window not in FRAME_WINDOWS:
+        raise ValueError(f"frame_window must be one of {FRAME_WINDOWS}, got {frame_window!r}")
+
+
+def _frame_tau(n_frames, frame_window):
+    """The frame window tau for a video of n_frames frames (None: unknown, only "fixed" can do without it)."""
+    _check_frame_window(frame_window)
+    if frame_window == "fixed":
+        return FRAME_WINDOW
+    if n_frames is None or n_frames < 1:
+        raise ValueError(f"frame_window='scaled' needs the video's frame count (n_frames or cam2global), got "
+                         f"{n_frames!r}; or use frame_window='fixed'")
+    return FRAME_WINDOW * n_frames / FRAME_WINDOW_FRAMES
+
+
+def grounding_reward(text, gt_box, gt_frame, cam2global, axis_align=None, frame_window="scaled",
+                     n_frames=None):
+    """R = format + R_frame + R_IoU for an integer frame f_pred of the video.
+    R_frame = frame_reward: max(0, 1 - |f_pred - f_gt| / tau), tau = 5 S / 32 with frame_window "scaled"
+    (the default) or the paper's 5 with "fixed". gt_frame None = the row has no target frame: R_frame = 0 for
+    every answer (the "frame" part is 0.0); format and IoU are scored as usual, so the best total is 2, not 3.
     R_IoU = IoU of the predicted box, moved from camera frame f_pred to the aligned world by
-    E = axis_align @ cam2global[f_pred], with the world GT box. A frame outside the video's S = len(cam2global)
-    frames is not an answer: no format, frame or IoU credit (without poses the range is unknown and not checked)."""
-    n_frames = None if cam2global is None else len(cam2global)
+    E = axis_align @ cam2global[f_pred], with the world GT box (0 without poses).
+    S = n_frames, else len(cam2global) (both given: they must agree). A frame outside the video's S frames is
+    not an answer: no format, frame or IoU credit. Without poses and n_frames S is unknown: the range is not
+    checked and "scaled" raises a ValueError (rft3d always passes the sample's frame count). A gt_frame
+    outside [0, S) is a ValueError (a data error, e.g. an old -1 "no frame" sentinel: use None)."""
+    _check_frame_window(frame_window)
+    if cam2global is not None:
+        if n_frames is not None and n_frames != len(cam2global):
+            raise ValueError(f"n_frames {n_frames} != len(cam2global) {len(cam2global)}")
+        n_frames = len(cam2global)
+    if gt_frame is not None:
+        if isinstance(gt_frame, bool) or not isinstance(gt_frame, (int, np.integer)) or gt_frame < 0 or \
+                (n_frames is not None and gt_frame >= n_frames):
+            raise ValueError(f"gt_frame must be a frame index in [0, {n_frames}) or None, got {gt_frame!r}")
+        gt_frame = int(gt_frame)
+        _frame_tau(n_frames, frame_window)  # "scaled" without a frame count: a setup error, raise at once
     fmt = format_reward(text, "grounding", n_frames)
     parsed = parse_grounding(text)
     if parsed is None or (n_frames is not None and not 0 <= parsed[0] < n_frames):
         return {"total": fmt, "format": fmt, "frame": 0.0, "iou": 0.0}
     f, box = parsed
-    frame = max(0.0, 1.0 - min(abs(f - int(gt_frame)), 10**6) / FRAME_WINDOW)  # min(): 10**400 frames
+    frame = frame_reward(f, gt_frame, n_frames, frame_window)
     iou = 0.0
     if cam2global is not None:  # (f is a frame of the video here)
         A = np.eye(4) if axis_align is None else np.asarray(axis_align, dtype=float)

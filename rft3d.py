@@ -120,9 +120,10 @@ def detection_record(s: Sample, completion, protocol="ours"):
     _check_protocol(protocol)
     pred = rewards.parse_detections(completion, PUBLISHED_MAX_BOXES if protocol == "published" else rewards.MAX_BOXES)
     # parsed = the answer is a JSON list (an empty list is a valid "nothing here"); load_json is total
-    parsed = bool(pred) or isinstance(rewards.load_json(rewards.answer_text(completion)), list)
+    parsed = rewards.answered_list(completion, pred)
+    # iou_gt on a scene without objects: 1 for a parsed [] (as per-scene F1), 0 for boxes or no answer
     return {"counts": {str(t): rewards.match_by_label(pred, s.boxes, t) for t in (0.25, 0.5)},
-            "n_pred": len(pred), "n_gt": len(s.boxes), "iou_gt": rewards.gt_iou(pred, s.boxes) if s.boxes else 0.0,
+            "n_pred": len(pred), "n_gt": len(s.boxes), "iou_gt": rewards.gt_iou(pred, s.boxes, parsed),
             "parsed": parsed}
 
 
@@ -133,18 +134,28 @@ def grounding_prompt(s: Sample, think=False):
 
 
 def grounding_target(s: Sample):
+    """The SFT answer: the target frame and the box in its camera. A row without a target frame (ScanRefer
+    val) has no answer to imitate: a ValueError naming the sample (grounding SFT needs rows with frames)."""
+    if s.target_frame is None:
+        raise ValueError(f"sample {s.id}: grounding SFT needs a target frame and this row has none "
+                         "(ScanRefer val rows have only the world box): train on rows with a 'target'")
     what = f"the {s.meta['label']}" if s.meta.get("label") else "the object"
     answer = f'{{"frame": {int(s.target_frame)}, "bbox_3d": {_box(s.target_box)}}}'
     return _sft(f"The target is {what}, seen best in frame {int(s.target_frame)}.", answer)
 
 
-def grounding_reward(s: Sample, completion, **_):
-    return rewards.grounding_reward(completion, s.world_box, s.target_frame, s.cam2global, s.axis_align)
+def grounding_reward(s: Sample, completion, frame_window="scaled", **_):
+    """rewards.grounding_reward with the sample's frame count S = len(s.frames). frame_window (from the
+    trainer's reward_opts): "scaled" (default) tau = 5 S / 32, or "fixed", the paper's tau = 5.
+    A row without a target frame gets no frame credit (the "frame" part is 0.0)."""
+    return rewards.grounding_reward(completion, s.world_box, s.target_frame, s.cam2global, s.axis_align,
+                                    frame_window=frame_window, n_frames=len(s.frames))
 
 
 def grounding_record(s: Sample, completion, protocol="ours"):
-    """IoU in the aligned world (section 3), frames, unique flag, and box_world: the predicted box moved to
-    the world (None when it cannot be), which eval.py --proposals replaces by a detector proposal."""
+    """IoU in the aligned world (section 3), frames (frame_gt None when the row has no target frame: eval
+    leaves it out of frame accuracy), unique flag, and box_world: the predicted box moved to the world (None
+    when it cannot be), which eval.py --proposals replaces by a detector proposal."""
     _check_protocol(protocol)
     to_world = published_box_to_world if protocol == "published" else rewards.box_to_world
     parsed, iou, world = rewards.parse_grounding(completion), 0.0, None
@@ -155,8 +166,8 @@ def grounding_record(s: Sample, completion, protocol="ours"):
         world = world if all(map(math.isfinite, world)) else None
         iou = rewards.iou_3d(world, s.world_box) if world else 0.0
     return {"iou": float(iou), "frame_pred": None if parsed is None else int(parsed[0]),
-            "frame_gt": int(s.target_frame), "unique": s.meta.get("unique"), "parsed": parsed is not None,
-            "box_world": world}
+            "frame_gt": None if s.target_frame is None else int(s.target_frame),
+            "unique": s.meta.get("unique"), "parsed": parsed is not None, "box_world": world}
 
 
 # ---- 3. spatial (VSI-Bench): option letter (exact match) or number (MRA), reward = format + score ------------

@@ -55,7 +55,7 @@ def get_args(argv=None, stage=None):
       "(default: synthetic scenes); several make a mix drawn per step in proportion to whole-number weights W "
       "(default 1): --data a.json:2 b.json:1")
     a("--val-data", nargs="+", default=None, metavar="FILE", help="validation file(s) for periodic eval, all rows "
-      "of all files (weights ignored; default: synthetic)")
+      "of all files (weights ignored; default: synthetic; required with --data)")
     a("--media-root", default=None, help="root of the image/video paths in --data")
     a("--train-size", type=int, default=0, help="synthetic: fixed training set size (0 = fresh scenes forever)")
     a("--val-size", type=int, default=100, help="synthetic validation scenes for periodic eval")
@@ -63,7 +63,8 @@ def get_args(argv=None, stage=None):
                                                   "start-vs-GRPO table (0: skip)")
     a("--data-seed", type=int, default=0, help="synthetic training scenes (fixed apart from --seed: same set, new run)")
     a("--frames", type=int, default=4, help="frames sampled per video / scene")
-    a("--image-size", type=int, default=56, help="synthetic frame size in pixels")
+    a("--image-size", type=int, default=56, help="synthetic frame size in pixels (the tiny default model is built "
+      "to see it; a loaded model resizes frames to its own width and says so)")
     a("--pitch", type=float, default=0.0, help="synthetic: camera pitch in degrees (0: level, boxes need one angle)")
     a("--max-objects", type=int, default=1, help="synthetic: objects per scene, at most (1: the learnable default; "
       "3: multi-object scenes, which the tiny model does not bind within the default budget, README)")
@@ -92,6 +93,9 @@ def get_args(argv=None, stage=None):
     a("--iou-mode", choices=["paper", "robust", "gt"], default="paper", help="detection IoU reward term: paper (the default: "
       "mean over predicted boxes; at one object per scene it equals gt on every one-box answer, so dropping boxes "
       "cannot pay), robust, or gt (a missed box costs; use it with --max-objects > 1); rewards.detection_reward")
+    a("--frame-window", choices=["scaled", "fixed"], default="scaled", help="grounding frame reward window: tau = "
+      "5 S / 32 for S frames (32 frames: the paper's 5; 4 frames: only the exact frame pays), or fixed, the paper's "
+      "5 whatever S (to reproduce published numbers)")
     a("--no-geometry", action="store_true", help="tiny model without the VGGT branch (ablation)")
     a("--lora-rank", type=int, default=0, help="LoRA on the LLM linears (0 = full fine-tuning)")
     a("--bf16", action="store_true", help="bf16 autocast (GPU)")
@@ -105,7 +109,8 @@ def get_args(argv=None, stage=None):
     a("--log-every", type=int, default=10, help="steps between sample logs")
     a("--resume", action="store_true", help="continue from the newest intact checkpoint in --out/<stage>")
     a("--skip-bad", action="store_true", help="skip (count and report) bad rows of --data/--val-data instead of stopping")
-    a("--max-bad-steps", type=int, default=5, help="stop after this many non-finite losses in a row")
+    a("--max-bad-steps", type=int, default=5, help="stop after this many skipped steps (non-finite loss or "
+      "gradient norm) in a row")
     a("--out", default=None, help="output dir (default runs/<task>)")
     args = p.parse_args(argv)
     try:   # --data a.json:2 b.json -> [("a.json", 2), ("b.json", 1)]
@@ -133,8 +138,9 @@ def get_args(argv=None, stage=None):
     args.save_every = max(args.steps // 5, 1) if args.save_every is None else args.save_every
     args.out = f"runs/{args.task}" if args.out is None else args.out
     check_args(args, p)
-    args.reward_opts = {"iou_mode": args.iou_mode} if args.task == "detection" else {}
-    args.fsdp = args.shard == "fsdp"
+    args.reward_opts = {"detection": {"iou_mode": args.iou_mode}, "grounding": {"frame_window": args.frame_window},
+                        "spatial": {}}[args.task]
+    args.fsdp = args.shard == "fsdp" and "RANK" in os.environ  # one process outside torchrun: nothing to shard
     return args
 
 
@@ -163,7 +169,7 @@ AT_LEAST = {
     "--save-every": (1, "steps between checkpoints (default: steps // 5)"),
     "--keep": (1, "the newest N checkpoints are kept, so --resume always has one (try 2)"),
     "--log-every": (1, "steps between sample logs (default 10)"),
-    "--max-bad-steps": (1, "non-finite losses in a row before stopping (default 5)"),
+    "--max-bad-steps": (1, "skipped (non-finite) steps in a row before stopping (default 5)"),
     "--train-size": (0, "0 means fresh scenes forever; N a fixed set of N scenes"),
     "--warmup": (0, "linear warm-up steps (0: none)"),
     "--workers": (0, "data-loader processes (0: load in the main process)"),
@@ -213,25 +219,16 @@ def check_args(args, p):
         if value(flag) is not None and not (Path(value(flag)) / "config.json").is_file():
             fail(f"{flag} {value(flag)}: no config.json in it (expected a model directory: our save, a VG-LLM or "
                  "Qwen2.5-VL checkpoint)")
+    if args.data and not args.val_data:
+        fail(f"--data {' '.join(files('--data'))}: a real-data run needs --val-data FILE as well. Validation picks "
+             "best/ (and so the GRPO start); without it the run would validate on synthetic scenes. Give the split's "
+             "validation file, e.g. --val-data scanrefer_val_32frames.json")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         fail(f"--out {args.out}: is a file, not a directory")
 
 
 # --------------------------------------------------------------------------------------------------
 # Distributed setup, data order, learning rate
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python train.py` is one process, no dist."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():  # SFT warm-up and GRPO run in one process: initialise once
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 class StepSampler:
@@ -337,6 +334,7 @@ def tiny_init(args, rank):
     """The embedded default: a tokenizer trained offline on our tasks' text and a random tiny model,
     built once by rank 0 and saved (atomically), so every rank (and every later run) loads the very same bytes."""
     init = Path(args.out) / "init"
+    recover(init)
     if rank == 0 and not init.is_dir():
         corpus = []
         for name, task in rft3d.TASKS.items():
@@ -344,7 +342,7 @@ def tiny_init(args, rank):
             corpus += [task.prompt(s, think=True) + task.target(s) for s in ds]
         tok = vgllm.build_tiny_tokenizer(corpus)
         torch.manual_seed(args.seed)
-        net = vgllm.VGLLM(vgllm.tiny_config(len(tok), vggt=not args.no_geometry))
+        net = vgllm.VGLLM(vgllm.tiny_config(len(tok), vggt=not args.no_geometry, image_size=args.image_size))
         tmp = fresh_temp(init)
         checkpoints.save_pretrained(net, tok, tmp)
         replace_dir(tmp, init)
@@ -377,10 +375,13 @@ def wrap(net, args, device, trainable=True):
         return net
     if args.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
+        bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else {}
         for layer in net.qwen.model.language_model.layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(net, mp_policy=mp)
+            fully_shard(layer, mp_policy=MixedPrecisionPolicy(**bf16))
+        # The root does not cast its inputs: FSDP's cast rebuilds every dataclass, so the Encoding objects that the
+        # G rows of a group share would become G distinct ones, and encode-once and the shared prefill (both keyed
+        # on object identity) would silently do G times the work. VGLLM casts the encodings itself (image_embeds).
+        fully_shard(net, mp_policy=MixedPrecisionPolicy(**bf16, cast_forward_inputs=False))
         for method in ("encode", "generate"):  # called outside forward: gather the root's shards for them too
             register_fsdp_forward_method(net, method)
         return net
@@ -407,13 +408,26 @@ def fresh_temp(path):
 def replace_dir(tmp, path):
     """Move a finished temp directory to `path`. An existing `path` is first moved aside and deleted only after
     the rename, so a kill at any moment leaves a complete old or new directory (os.replace cannot replace a
-    non-empty directory by another: that was 'Directory not empty')."""
+    non-empty directory by another: that was 'Directory not empty'); recover() puts the old one back."""
+    recover(path)
     old = path.with_name(f".old-{path.name}")
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(path):
+    """A kill between replace_dir's two renames leaves the previous directory at .old-<name> and nothing at <name>:
+    put it back (called before <name> is read or replaced), so best/ or final/ is never lost."""
+    path = Path(path)
+    old = path.with_name(f".old-{path.name}")
+    if old.is_dir() and not path.exists():
+        try:
+            os.replace(old, path)
+        except FileNotFoundError:  # another rank put it back first
+            pass
 
 
 def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, extra):
@@ -514,7 +528,7 @@ def truncate_log(path, step):
 
 
 def train(args):
-    rank, world, device = setup_distributed()
+    rank, world, device = grpo.setup_distributed()
     stage_dir = Path(args.out) / args.stage
     task = rft3d.TASKS[args.task]
     train_set, val_set, data_info = datasets(args)  # first: a bad data file stops the run before a model loads
@@ -546,7 +560,13 @@ def train(args):
     step, best = 0, {"value": -float("inf")}
     if ckpt:  # 3. Exact resume: optimiser moments, step, data position, and (below) every rank's RNG stream.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+        if args.lora_rank:  # the saved moments belong to adapters that were merged away: never put them on new ones
+            if rank == 0:
+                print("--resume with LoRA: the checkpoint holds merged weights, so the adapters and AdamW's moments "
+                      "start fresh (not bit-exact; full fine-tuning resumes exactly)")
+        else:
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         step, best = state["step"], state["extra"]["best"]
 
     # 4. Data: each rank reads its own slice of every global batch.
@@ -566,6 +586,12 @@ def train(args):
         stage_dir.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in params)
         print(f"[{args.stage}/{args.task}] {world} rank(s) on {device}, {args.shard}; trainable {n_train:,} params")
+        if args.shard == "fsdp" and not args.fsdp:
+            print("  --shard fsdp outside torchrun: one process, nothing to shard; the model runs unwrapped"
+                  + (" with bf16 autocast (--bf16)" if args.bf16 else ""))
+        if not args.data and model.config["image_width"] != args.image_size:
+            print(f"  --image-size {args.image_size}: this model resizes every frame to {model.config['image_width']} "
+                  "px wide (its config's image_width)")
         if args.stage == "sft":
             print(f"  batch: {per_rank} samples/rank x {world} ranks = {per_rank * world} per step, micro-batch {args.micro_batch}")
         else:
@@ -598,12 +624,13 @@ def train(args):
                 out = grpo.grpo_step(policy, ref, tokenizer, task, samples, optimizer, args)
         out.setdefault("step_time", time.time() - t_step)  # GRPO times its own phases; SFT: the whole step
         step += 1
-        bad_in_a_row = bad_in_a_row + 1 if math.isnan(out["grad_norm"]) else 0
+        bad_in_a_row = bad_in_a_row + 1 if out["skipped"] else 0  # a non-finite loss or gradient norm
         if bad_in_a_row >= args.max_bad_steps:
-            raise RuntimeError(f"{bad_in_a_row} non-finite losses in a row at step {step}: lower --lr or check the data")
+            raise RuntimeError(f"{bad_in_a_row} skipped steps in a row at step {step} (non-finite loss or gradient "
+                               "norm): lower --lr or check the data")
         texts = out.pop("_texts", None)
         if rank == 0:
-            out.update(step=step, lr=optimizer.param_groups[0]["lr"], skipped=int(math.isnan(out["grad_norm"])))
+            out.update(step=step, lr=optimizer.param_groups[0]["lr"])
             log.write(json_line(out))
             log.flush()
             bar.update(1)
@@ -616,8 +643,9 @@ def train(args):
                 samples_log.write(json_line({"step": step, "completions": texts[: args.G]}))
                 samples_log.flush()
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate(model, tokenizer, args.task, val_set, max_new_tokens=args.max_new_tokens,
-                               synced_gpus=args.fsdp)["metrics"]
+            with autocast:  # the dtype training computes in (DDP: autocast; FSDP: its bf16 parameters)
+                metrics = evaluate(model, tokenizer, args.task, val_set, max_new_tokens=args.max_new_tokens,
+                                   synced_gpus=args.fsdp)["metrics"]
             if rank == 0:
                 log.write(json_line({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}))
                 log.flush()
@@ -657,9 +685,11 @@ def report(args, start, rank, device):
     grpo_dir = Path(args.out) / "grpo"
     per = {}
     for name, path in (("SFT start", Path(start)), ("GRPO", grpo_dir / "best")):
+        recover(path)
         net, tok = checkpoints.load_pretrained(path)
-        records = evaluate(net.to(device), tok, args.task, test, max_new_tokens=args.max_new_tokens,
-                           synced_gpus=args.fsdp, progress=True)["records"]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # as training evaluated
+            records = evaluate(net.to(device), tok, args.task, test, max_new_tokens=args.max_new_tokens,
+                               progress=True)["records"]
         per[name] = eval_lib.per_scene(args.task, records)
     if rank != 0:
         return
@@ -722,6 +752,7 @@ def start_point(args):
     start: the SFT model, early-stopped); else None (the Qwen + VGGT pair or the tiny default)."""
     if args.model or args.qwen or args.stage != "grpo":
         return args.model
+    recover(Path(args.out) / "sft" / "best")
     return str(Path(args.out) / "sft" / "best")
 
 
@@ -729,6 +760,7 @@ def main(argv=None):
     args = get_args(argv)
     set_threads()
     sft_final = Path(args.out) / "sft" / "final"
+    recover(sft_final)
     warmup = args.stage == "grpo" and not (args.model or args.qwen) and not (sft_final / "config.json").exists()
     sft_args = get_args(argv, stage="sft") if warmup else None
     check_out(args, warmup)
@@ -744,11 +776,13 @@ def main(argv=None):
             train(sft_args)
         train(args)
         if args.stage == "grpo" and not args.data and args.test_size:  # the main command ends with its result
-            rank, _, device = setup_distributed()
+            rank, _, device = grpo.setup_distributed()
             report(args, start_point(args), rank, device)
     except checkpoints.CheckpointError as e:  # a damaged --model, init/ or sft/final: name the file, no traceback
         init = Path(args.out) / "init"
         fail(f"{e}" + (f" (delete {init} to rebuild it from --seed)" if str(init) in str(e) else ""), code=1)
+    except data.DataError as e:  # a bad --data / --val-data file or row: its name and row, no traceback
+        fail(str(e), code=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -60,6 +60,19 @@ def test_export_round_trip(task, tmp_path):
         assert row["conversations"][0]["value"].count("<image>") == 4 and row["conversations"][1]["from"] == "gpt"
 
 
+def test_export_round_trip_of_a_grounding_row_without_a_target_frame(tmp_path):
+    """A row without a target frame (ScanRefer val) is exported with "target": null, read back without one."""
+    ds = list(scenes.SyntheticDataset("grounding", 2, seed=2))
+    ds[1].target_frame, ds[1].target_box = None, []
+    path = data.export_vgllm(ds, str(tmp_path))
+    rows = json.load(open(path))
+    assert rows[0]["target"]["frame"] == ds[0].target_frame and rows[1]["target"] is None
+    back = data.load_dataset("grounding", path)
+    assert back[0].target_frame == ds[0].target_frame and back[1].target_frame is None
+    assert_same(ds[1], back[1])
+    assert back.report["no_target_frame"] == 1
+
+
 def test_main_export_and_show(tmp_path):
     data.main(["export", "--task", "detection", "--n", "3", "--out", str(tmp_path / "x")])
     assert len(json.load(open(tmp_path / "x" / "detection.json"))) == 3
@@ -135,8 +148,9 @@ def test_scanrefer_fixture(tmp_path):
     ds = data.load_dataset("grounding", str(path), media_root=str(media))
     s, v = ds[0], ds[1]
     assert s.description == "This is a brown chair. it is next to the table."
+    assert ds.report["no_target_frame"] == 1 and "1 without a target frame" in data.describe(ds.report)
     assert s.target_frame == 4 and np.allclose(s.target_box, target_box) and s.meta["unique"] is False
-    assert v.target_frame == -1 and v.meta["unique"] is True and np.allclose(v.world_box, world)
+    assert v.target_frame is None and v.meta["unique"] is True and np.allclose(v.world_box, world)
     sub = data.load_dataset("grounding", str(path), media_root=str(media), frames=3)[0]   # frames 0, 2(.5->2), 5
     assert sub.target_frame == 2 and len(sub.frames) == 3   # frame 4 -> the nearest kept frame (index 5)
     E = A @ sub.cam2global[2]
@@ -279,7 +293,7 @@ def test_file_level_errors_name_the_file(tmp_path):
             f.write(content.encode("latin-1"))
         with pytest.raises(ValueError, match=re.escape(path) + ": " + re.escape(what)) as e:
             data.load_dataset("detection", path)
-        assert type(e.value) is ValueError   # not a bare JSONDecodeError
+        assert type(e.value) is data.DataError   # not a bare JSONDecodeError
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nope.json")) + ": cannot read the file"):
         data.load_dataset("detection", str(tmp_path / "nope.json"))
 

@@ -100,22 +100,59 @@ def test_ratio_one_gives_plain_policy_gradient():
 
 def test_group_advantages():
     r = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
-    a = grpo.group_advantages(r, G=3, scale="group")
+    a, constant = grpo.group_advantages(r, G=3, scale="group")
+    assert constant.tolist() == [False, True]
     s = math.sqrt(((1 - 2) ** 2 + 0 + (3 - 2) ** 2) / 2)  # unbiased std of (1, 2, 3)
     torch.testing.assert_close(a, torch.tensor([-1 / (s + 1e-4), 0, 1 / (s + 1e-4), 0, 0, 0]))
-    assert torch.equal(grpo.group_advantages(r, 3, "none"), torch.tensor([-1.0, 0, 1, 0, 0, 0]))
+    assert torch.equal(grpo.group_advantages(r, 3, "none")[0], torch.tensor([-1.0, 0, 1, 0, 0, 0]))
     with pytest.raises(ValueError):
         grpo.group_advantages(r, 3, "nope")
 
 
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_equal_rewards_give_exactly_zero_advantages(scale):
+    """G equal rewards: advantages exactly 0 and the group counted as constant, for values whose float32 group
+    mean is not exact (0.1, 1/3, 1.9, 0.7...: (r - mean) is then +-1 ulp, and / (std + 1e-4) made it +-0.002,
+    all of one sign). The second group varies, so the batch std is not 0 either."""
+    g = torch.Generator().manual_seed(0)
+    values = [0.1, 1 / 3, 0.7, 1.9, 2.0 / 3, 1.3, 0.01] + torch.rand(20, generator=g).tolist()
+    for v in values:
+        for G in (3, 5, 7, 8, 16):
+            r = torch.tensor([v] * G + [0.0] * (G - 1) + [1.0], dtype=torch.float32)
+            adv, constant = grpo.group_advantages(r, G, scale)
+            assert torch.equal(adv[:G], torch.zeros(G)), (v, G, adv[:G])
+            assert constant.tolist() == [True, False]
+            assert (adv[G:] != 0).any()
+
+
 def test_zero_std_group_gives_exactly_zero_policy_gradient():
     logp, old, ref, _, mask = random_inputs(seed=7, n=4)
-    adv = grpo.group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), G=4)
+    adv, _ = grpo.group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), G=4)
     assert torch.equal(adv, torch.zeros(4))
     lp = logp.clone().requires_grad_(True)
     loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, 0.2, 0.2, 0.0, "token", mask.sum().item(), 4, 9)
     loss.backward()
     assert torch.count_nonzero(lp.grad) == 0
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_gradient_with_finite_loss_is_skipped(bad):
+    """An overflowing backward (finite loss, inf or NaN gradient) is skipped: the weights and the optimiser state
+    stay as they were, the step says skipped, and the next finite step goes through."""
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    loss = net(torch.ones(1, 3)).sum()
+    loss.backward()
+    net.weight.grad[0, 0] = bad
+    norm, skipped = grpo.finish_step(net, opt, loss.item(), max_grad_norm=1.0)
+    assert skipped and not math.isfinite(norm)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before)) and not opt.state
+    assert all(p.grad is None for p in net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    norm, skipped = grpo.finish_step(net, opt, 1.0, max_grad_norm=1.0)
+    assert not skipped and math.isfinite(norm)
+    assert not torch.equal(net.weight, before[0])
 
 
 def test_completion_mask_keeps_eos_and_drops_what_follows():

@@ -1,4 +1,5 @@
 """Tests of eval.py's metric aggregation against hand-computed numbers (VG-LLM / ScanRefer / VSI-Bench)."""
+import numpy as np
 import pytest
 
 import eval as E
@@ -65,6 +66,29 @@ def test_grounding_metrics():
     assert "acc@0.25/unique" not in E.grounding_metrics([{"iou": 1.0, "frame_pred": 0, "frame_gt": 0}])
 
 
+def test_frame_accuracy_counts_only_rows_with_a_target_frame():
+    """ScanRefer val rows have no target frame (frame_gt None): left out of frame accuracy, counted in
+    n_frame; IoU and Acc keep every row."""
+    records = [
+        {"iou": 0.6, "frame_pred": 3, "frame_gt": 3, "unique": True, "parsed": True},     # right frame
+        {"iou": 0.3, "frame_pred": 1, "frame_gt": 2, "unique": True, "parsed": True},     # wrong frame
+        {"iou": 0.9, "frame_pred": 0, "frame_gt": None, "unique": False, "parsed": True},  # no target frame
+        {"iou": None, "frame_pred": None, "frame_gt": None, "unique": False, "parsed": False},
+        {"iou": None, "frame_pred": None, "frame_gt": 4, "unique": None, "parsed": False},  # a failure: wrong
+    ]
+    m = E.grounding_metrics(records)
+    assert m["n_frame"] == 3 and m["frame_acc"] == pytest.approx(100 / 3)   # 1 right of the 3 with a frame
+    assert m["n"] == 5 and m["acc@0.25"] == pytest.approx(60.0) and m["iou"] == pytest.approx(1.8 / 5)
+    none = E.grounding_metrics([records[2], records[3]])   # no row has a frame: no frame accuracy at all
+    assert none["n_frame"] == 0 and "frame_acc" not in none and none["acc@0.25"] == pytest.approx(50.0)
+    # per scene: aligned with the records, NaN where a row has no frame (undefined, not wrong)
+    per = E.per_scene("grounding", records)
+    assert len(per["frame"]) == 5 and np.isnan(per["frame"][[2, 3]]).all()
+    assert per["frame"][[0, 1, 4]].tolist() == [1.0, 0.0, 0.0]
+    assert per["iou"].tolist() == pytest.approx([0.6, 0.3, 0.9, 0.0, 0.0])
+    assert per["acc25"].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0] and per["parse"].tolist() == [1, 1, 1, 0, 0]
+
+
 def test_spatial_metrics_merge_directions_and_average_tasks():
     rec = lambda qt, s: {"question_type": qt, "score": s, "parsed": True}
     records = [rec("object_counting", 1.0), rec("object_counting", 0.5),
@@ -103,9 +127,10 @@ def test_per_scene_and_paired_differences():
                det_record({"chair": [1, 0, 2], "sofa": [0, 3, 0]}, {}, 4, 3, 0.25),
                det_record({}, {}, 0, 0, 0.0, parsed=False)]
     m = E.per_scene("detection", records)
-    # scene 1: TP 3 FP 1 FN 1 -> 6/8; scene 2: TP 1 FP 3 FN 2 -> 2/7; scene 3: nothing at all -> 1
-    assert m["f1_25"].tolist() == pytest.approx([6 / 8, 2 / 7, 1.0])
-    assert m["f1_50"].tolist() == pytest.approx([2 / 6, 1.0, 1.0])  # 0.5: scene 1 TP 1 FP 2 FN 2
+    # scene 1: TP 3 FP 1 FN 1 -> 6/8; scene 2: TP 1 FP 3 FN 2 -> 2/7; scene 3: an empty scene with an
+    # answer that does not parse -> 0 (only a said "nothing", a parsed [], is perfect there, as in the reward)
+    assert m["f1_25"].tolist() == pytest.approx([6 / 8, 2 / 7, 0.0])
+    assert m["f1_50"].tolist() == pytest.approx([2 / 6, 1.0, 0.0])  # 0.5: scene 1 TP 1 FP 2 FN 2
     assert m["count"].tolist() == [1.0, 0.0, 1.0] and m["boxes"].tolist() == [4, 4, 0]
     assert m["iou_gt"].tolist() == [0.5, 0.25, 0.0] and m["parse"].tolist() == [1, 1, 0]
     a, b = np.array([0.5, 0.25, 0.0, 1.0]), np.array([0.25, 0.25, 0.5, 0.0])
@@ -115,6 +140,8 @@ def test_per_scene_and_paired_differences():
     assert E.paired(a, b) == pytest.approx((mean, se))
     seeds = np.stack([a, a + 0.2])  # two seeds of one arm: scenes averaged over seeds, then paired
     assert E.paired(seeds, b) == pytest.approx((mean + 0.1, se))
+    # a scene where the metric is undefined (NaN: a grounding row without a target frame) is left out of the pair
+    assert E.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se))
 
 
 def test_claim_follows_the_three_standard_error_rule():

@@ -359,9 +359,12 @@ def test_grounding_handmade_world_transform():
     world = [1, 2, 5, 2, 1, 3, 0, 0, 0]
     r = R.grounding_reward(text, world, 2, poses, align)
     assert r == pytest.approx({"total": 3.0, "format": 1.0, "frame": 1.0, "iou": 1.0})
-    # the frame term: max(0, 1 - |df| / 5)
-    assert R.grounding_reward(text, world, 0, poses, align)["frame"] == pytest.approx(0.6)
-    assert R.grounding_reward(text, world, 9, poses, align)["frame"] == 0.0
+    # the paper's fixed frame term: max(0, 1 - |df| / 5); scaled to 3 frames (tau = 15/32) |df| = 2 earns 0
+    fixed = R.grounding_reward(text, world, 0, poses, align, frame_window="fixed")
+    assert fixed["frame"] == pytest.approx(0.6)
+    assert R.grounding_reward(text, world, 0, poses, align)["frame"] == 0.0
+    with pytest.raises(ValueError, match="gt_frame"):   # a target frame outside the video is a data error
+        R.grounding_reward(text, world, 9, poses, align)
 
 
 def test_grounding_round_trip_through_any_camera():
@@ -398,6 +401,61 @@ def test_grounding_out_of_range_and_failures():
     r = R.grounding_reward('```json\n{"frame": 0, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}\n```', box, 0,
                            poses, None)
     assert (r["format"], r["frame"], r["iou"]) == (0.0, 1.0, pytest.approx(1.0))
+
+
+def test_grounding_frame_window_scales_with_the_frame_count():
+    """R_frame = max(0, 1 - |df| / tau) with tau = 5 S / 32 ("scaled", the default) or tau = 5 ("fixed", the
+    paper's 32-frame term). Hand values: S = 32: tau 5 (the paper's); S = 16: tau 2.5; S = 8: tau 1.25;
+    S = 4: tau 0.625, so only the exact frame pays."""
+    box = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+
+    def frame(pred, gt, S, **kw):
+        text = tagged(json.dumps({"frame": pred, "bbox_3d": box}))
+        return R.grounding_reward(text, box, gt, np.stack([np.eye(4)] * S), None, **kw)["frame"]
+
+    for S, df, expected in ((32, 0, 1.0), (32, 1, 0.8), (32, 2, 0.6), (32, 4, 0.2), (32, 5, 0.0),
+                            (32, 9, 0.0), (16, 1, 0.6), (16, 2, 0.2), (16, 3, 0.0), (8, 1, 0.2), (8, 2, 0.0),
+                            (4, 0, 1.0), (4, 1, 0.0), (4, 3, 0.0), (1, 0, 1.0)):
+        gt = S - 1 - df
+        assert frame(gt + df, gt, S) == pytest.approx(expected, abs=1e-12), (S, df)
+        assert frame(gt, gt + df, S) == pytest.approx(expected, abs=1e-12), (S, df)   # symmetric
+        assert frame(gt, gt + df, S, frame_window="scaled") == pytest.approx(expected, abs=1e-12)
+    for S, df, expected in ((4, 1, 0.8), (4, 3, 0.4), (8, 2, 0.6), (32, 2, 0.6), (32, 5, 0.0)):
+        got = frame(S - 1, S - 1 - df, S, frame_window="fixed")
+        assert got == pytest.approx(expected, abs=1e-12), (S, df)
+    # without poses the frame count comes from n_frames; without either the scaled window is unknown
+    text = tagged(json.dumps({"frame": 1, "bbox_3d": box}))
+    r = R.grounding_reward(text, box, 0, None, None, n_frames=16)
+    assert (r["frame"], r["iou"]) == (pytest.approx(0.6), 0.0)
+    assert R.grounding_reward(text, box, 0, None, None, frame_window="fixed")["frame"] == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="n_frames"):
+        R.grounding_reward(text, box, 0, None, None)
+    with pytest.raises(ValueError, match="frame_window"):
+        R.grounding_reward(text, box, 0, np.stack([np.eye(4)] * 4), None, frame_window="paper")
+
+
+def test_grounding_without_a_target_frame_pays_no_frame_term():
+    """ScanRefer val rows have no target frame (gt_frame None): the frame term is 0 for every answer (no
+    frame can be right or wrong), whatever the window; format and IoU are scored as usual."""
+    poses = np.stack([np.eye(4)] * 4)
+    box = [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    for f in range(4):
+        text = tagged(json.dumps({"frame": f, "bbox_3d": box}))
+        for window in ("scaled", "fixed"):
+            r = R.grounding_reward(text, box, None, poses, None, frame_window=window)
+            assert r == pytest.approx({"total": 2.0, "format": 1.0, "frame": 0.0, "iou": 1.0}), (f, window)
+    assert R.grounding_reward("no answer", box, None, poses, None)["total"] == 0.0
+
+
+def test_gt_iou_needs_a_said_nothing_on_an_empty_scene():
+    """On a scene without objects an explicit empty list is perfect (IoU over GT 1, like F1) and boxes or
+    text that does not parse earn 0, in the function and in the "gt" detection reward (its F1 already did)."""
+    assert R.gt_iou([], []) == 1.0 and R.gt_iou([det("chair", 0.0)], []) == 0.0
+    assert R.gt_iou([], [], parsed=False) == 0.0
+    for text, iou, f1 in ((tagged("[]"), 1.0, 1.0), ("```json\n[]\n```", 1.0, 1.0), ("garbage", 0.0, 0.0),
+                          (tagged("[{]"), 0.0, 0.0), (tagged(json.dumps([det("chair", 0.0)])), 0.0, 0.0)):
+        r = R.detection_reward(text, [], iou_mode="gt")
+        assert (r["iou"], r["f1"]) == (iou, f1), text
 
 
 # ---- VSI-Bench ---------------------------------------------------------------------------------------

@@ -263,6 +263,92 @@ def test_replace_dir_replaces_a_full_directory(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (old / "b").read_text() == "new"
 
 
+def test_a_kill_between_the_renames_loses_nothing(tmp_path, monkeypatch):
+    """replace_dir moves best/ aside, then renames the new one in: a kill between the two left .old-best and no
+    best/. The next reader (a GRPO run starting from sft/best, a later save) puts the old one back."""
+    sft = tmp_path / "sft"
+    (sft / "best").mkdir(parents=True)
+    (sft / "best" / "config.json").write_text("old")
+    (sft / ".tmp-best").mkdir()
+    real_replace = os.replace
+
+    def killed_after_first(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == ".old-best":
+            raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train.replace_dir(sft / ".tmp-best", sft / "best")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (sft / "best").exists()  # the window
+    start = train.start_point(train.get_args(["--stage", "grpo", "--out", str(tmp_path)]))
+    assert Path(start) == sft / "best" and (sft / "best" / "config.json").read_text() == "old"
+    assert not (sft / ".old-best").exists()
+
+
+def test_image_size_is_what_the_tiny_model_sees(tmp_path):
+    """--image-size 112 builds a tiny model for 112 px frames: 16 x 16 patches of 7 px -> 64 image tokens a frame
+    after the 2 x 2 merge (at 56 px: 16). It used to resize every frame back to 56 px."""
+    few = scenes.SyntheticDataset
+    with pytest.MonkeyPatch.context() as m:   # a 3-scene tokenizer corpus: time, not the corpus, matters here
+        m.setattr(scenes, "SyntheticDataset", lambda task, n, **kw: few(task, 3, **kw))
+        init = train.tiny_init(train.get_args(["--out", str(tmp_path), "--frames", "2", "--image-size", "112"]), 0)
+    net, _ = checkpoints.load_pretrained(init)
+    frames = scenes.SyntheticDataset("detection", 1, seed=0, frames=2, size=112)[0].frames
+    assert frames.shape[1:3] == (112, 112)
+    assert net.encode([frames])[0].n_tokens_per_image == [(112 // 7) ** 2 // 4] * 2
+
+
+def test_fsdp_flag_in_one_process_runs_bf16_and_says_so(tmp_path, capsys):
+    """`python train.py --shard fsdp --bf16` (no torchrun) has nothing to shard. It ran fp32 (autocast was off for
+    FSDP, and no FSDP cast applied) and said nothing; now it runs as the one-process model with bf16 autocast,
+    exactly as --shard ddp --bf16 does, and says so."""
+    common = ["--stage", "sft", "--task", "detection", "--steps", "1", "--batch-size", "2", "--train-size", "4",
+              "--bf16", *FAST]
+    train.main([*common, "--out", str(tmp_path / "ddp")])
+    shutil.copytree(tmp_path / "ddp/init", tmp_path / "fsdp/init")
+    capsys.readouterr()
+    train.main([*common, "--shard", "fsdp", "--out", str(tmp_path / "fsdp")])
+    assert "--shard fsdp outside torchrun" in capsys.readouterr().out
+    shutil.copytree(tmp_path / "ddp/init", tmp_path / "fp32/init")
+    train.main([*[c for c in common if c != "--bf16"], "--out", str(tmp_path / "fp32")])
+    assert_bit_identical(tmp_path / "fsdp/sft/final", tmp_path / "ddp/sft/final")
+    assert params(tmp_path / "fsdp/sft/final").keys() == params(tmp_path / "fp32/sft/final").keys()
+    assert any(not torch.equal(a, b) for a, b in zip(params(tmp_path / "fsdp/sft/final").values(),
+                                                     params(tmp_path / "fp32/sft/final").values()))
+
+
+def test_lora_resume_starts_fresh_moments_and_says_so(tmp_path, init_dir, monkeypatch, capsys):
+    """A LoRA checkpoint holds merged weights; --resume re-applies fresh adapters. AdamW's saved moments belonged to
+    the merged-away adapters (same shapes, so loading them raised nothing): the resumed optimiser must start without
+    them, and the run says it is not bit-exact."""
+    common = ["--stage", "sft", "--task", "detection", "--model", str(init_dir), "--lora-rank", "2",
+              "--batch-size", "2", "--save-every", "1", "--eval-every", "100", "--out", str(tmp_path), *FAST]
+    train.main([*common, "--steps", "1"])
+    moments = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (moments.append(len(self.state)),
+                                                                         step(self, *a, **k))[1])
+    capsys.readouterr()
+    train.main([*common, "--steps", "2", "--resume"])
+    assert moments[0] == 0, "stale moments were loaded onto fresh adapters"
+    assert "adapters and AdamW's moments start fresh" in capsys.readouterr().out
+
+
+def test_skipped_steps_are_logged_and_counted(tmp_path, init_dir, monkeypatch):
+    """A step whose gradient norm is non-finite (loss finite) is skipped and logged as skipped (grad_norm null);
+    --max-bad-steps of them in a row stop the run. An inf norm used to count as a good step."""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("inf")))
+    common = ["--stage", "sft", "--task", "detection", "--model", str(init_dir), "--batch-size", "2",
+              "--eval-every", "100", *FAST]
+    train.main([*common, "--steps", "2", "--out", str(tmp_path / "a")])
+    rows = [r for r in strict_jsonl(tmp_path / "a/sft/metrics.jsonl") if "loss" in r]
+    assert [(r["skipped"], r["grad_norm"]) for r in rows] == [(1, None), (1, None)]
+    assert_bit_identical(tmp_path / "a/sft/final", init_dir)  # the weights never saw a step
+    with pytest.raises(RuntimeError, match="2 skipped steps in a row"):
+        train.main([*common, "--steps", "3", "--max-bad-steps", "2", "--out", str(tmp_path / "b")])
+
+
 def test_saved_files_get_ordinary_permissions(tmp_path):
     net = __import__("model").VGLLM(__import__("model").tiny_config(64))
     checkpoints.save_pretrained(net, None, tmp_path)
@@ -320,13 +406,44 @@ def test_explicit_values_are_kept_and_the_warmup_is_full_finetuning():
     assert warm.lora_rank == 0 and warm.resume and warm.stage == "sft"
 
 
+def test_frame_window_flag_reaches_the_grounding_reward():
+    assert train.get_args(["--task", "grounding"]).reward_opts == {"frame_window": "scaled"}
+    assert train.get_args(["--task", "grounding", "--frame-window", "fixed"]).reward_opts == {"frame_window": "fixed"}
+    assert train.get_args(["--task", "detection"]).reward_opts == {"iou_mode": "paper"}
+
+
 def test_skip_bad_reaches_the_reader(tmp_path):
     path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2), str(tmp_path))
     rows = json.loads(Path(path).read_text())
     Path(path).write_text(json.dumps(rows + [{"images": 5}]))
-    args = train.get_args(["--stage", "sft", "--data", path, "--skip-bad", "--out", str(tmp_path / "o")])
+    args = train.get_args(["--stage", "sft", "--data", path, "--val-data", path, "--skip-bad", "--out", str(tmp_path / "o")])
     train_set, _, info = train.datasets(args)
     assert len(train_set) == 2 and info["train"][0]["skipped_rows"][0]["row"] == 2
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_a_truncated_data_file_ends_in_one_line_naming_it(tmp_path, init_dir, script):
+    """A truncated --data JSON ends like a bad flag: one line on stderr naming the file, no traceback, exit 1
+    (it used to print the same message after a 30-line traceback)."""
+    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2), str(tmp_path))
+    Path(path).write_text(Path(path).read_text()[:-40])
+    argv = {"train.py": ["--stage", "sft", "--data", path, "--val-data", path, "--model", str(init_dir),
+                         "--out", str(tmp_path / "o")],
+            "eval.py": ["--ckpt", str(init_dir), "--data", path, "--frames", "2", "--out", str(tmp_path / "o")]}[script]
+    r = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and f"{path}: not valid JSON" in r.stderr
+
+
+def test_real_data_without_validation_data_is_refused(tmp_path, capsys):
+    """--data without --val-data used to validate on synthetic 56 px scenes and pick best/ (the GRPO start) by them.
+    Now it stops before anything loads: exit 2, one line naming --data and what to add."""
+    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2), str(tmp_path))
+    with pytest.raises(SystemExit) as e:
+        train.get_args(["--stage", "sft", "--data", path, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: --data {path}" in err and "--val-data" in err and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------------

@@ -139,3 +139,62 @@ def test_rewards_and_records_are_total_on_hostile_text():
             assert all(math.isfinite(v) for v in r.values()), (name, text[:20])
             rec = task.record(sample, text)
             assert json.loads(json.dumps(rec)) is not None and rec["parsed"] in (True, False)
+
+
+def _unframed(n_frames=4):
+    """A ScanRefer val-like grounding row: poses, a world box, no target frame (the field at its default)."""
+    return data.Sample(id="scanrefer-val-7", task="grounding", frames=np.zeros((n_frames, 4, 4, 3), np.uint8),
+                       cam2global=np.stack([np.eye(4)] * n_frames), world_box=[0, 0, 2, 1, 1, 1, 0, 0, 0],
+                       description="the box")
+
+
+def test_grounding_row_without_a_target_frame():
+    s = _unframed()
+    assert s.target_frame is None   # "no target frame" is explicit, not a -1 that reads as a frame index
+    T = rft3d.TASKS["grounding"]
+    for f in range(4):   # the world box seen from any (identity) camera: perfect IoU, never frame credit
+        text = f'<think>t</think><answer>{{"frame": {f}, "bbox_3d": [0, 0, 2, 1, 1, 1, 0, 0, 0]}}</answer>'
+        for window in ("scaled", "fixed"):
+            assert T.reward(s, text, frame_window=window) == pytest.approx(
+                {"total": 2.0, "format": 1.0, "frame": 0.0, "iou": 1.0}), (f, window)
+        rec = T.record(s, text)
+        assert rec["frame_gt"] is None and rec["frame_pred"] == f and rec["iou"] == pytest.approx(1.0)
+        assert json.loads(json.dumps(rec))["frame_gt"] is None
+    with pytest.raises(ValueError, match="scanrefer-val-7"):   # SFT on grounding needs a target frame
+        T.target(s)
+
+
+def test_grounding_reward_takes_the_frame_window():
+    """rft3d passes the trainer's reward_opts on: frame_window "scaled" (default, tau = 5 S / 32) or "fixed"
+    (5). The sample's own frame count sets S: here 4 frames, so one frame off pays 0 scaled, 1 - 1/5 fixed."""
+    T = rft3d.TASKS["grounding"]
+    s = samples("grounding", 1, frames=4)[0]
+    k = s.target_frame
+    other = k + 1 if k < 3 else k - 1
+    text = T.target(s).replace(f'"frame": {k},', f'"frame": {other},')
+    assert json.loads(text.split("<answer>")[1].split("</answer>")[0])["frame"] == other
+    assert T.reward(s, text)["frame"] == 0.0
+    assert T.reward(s, text, frame_window="scaled")["frame"] == 0.0
+    assert T.reward(s, text, frame_window="fixed")["frame"] == pytest.approx(0.8)
+    assert T.reward(s, T.target(s), frame_window="fixed")["frame"] == 1.0
+    with pytest.raises(ValueError, match="frame_window"):
+        T.reward(s, text, frame_window="window")
+
+
+def test_detection_iou_gt_on_an_empty_scene_agrees_with_f1():
+    """A scene without objects: saying "nothing" ([]) is perfect, boxes or unparseable text are not; the
+    record's iou_gt and eval's per-scene F1 say the same (1, 0, 0)."""
+    import eval as evaluation
+    s = data.Sample(id="empty", task="detection", frames=np.zeros((2, 4, 4, 3), np.uint8), boxes=[])
+    T = rft3d.TASKS["detection"]
+    box = '{"label": "chair", "bbox_3d": [0, 0, 2, 1, 1, 1, 0, 0, 0]}'
+    cases = [("<think>t</think><answer>[]</answer>", 1.0), ("```json\n[]\n```", 1.0),
+             (f"<think>t</think><answer>[{box}]</answer>", 0.0), ("I see nothing", 0.0),
+             ("<answer>[{]</answer>", 0.0)]
+    records = [T.record(s, text) for text, _ in cases]
+    assert [r["iou_gt"] for r in records] == [want for _, want in cases]
+    per = evaluation.per_scene("detection", records)
+    want = [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert per["iou_gt"].tolist() == per["f1_25"].tolist() == per["f1_50"].tolist() == want
+    # the "gt" training reward agrees too
+    assert [T.reward(s, text, iou_mode="gt")["iou"] for text, _ in cases] == [want for _, want in cases]

@@ -58,10 +58,10 @@ def assert_resume_exact(common, stage, tmp_path):
                            params(tmp_path / f"a/{stage}/step-1/model")["merger.mlp.0.weight"])
 
 
-def torchrun(nproc, argv, tmp):
+def torchrun(nproc, argv, tmp, script="train.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "train.py"), *argv]
+           str(ROOT / script), *argv]
     r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
@@ -170,7 +170,7 @@ def test_sft_then_grpo_then_eval(tmp_path):
     for key in ("reward", "reward_std", "zero_std_frac", "kl", "clip_frac", "ratio", "entropy", "completion_len",
                 "truncated", "reward_format", "reward_frame", "reward_iou", "lr", "grad_norm", "step_time", "tokens_per_s"):
         assert key in lines[0] and math.isfinite(lines[0][key]), key
-    evaluation.main(["--ckpt", str(out / "grpo/final"), "--task", "grounding", "--n", "3", "--frames", "2",
+    evaluation.main(["--ckpt", str(out / "grpo/final"), "--task", "grounding", "--test-size", "3", "--frames", "2",
                      "--max-new-tokens", "16", "--viz", "2", "--out", str(tmp_path / "ev")])
     metrics = json.loads((tmp_path / "ev/metrics.json").read_text())
     for key in ("acc@0.25", "acc@0.5", "iou", "frame_acc", "parse_rate"):
@@ -188,3 +188,118 @@ def test_batch_defaults_are_per_step_over_ranks(monkeypatch):
         assert (args.batch_size, args.prompts_per_rank) == (batch, prompts), world
         assert train.get_args(["--stage", "grpo"], stage="sft").batch_size == batch  # the warm-up's own parse
     assert train.get_args(["--batch-size", "3", "--prompts-per-rank", "5"]).batch_size == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2 with bf16 mixed precision keeps encode-once and the shared prefill
+
+
+def _fsdp_bf16_worker(rank, init_dir, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        net, tok = checkpoints.load_pretrained(init_dir)
+        args = train.get_args(["--shard", "fsdp", "--bf16", "--G", "4", "--max-new-tokens", "6", "--micro-batch", "4",
+                               "--beta", "0"])
+        policy = train.wrap(net, args, torch.device("cpu"))
+        prefilled, merged = [], []
+        # the prefill is the one call of the language model with a cache (scoring passes run without one)
+        net.qwen.model.language_model.register_forward_pre_hook(
+            lambda m, a, kw: prefilled.append(kw["inputs_embeds"].shape[0]) if kw.get("use_cache") else None,
+            with_kwargs=True)
+        net.merger.register_forward_hook(lambda *_: merged.append(1))
+        samples = [scenes.SyntheticDataset("detection", 4, seed=5 + rank, frames=2)[i] for i in range(2)]  # B = 2
+        opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
+        torch.manual_seed(rank)
+        grpo.grpo_step(policy, None, tok, rft3d.TASKS["detection"], samples, opt, args)
+        torch.save({"prefilled": prefilled, "merged": len(merged),
+                    "dtype": str(net.qwen.lm_head.weight.dtype)}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_bf16_keeps_encode_once_and_shared_prefill(init_dir, tmp_path):
+    """Under --shard fsdp --bf16 FSDP2 casts forward inputs, and its cast rebuilds every dataclass: the Encoding
+    objects G rows share became G distinct ones, so all B*G rows were prefilled and the trainable merger ran G times
+    per prompt (same values, G times the work and activations). On two gloo ranks, one GRPO step of B = 2 prompts
+    x G = 4 (one micro-batch): the rollout prefills B rows once, and the merger runs B times in the rollout and B
+    times in the scoring forward, not B * G."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_fsdp_bf16_worker, args=(init_dir, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert r["prefilled"] == [2], r
+        assert r["merged"] == 2 + 2, r
+
+
+# ------------------------------------------------------------------------------------------------
+# eval.py under torchrun: each rank on its own device, every record gathered once
+
+
+class Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize("main", [train.main, evaluation.main], ids=["train", "eval"])
+def test_each_rank_is_bound_to_its_gpu_before_the_process_group(init_dir, tmp_path, monkeypatch, main):
+    """As torchrun's rank 1 of 2 on a (pretended) GPU machine: the process binds cuda:1 (torch.cuda.set_device)
+    before the process group starts, and tells the group its device. eval.py did neither, so every rank's NCCL
+    all_gather_object landed on cuda:0 and NCCL refused."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+
+    def init_process_group(backend, **kw):
+        calls.append(("init", backend, kw.get("device_id")))
+        raise Started
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    argv = {train.main: ["--stage", "sft", "--model", init_dir, "--out", str(tmp_path), *FAST],
+            evaluation.main: ["--ckpt", init_dir, "--test-size", "2", "--frames", "2"]}[main]
+    with pytest.raises(Started):
+        main(argv)
+    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", torch.device("cuda", 1))]
+
+
+def test_eval_two_ranks_gather_every_record_once(init_dir, tmp_path):
+    """torchrun --nproc_per_node 2 eval.py on 5 scenes (an odd count: rank 1's shard is padded with a repeat that
+    must be dropped): predictions.jsonl holds each scene exactly once, in order, and the same greedy completions as
+    one process decoding all 5."""
+    common = ["--ckpt", init_dir, "--task", "detection", "--test-size", "5", "--frames", "2", "--max-new-tokens", "12",
+              "--batch-size", "2"]
+    torchrun(2, [*common, "--out", str(tmp_path / "two")], tmp_path, script="eval.py")
+    evaluation.main([*common, "--out", str(tmp_path / "one")])
+    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+    two, one = read("two"), read("one")
+    assert [r["index"] for r in two] == [0, 1, 2, 3, 4]
+    assert [r["completion"] for r in two] == [r["completion"] for r in one]
+    assert json.loads((tmp_path / "two/metrics.json").read_text())["n"] == 5
+
+
+def test_readme_real_data_commands_on_fakes_in_the_real_layouts(init_dir, tmp_path):
+    """The README's "real thing" recipe at toy size on two gloo ranks: GRPO on ScanRefer-layout JSON with
+    --val-data, FSDP2, bf16, gradient checkpointing; then eval.py on the validation file under torchrun. What a
+    CPU cannot check (NCCL, CUDA graphs, real sizes) is listed in the README."""
+    import data
+    train_file = data.export_vgllm(scenes.SyntheticDataset("grounding", 4, seed=21, frames=2), str(tmp_path / "tr"))
+    val_file = data.export_vgllm(scenes.SyntheticDataset("grounding", 3, seed=22, frames=2), str(tmp_path / "va"))
+    media = str(tmp_path / "tr" / "media")
+    (tmp_path / "va" / "media" / "synthetic").rename(tmp_path / "tr" / "media" / "val")  # one media root
+    rows = json.loads(Path(val_file).read_text())
+    for r in rows:
+        r["images"] = [p.replace("synthetic/", "val/", 1) for p in r["images"]]
+    Path(val_file).write_text(json.dumps(rows))
+    torchrun(2, ["--stage", "grpo", "--task", "grounding", "--model", init_dir, "--data", train_file,
+                 "--val-data", val_file, "--media-root", media, "--frames", "2", "--shard", "fsdp", "--bf16",
+                 "--grad-ckpt", "--G", "2", "--prompts-per-rank", "1", "--micro-batch", "2", "--steps", "2",
+                 "--max-new-tokens", "12", "--out", str(tmp_path / "run")], tmp_path)
+    logged = [json.loads(x) for x in (tmp_path / "run/grpo/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "reward" in r] == [1, 2]
+    assert all(r["skipped"] == 0 for r in logged if "reward" in r)
+    assert [r.get("eval/n") for r in logged if "eval/n" in r][-1] == 3  # validated on the 3 rows of --val-data
+    torchrun(2, ["--ckpt", str(tmp_path / "run/grpo/final"), "--task", "grounding", "--data", val_file,
+                 "--media-root", media, "--frames", "2", "--max-new-tokens", "12", "--out", str(tmp_path / "ev")],
+             tmp_path, script="eval.py")
+    assert len((tmp_path / "ev/predictions.jsonl").read_text().splitlines()) == 3
