@@ -127,6 +127,7 @@ bf16, gradient checkpointing on, 518x392 frames (252 Qwen tokens each), 128-toke
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import os
 import resource
@@ -141,12 +142,14 @@ import numpy as np
 import torch
 
 import checkpoints
+import decoding
 import grpo
 import model as vgllm
 import rft3d
 import scenes
 import train
-from eval import PRIMARY_METRIC, SCENE_METRICS, claim, compare_table, fmt, paired, per_scene, plot, table
+from compare import SCENE_METRICS, claim, compare_table, fmt, paired, per_scene, plot, table
+from eval import PRIMARY_METRIC
 
 OUT = Path("bench_out")
 V_QWEN = 151936  # Qwen2.5 vocabulary (the 3B's lm_head rows)
@@ -315,7 +318,7 @@ def eos_suppressed(net):
 @contextlib.contextmanager
 def transformers_rollouts(net):
     """Every caller of net.generate (grpo.grpo_step, step_encode_once) gets transformers' generate instead."""
-    net.generate = net.hf_generate  # an instance attribute shadows the method
+    net.generate = functools.partial(decoding.hf_generate, net)  # an instance attribute shadows the method
     try:
         yield
     finally:
@@ -375,7 +378,7 @@ def rollout_comparison(net, batch, enc, new_tokens, repeats):
     to new_tokens steps. A 1-token call of each measures its prefill (+ the first pick); the rest are decoding steps.
     Prints a table; returns {variant: {rollout_ms, prefill_ms, step_ms, token_ms}}."""
     B, P = batch["input_ids"].shape
-    variants = {"decode loop (generate)": net.generate, "transformers (hf_generate)": net.hf_generate}
+    variants = {"decode loop (generate)": net.generate, "transformers (hf_generate)": functools.partial(decoding.hf_generate, net)}
     was_training = net.training
     net.eval()
     with eos_suppressed(net), torch.no_grad():

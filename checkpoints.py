@@ -24,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2_5_VLConfig
 
-from model import VGLLM, GeometryMerger, LoRALinear
+from lora import LoRALinear
+from model import VGLLM, GeometryMerger
 from vggt import VGGT_1B, read_checkpoint, split_checkpoint
 
 # -----------------------------------------------------------------------------------------------------------

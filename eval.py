@@ -23,7 +23,6 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -33,7 +32,9 @@ import data
 import grpo
 import rft3d
 import scenes
-from rewards import box_to_world, iou_3d, iou_3d_many, parse_detections, parse_grounding
+import published  # the public evaluators' quirks and ScanRefer proposal refinement (machinery)
+from boxes import box_to_world
+from rewards import parse_detections, parse_grounding
 
 # --- metrics ---
 
@@ -158,58 +159,6 @@ def spatial_metrics(records):
 
 
 # --------------------------------------------------------------------------------------------------
-# Proposal refinement (ScanRefer "with proposals"; VG-LLM reports it with Mask3D proposals)
-
-
-def load_proposals(path):
-    """Detector proposals per scene, in the aligned world frame (the frame of ScanRefer's gt_bbox):
-        {"scene0011_00": [[cx, cy, cz, dx, dy, dz, a, b, c], ...],   9 numbers: angles intrinsic Z-X-Y
-         "scene0015_00": [[cx, cy, cz, dx, dy, dz], ...], ...}        6 numbers: axis-aligned (VG-LLM style)
-    An entry may also be an object with the box in "bbox_3d" (other keys, e.g. label or score, are ignored).
-    -> {scene: [9-number boxes]}; a malformed entry is an error naming the file, scene and index."""
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise data.DataError(f"--proposals {path}: cannot read it as JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise data.DataError(f"--proposals {path}: expected an object {{scene: [boxes]}}, got {type(raw).__name__}")
-    out = {}
-    for scene, boxes in raw.items():
-        if not isinstance(boxes, list):
-            raise data.DataError(f"--proposals {path}: scene {scene!r}: expected a list of boxes")
-        out[scene] = []
-        for j, b in enumerate(boxes):
-            b = b.get("bbox_3d") if isinstance(b, dict) else b
-            ok = isinstance(b, list) and len(b) in (6, 9) and all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in b)
-            if not ok or min(b[3:6]) <= 0:
-                raise data.DataError(f"--proposals {path}: scene {scene!r}, box {j}: expected 6 or 9 finite numbers "
-                                 f"with positive sizes, got {b!r:.80}")
-            out[scene].append([float(x) for x in b] + [0.0] * (9 - len(b)))
-    return out
-
-
-def scene_of(sample):
-    """The key of a sample's scene in a proposals file: the row's scene id (data.py: the metadata's, else the
-    images' folder), VSI-Bench's scene_name, else the sample id (synthetic scenes)."""
-    m = sample.meta
-    return str(m.get("scene_id") or m.get("scene") or m.get("scene_name") or sample.id)
-
-
-def refine(box_world, gt_box, proposals):
-    """-> (IoU with the ground truth after refinement, index of the proposal used or None). The proposal with
-    the highest IoU to the predicted world box replaces it; when none overlaps it the prediction stays."""
-    if box_world is None:
-        return 0.0, None
-    ious = iou_3d_many(box_world, proposals)
-    if not len(ious) or ious.max() <= 0:
-        return iou_3d(box_world, gt_box), None
-    k = int(np.argmax(ious))   # the first on ties
-    return iou_3d(proposals[k], gt_box), k
-
-
-# --------------------------------------------------------------------------------------------------
 # Evaluation: greedy decoding over a dataset, sharded over ranks, per-sample records -> metrics above
 
 METRICS = {"detection": detection_metrics, "grounding": grounding_metrics, "spatial": spatial_metrics}
@@ -240,7 +189,7 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     for start in tqdm(range(0, per_rank, batch_size), desc=f"eval {task_name}", disable=not progress or rank != 0):
         idx = shard[start:start + batch_size]
         samples = [dataset[i] for i in idx]
-        missing = sorted({scene_of(s) for s in samples} - set(proposals)) if proposals is not None else []
+        missing = sorted({published.scene_of(s) for s in samples} - set(proposals)) if proposals is not None else []
         if missing:   # before decoding anything: a wrong proposals file fails in the first batch
             raise data.DataError(f"--proposals: no proposals for scene {missing[0]!r} (the file has {len(proposals)} "
                              f"scenes, e.g. {sorted(proposals)[:3]})")
@@ -253,7 +202,7 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
             if start + j < n_real:  # not padding
                 rec = {"index": i, "id": s.id, "completion": text, **task.record(s, text, protocol=protocol)}
                 if proposals is not None:
-                    rec["iou_refined"], rec["proposal"] = refine(rec["box_world"], s.world_box, proposals[scene_of(s)])
+                    rec["iou_refined"], rec["proposal"] = published.refine(rec["box_world"], s.world_box, proposals[published.scene_of(s)])
                 records.append(rec)
     model.train(was_training)
     if dist.is_initialized():
@@ -274,139 +223,6 @@ def print_table(task_name, metrics):
         for label, row in sorted(rows.items()):
             print(f"  {label:<22}" + "".join(f"{row[c]:10d}" if isinstance(row[c], int) else f"{row[c]:10.2f}"
                                             for c in cols))
-
-
-# --------------------------------------------------------------------------------------------------
-# Paired comparisons (DESIGN.md section 9): reward-independent metrics per scene, differences with standard errors
-
-# per task: (key, name, scale): the metrics a learning claim is read from, per scene
-SCENE_METRICS = {
-    "detection": [("iou_gt", "IoU/GT box", 1), ("f1_25", "F1@0.25", 1), ("f1_50", "F1@0.5", 1),
-                  ("count", "count acc", 1), ("boxes", "boxes/scene", 1), ("parse", "parse", 1)],
-    "grounding": [("iou", "IoU", 1), ("acc25", "Acc@0.25", 100), ("acc50", "Acc@0.5", 100),
-                  ("frame", "frame acc", 100), ("parse", "parse", 100)],
-    "spatial": [("score", "score", 100), ("parse", "parse", 100)],
-}
-
-
-def per_scene(task_name, records):
-    """eval records (rft3d.py's) -> {metric: array over scenes}, in record order. Detection F1 is per scene,
-    2TP / (2TP + FP + FN) at each threshold; an empty scene scores 1 when the answer says "nothing" (parsed,
-    no boxes) and 0 for boxes or an answer that did not parse, as iou_gt and the training reward do.
-    Grounding "frame" (1 exact frame, else 0) is NaN for a row without a target frame (frame_gt None,
-    ScanRefer val): undefined, not wrong, and the array stays aligned with the scenes; compare_table and
-    paired() read it over the scenes where it is defined."""
-    parse = np.array([float(bool(r.get("parsed"))) for r in records])
-    if task_name == "detection":
-        def f1(r, thr):
-            tp, fp, fn = (sum(int(c[i]) for c in r["counts"][thr].values()) for i in range(3))
-            return float(bool(r.get("parsed"))) if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-        return {"iou_gt": np.array([_finite(r.get("iou_gt")) for r in records]),
-                "f1_25": np.array([f1(r, "0.25") for r in records]), "f1_50": np.array([f1(r, "0.5") for r in records]),
-                "count": np.array([float(r["n_pred"] == r["n_gt"]) for r in records]),
-                "boxes": np.array([float(r["n_pred"]) for r in records]), "parse": parse}
-    if task_name == "grounding":
-        iou = np.array([_finite(r.get("iou")) for r in records])
-        return {"iou": iou, "acc25": (iou >= 0.25).astype(float), "acc50": (iou >= 0.5).astype(float),
-                "frame": np.array([math.nan if r.get("frame_gt") is None
-                                   else float(r.get("frame_pred") == r["frame_gt"]) for r in records]),
-                "parse": parse}
-    return {"score": np.array([_finite(r.get("score")) for r in records]), "parse": parse}
-
-
-def paired(a, b):
-    """Paired difference of two per-scene arrays (or [seeds, scenes] arrays, averaged over seeds first):
-    (mean of a - b, its standard error over scenes)."""
-    d = np.asarray(a, float) - np.asarray(b, float)
-    d = d.mean(0) if d.ndim == 2 else d
-    d = d[np.isfinite(d)]  # scenes where a metric is undefined (NaN: grounding rows without a target frame)
-    if not len(d):
-        return float("nan"), float("nan")
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-
-
-def fmt(value, scale, sign=False):
-    v = value * scale
-    return (f"{v:+.3f}" if sign else f"{v:.3f}") if scale == 1 else (f"{v:+.1f}" if sign else f"{v:.1f}")
-
-
-def table(header, rows):
-    """Print rows of strings under a header, columns right-aligned."""
-    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "  ".join(str(x).rjust(k) for x, k in zip(r, w))
-    print(line(header) + "\n" + "  ".join("-" * k for k in w))
-    for r in rows:
-        print(line(r))
-
-
-def compare_table(task_name, arms, base):
-    """Print each arm's mean metrics over the same scenes, then each arm's paired difference to `base` with its
-    standard error. arms: {name: per_scene dict, or a list of them (seeds: per-scene values averaged over seeds)}.
-    Returns {arm: {metric: (difference, standard error)}}."""
-    metrics = SCENE_METRICS[task_name]
-    arms = {name: {k: np.stack([x[k] for x in v]) if isinstance(v, list) else v[k] for k, _, _ in metrics}
-            for name, v in arms.items()}
-    rows = [[name] + [fmt(np.nanmean(m[k]) if np.isfinite(m[k]).any() else math.nan, s) for k, _, s in metrics]
-            for name, m in arms.items()]
-    out = {}
-    for name, m in arms.items():
-        if name != base:
-            out[name] = {k: paired(m[k], arms[base][k]) for k, _, _ in metrics}
-            rows.append([f"{name} - {base}"] + [f"{fmt(out[name][k][0], s, True)} +- {fmt(out[name][k][1], s)}"
-                                                for k, _, s in metrics])
-    table(["arm"] + [name for _, name, _ in metrics], rows)
-    return out
-
-
-def claim(task_name, diff):
-    """DESIGN section 9's rule for a paired difference {metric: (d, se)} of a trained arm against the best SFT
-    model: real above 3 standard errors on the main reward-independent metric (the first of SCENE_METRICS), with no
-    loss of more than one standard error on the guards (detection: count accuracy and F1@0.25; grounding: frame)."""
-    main = SCENE_METRICS[task_name][0][0]
-    d, se = diff[main]
-    guards = {"detection": ("count", "f1_25"), "grounding": ("frame",), "spatial": ()}[task_name]
-    lost = [k for k in guards if diff[k][0] < -diff[k][1]]
-    if d > 3 * se and not lost:
-        return f"better: {main} {d:+.3f} +- {se:.3f} (> 3 standard errors), no guard metric lost more than 1"
-    if d < -3 * se:
-        return f"worse: {main} {d:+.3f} +- {se:.3f}"
-    return f"no claim: {main} {d:+.3f} +- {se:.3f}" + (f"; lost more than 1 standard error on {lost}" if lost else "")
-
-
-def plot(path, panels, xlabel="step", size=(640, 300)):
-    """panels: [(title, {name: (xs, ys)})] -> a PNG of line plots stacked vertically, drawn with PIL.ImageDraw
-    (matplotlib is not a dependency)."""
-    from PIL import Image, ImageDraw
-    W, H, m = size[0], size[1], 45
-    img = Image.new("RGB", (W, H * len(panels)), "white")
-    d = ImageDraw.Draw(img)
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    for row, (title, series) in enumerate(panels):
-        top = row * H
-        pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-        d.text((m, top + 8), title, fill="black")
-        d.rectangle([m, top + m, W - m, top + H - m], outline="black")
-        if not pts:
-            continue
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
-        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-        sx = lambda x: m + (x - x0) / (x1 - x0) * (W - 2 * m)
-        sy = lambda y: top + H - m - (y - y0) / (y1 - y0) * (H - 2 * m)
-        d.text((m, top + H - m + 5), f"{x0:g}", fill="black")
-        d.text((W - m - 60, top + H - m + 5), f"{x1:g} {xlabel}", fill="black")
-        d.text((3, top + H - m - 10), f"{y0:.3g}", fill="black")
-        d.text((3, top + m), f"{y1:.3g}", fill="black")
-        for k, (name, (xs, ys)) in enumerate(series.items()):
-            c = colours[k % len(colours)]
-            p = [(sx(x), sy(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
-            if len(p) > 1:
-                d.line(p, fill=c, width=2)
-            for q in p if len(p) < 30 else []:
-                d.ellipse([q[0] - 2, q[1] - 2, q[0] + 2, q[1] + 2], fill=c)
-            d.text((W - m - 170, top + m + 5 + 14 * k), name, fill=c)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
 
 
 def viz(sample, completion):
@@ -491,7 +307,7 @@ def run(args, rank, device):
         reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2, "n": args.test_size, **world}]
     proposals, info = None, {"protocol": args.protocol, "data": reports}
     if args.proposals:
-        proposals = load_proposals(args.proposals)
+        proposals = published.load_proposals(args.proposals)
         with open(args.proposals, "rb") as f:
             info["proposals"] = {"path": os.path.abspath(args.proposals), "sha256": hashlib.sha256(f.read()).hexdigest(),
                                  "scenes": len(proposals), "boxes": sum(map(len, proposals.values()))}

@@ -10,32 +10,28 @@ What flows through this file (DESIGN.md section 5):
 
 Sections:
     1. configs (tiny / real)            5. VGLLM: encode, fusion, prompts, forward (chunked log-probs), generate
-    2. tiny tokenizer                      (5e-5f: our decode loop: shared prefill, static KV cache, CUDA graphs)
-    3. frame preprocessing              6. the policy's distribution: suppressed tokens, sampling, chunked log-probs
-    4. geometry merger                  7. LoRA
+    2. tiny tokenizer                      (the decode loop itself is machinery: decoding.py)
+    3. frame preprocessing              6. the policy's distribution: suppressed tokens, chunked log-probs
+    4. geometry merger                  (LoRA on the LLM linears, an option: lora.py)
 
 Beside it: vggt.py is the geometry encoder (VGGT's aggregator; this file uses only its documented interface,
 features [S, h*w, out_dim] + grid (h, w), so a fork can swap it), and checkpoints.py moves weights in and out
 (our saves, a Qwen2.5-VL dir + VGGT file, a VG-LLM dir). Nothing else of rft3d is imported here.
 """
-import functools
 import inspect
-import math
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
-from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+import decoding  # the fast decode loop behind VGLLM.generate (machinery)
 from vggt import VGGT_1B, VGGTAggregator  # the geometry encoder (vggt.py)
 
 # transformers 5.17 has no `mm_encoder_outputs` argument and silently drops unknown forward kwargs: the fused image
@@ -45,17 +41,11 @@ if "mm_encoder_outputs" not in inspect.signature(Qwen2_5_VLModel.forward).parame
     raise ImportError("model.py needs transformers >= 5.18 (Qwen2.5-VL's mm_encoder_outputs), "
                       f"found {transformers.__version__}")
 
-# transformers 5.24 renamed the cache argument of its forwards from `past_key_values` to `cache` (the old name is
-# deprecated until 5.40); the decode loop passes its cache under whichever name this version has.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(Qwen2_5_VLModel.forward).parameters else "past_key_values"
-
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2.5-VL's and VG-LLM's default system turn
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL image normalisation (OpenAI CLIP)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPRESSED_LOGIT = -1e9  # the logit of a never-sampled token (VGLLM.suppressed_ids): probability exactly 0
-DONE_CHECK_EVERY = 8  # the decode loop asks "has every row ended?" (a host sync) once per this many tokens
-_DECODE_GRAPHS = weakref.WeakKeyDictionary()  # model -> (shape key, fixed DecodeState, its CUDA graph or None)
 
 # -----------------------------------------------------------------------------------------------------------
 # 1. Configs: a plain JSON-able dict {"qwen": Qwen2_5_VLConfig.to_dict(), "vggt": hyperparameters or None, ...}
@@ -258,53 +248,6 @@ class Encoding:
                         self.image_grid_thw.to(device), list(self.n_tokens_per_image))
 
 
-class StaticKV:
-    """The decode loop's KV cache: per layer keys and values [B, H_kv, L, d_head] allocated once, L = prompt + new
-    tokens, starting from the prefill's [B, H_kv, P, d_head]. transformers' attention calls update(k, v, layer_idx) with
-    one position per row; it is written in place at `slot` and attention runs over all L slots, the additive mask
-    hiding the empty ones and the left padding."""
-
-    def __init__(self, keys, values, length, slot):
-        grow = lambda t: F.pad(t, (0, 0, 0, length - t.shape[2]))  # [B, H_kv, P, d] -> [B, H_kv, L, d], zeros after P
-        self.keys, self.values = [grow(k) for k in keys], [grow(v) for v in values]
-        self.slot = torch.tensor([slot], device=keys[0].device)  # [1] long: where this step's keys/values go
-
-    def update(self, key, value, layer_idx, *args, **kwargs):
-        self.keys[layer_idx].index_copy_(2, self.slot, key)
-        self.values[layer_idx].index_copy_(2, self.slot, value)
-        return self.keys[layer_idx], self.values[layer_idx]
-
-
-@dataclass
-class DecodeState:
-    """Everything a decoding step reads and writes, on the device. B rows, C = max_new_tokens, L cache slots."""
-    hidden: torch.Tensor  # [B, d] the prefill's last prompt position (picks the first token)
-    kv: StaticKV
-    mask: torch.Tensor  # [B, 1, 1, L] additive attention mask: 0 on the prompt and on the tokens fed so far
-    cos: torch.Tensor  # [B, C, d_head] rotary angles of the new positions
-    sin: torch.Tensor
-    slot: torch.Tensor  # [1] long: the cache slot of the token fed in this step (P at the first step) = kv.slot
-    step: torch.Tensor  # [1] long: its completion column (then the column the next token is written to)
-    token: torch.Tensor  # [B] long: the last token picked
-    finished: torch.Tensor  # [B] bool: EOS emitted
-    completion: torch.Tensor  # [B, C] long, pad_token_id where nothing was written
-    logp: torch.Tensor | None  # [B, C] float32: the sampler's log-prob of each token (return_logprobs only)
-    suppress: torch.Tensor  # [n] long: suppressed_ids
-    temperature: float
-    do_sample: bool
-
-    def tensors(self):  # the buffers a CUDA graph of the step reads and writes
-        return [*self.kv.keys, *self.kv.values, self.mask, self.cos, self.sin, self.slot, self.step, self.token,
-                self.finished, self.completion, self.suppress] + ([self.logp] if self.logp is not None else [])
-
-
-def _all_ranks_done(finished, synced_gpus):
-    """Has every row ended (on every rank, under FSDP's lock-step)? The only host sync inside the token loop."""
-    done = finished.all().int()
-    if synced_gpus and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)
-    return bool(done)
-
 
 class VGLLM(nn.Module):
     def __init__(self, config):
@@ -395,7 +338,7 @@ class VGLLM(nn.Module):
             out.extend(fused[id(enc)])
         return tuple(out)
 
-    def _mm_inputs(self, image_grid_thw, encodings):
+    def mm_inputs(self, image_grid_thw, encodings):
         """Keyword arguments of transformers' seam: precomputed per-image embeddings instead of pixel_values."""
         if not encodings:
             return {}
@@ -452,7 +395,7 @@ class VGLLM(nn.Module):
         [B, L-1] of the same tempered distribution, no grad). Positions t < first_position are skipped (left 0):
         pass the prompt length - 1 to avoid computing prompt log-probs nobody uses."""
         out = self.qwen.model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                              use_cache=False, **self._mm_inputs(image_grid_thw, encodings))
+                              use_cache=False, **self.mm_inputs(image_grid_thw, encodings))
         hidden = out.last_hidden_state[:, first_position:-1]  # the positions that predict a next token
         # Score the distribution generate() samples from: the same temperature and the same suppressed tokens.
         logp, entropy = token_logprobs(hidden, self.qwen.lm_head, input_ids[:, first_position + 1:], temperature,
@@ -462,19 +405,7 @@ class VGLLM(nn.Module):
             entropy = F.pad(entropy, (first_position, 0)) if return_entropy else None
         return (logp, entropy) if return_entropy else logp
 
-    # 5e. sampling: generate() is our own decode loop (5f); hf_generate() is transformers' generate ------------------
-    #
-    # transformers' generate spends most of a decoding step on the host: logits processors (the suppress-tokens isin),
-    # a cache that grows by concatenation, position and mask bookkeeping, and a stopping check that syncs every token.
-    # generate() keeps the loop on the device: the suppressed tokens are one precomputed index tensor, filled by the
-    # same policy_logits that forward() scores with, EOS bookkeeping is a tensor, keys/values go into a cache allocated
-    # once, and the host looks at a tensor value only every DONE_CHECK_EVERY steps. The two give the same greedy
-    # tokens (tests/test_decode.py).
-
-    # CUDA graphs of the decoding step: "auto" = on a CUDA device unless FSDP shards the model (its per-layer
-    # all-gathers cannot be captured); True / False force it. A graph reads the parameters in place: optimiser steps
-    # and load_state_dict are seen by later replays, and new parameter tensors (apply_lora) make a new recording.
-    decode_cuda_graphs = "auto"
+    # 5e. the policy's distribution and sampling from it ----------------------------------------------------------
 
     def suppressed_ids(self, device=None):
         """[n] long: the tokens that are never sampled (vision and special tokens but EOS, unused vocabulary rows).
@@ -482,192 +413,20 @@ class VGLLM(nn.Module):
         definition, so the sampler and the scorer are one distribution. Built once per call, not per token."""
         return torch.tensor(self.config["suppress_token_ids"], dtype=torch.long, device=device)
 
-    def generation_config(self, max_new_tokens, temperature=1.0, do_sample=True):
-        """transformers' generate settings for hf_generate: plain sampling at `temperature`, top_p 1 and top_k 0
-        (transformers' default top_k is 50), no repetition penalty, the same suppressed tokens as suppressed_ids."""
-        sampling = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else {}  # greedy: argmax
-        return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=1.0,
-                                eos_token_id=self.config["eos_token_id"], pad_token_id=self.config["pad_token_id"],
-                                suppress_tokens=self.config["suppress_token_ids"], use_cache=True, **sampling)
-
-    @torch.no_grad()
-    def hf_generate(self, batch, encodings, max_new_tokens, temperature=1.0, do_sample=True, synced_gpus=False):
-        """transformers' own generate on the same inputs, same output contract as generate(): the reference that
-        tests/test_decode.py checks generate() against and bench.py times it against."""
-        P = batch["input_ids"].shape[1]
-        out = self.qwen.generate(input_ids=batch["input_ids"].to(self.device),
-                                 attention_mask=batch["attention_mask"].to(self.device),
-                                 mm_token_type_ids=batch["mm_token_type_ids"].to(self.device),
-                                 generation_config=self.generation_config(max_new_tokens, temperature, do_sample),
-                                 synced_gpus=synced_gpus, **self._mm_inputs(batch.get("image_grid_thw"), encodings))
-        completion = out[:, P:]
-        is_eos = completion == self.config["eos_token_id"]
-        after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-        return completion.masked_fill(after_eos, self.config["pad_token_id"])
+    def policy_logits(self, hidden, temperature=1.0, suppress=None):
+        """hidden [N, d] -> [N, V] float32: policy_logits below with this model's head; what decoding.py samples."""
+        return policy_logits(hidden, self.qwen.lm_head, temperature, suppress)
 
     @torch.no_grad()
     def generate(self, batch, encodings, max_new_tokens, temperature=1.0, do_sample=True, synced_gpus=False,
                  return_logprobs=False):
-        """Completion ids [B, C], C <= max_new_tokens: new tokens only, pad_token_id after the first EOS, and C where
-        the last row ended (as transformers' generate). Samples policy_logits (logits / temperature, suppressed tokens at
-        SUPPRESSED_LOGIT), forward()'s distribution, with top_p 1 and top_k 0; do_sample=False is greedy. For group sampling
-        repeat the batch rows and the encodings list G times: nothing is re-encoded, each distinct prompt is prefilled
-        once. synced_gpus (FSDP): all ranks stop at the same step. return_logprobs: also the sampler's own log-prob of
-        each token [B, C] (the tests compare it with forward())."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        # inference_mode: no autograd bookkeeping at all (a third less host time per small op than no_grad on the
-        # tiny CPU default). Not under FSDP (synced_gpus): its unsharded parameters must stay ordinary tensors.
-        with torch.inference_mode(not synced_gpus):
-            completion, logp = self._decode(batch, encodings, max_new_tokens, temperature if do_sample else 1.0,
-                                            do_sample, synced_gpus, return_logprobs)
-        # copies, made outside inference mode: ordinary tensors for the caller (the scoring forward embeds them),
-        # and the CUDA-graph path reuses its buffers
-        return (completion.clone(), logp.clone()) if return_logprobs else completion.clone()
-
-    def _decode(self, batch, encodings, max_new_tokens, temperature, do_sample, synced_gpus, return_logprobs):
-        graphs = self.decode_cuda_graphs
-        if graphs == "auto":
-            graphs = self.device.type == "cuda" and not synced_gpus and not isinstance(self, FSDPModule)
-        # 1. Prefill: the prompt's keys/values into a cache of P + C slots, the first token from its last position.
-        s = self._prefill(batch, encodings, max_new_tokens, temperature, do_sample, return_logprobs, graphs)
-        self._pick(s, s.hidden)
-        # 2. One decoding step per token, the same device work every step. The host reads a tensor value only every
-        #    DONE_CHECK_EVERY steps (one sync per k tokens, at most k - 1 steps wasted after the last row ended).
-        step = self._step_graph(s) if graphs and max_new_tokens > 1 else functools.partial(self._decode_step, s)
-        for t in range(1, max_new_tokens):
-            step()
-            if t % DONE_CHECK_EVERY == 0 and _all_ranks_done(s.finished, synced_gpus):
-                break
-        # 3. Cut where the last row ended: its first EOS, or max_new_tokens if a row never ended.
-        is_eos = s.completion == self.config["eos_token_id"]
-        ends = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, max_new_tokens)
-        C = int(ends.max())
-        return s.completion[:, :C], (s.logp[:, :C] if return_logprobs else None)
-
-    # 5f. the decode loop: one prefill through transformers, then one token at a time with a static KV cache ---------
-    #
-    # Tried first, transformers' own static cache: generate(cache_implementation="static") works through the seam and
-    # gives the same greedy tokens, but on the tiny CPU default it was no faster than the dynamic cache (282-299 vs
-    # 253-286 ms for 16 rows x 32 tokens) and keeps the per-token host work above; filling a StaticCache from a shared
-    # prefill would mean writing its private counters. So the cache here is ours (StaticKV, 15 lines), the layers
-    # are transformers' own (called one by one: FSDP's per-layer hooks and LoRA wrappers keep working). Also tried on
-    # the CPU, not kept: torch.compile of the step (inductor: 129 s to compile, then 1.3x transformers' generate, less
-    # than this eager loop) and our own layer arithmetic in place of transformers' layers (12-14% faster per step: not
-    # worth a second copy of Qwen2's layer). On a CPU what is left of a step is transformers' layers, the same work
-    # in both loops.
-
-    def _prefill(self, batch, encodings, max_new_tokens, temperature, do_sample, return_logprobs, graphs):
-        """The prompt through transformers' Qwen2.5-VL (fused image embeddings through the mm_encoder_outputs seam,
-        M-RoPE positions from get_rope_index, as transformers' generate) once per distinct (encoding, prompt) row:
-        GRPO repeats each prompt G times, so one prefill and G copies of its keys/values (vLLM's prefix caching does
-        the same). Returns the DecodeState with the prompt in cache slots [0, P)."""
-        dev = self.device
-        ids, mask, types = (batch[k].to(dev) for k in ("input_ids", "attention_mask", "mm_token_type_ids"))
-        B, P = ids.shape
-        C = max_new_tokens
-        encs = list(encodings) or [None] * B
-        rows, copy_of, seen = [], [], {}  # rows: the prefilled rows; copy_of[b]: which of them row b copies
-        for b, key in enumerate(zip(map(id, encs), map(tuple, torch.cat([ids, mask, types], 1).tolist()))):
-            if key not in seen:
-                seen[key] = len(rows)
-                rows.append(b)
-            copy_of.append(seen[key])
-        copy_of = torch.tensor(copy_of, device=dev)  # [B]
-        mm = self._mm_inputs(None, [encs[b] for b in rows]) if encodings else {}
-        positions, _ = self.qwen.model.get_rope_index(ids[rows], types[rows], mm.get("image_grid_thw"),
-                                                      attention_mask=mask[rows])  # [3, U, P]
-        cache = DynamicCache()
-        out = self.qwen.model(input_ids=ids[rows], attention_mask=mask[rows], position_ids=positions, use_cache=True,
-                              **{CACHE_KWARG: cache}, **mm)
-        hidden = out.last_hidden_state[copy_of, -1]  # [B, d]: the last prompt position predicts the first token
-
-        # The decoding state. A CUDA graph replays fixed shapes: round the cache up so prompts of other lengths fit.
-        L = -(-(P + C) // 256) * 256 if graphs else P + C
-        kv = StaticKV([c.keys[copy_of] for c in cache.layers], [c.values[copy_of] for c in cache.layers], L, P)
-        attn = torch.full((B, 1, 1, L), torch.finfo(kv.keys[0].dtype).min, dtype=kv.keys[0].dtype, device=dev)
-        attn[:, 0, 0, :P].masked_fill_(mask.bool(), 0.0)  # additive mask: the prompt but its left padding
-        # A generated (text) token advances all three M-RoPE axes by one from the last prompt position, as in
-        # transformers' generate: the rotary angles of every new position, computed once.
-        new_positions = positions[:, copy_of, -1:] + 1 + torch.arange(C, device=dev)  # [3, B, C]
-        cos, sin = self.qwen.model.language_model.rotary_emb(hidden, new_positions)  # [B, C, d_head]
-        zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)
-        s = DecodeState(hidden=hidden, kv=kv, mask=attn, cos=cos, sin=sin, slot=kv.slot, step=zeros(1), token=zeros(B),
-                        finished=zeros(B, dtype=torch.bool), completion=zeros(B, C) + self.config["pad_token_id"],
-                        logp=zeros(B, C, dtype=torch.float32) if return_logprobs else None,
-                        suppress=self.suppressed_ids(dev), temperature=temperature, do_sample=do_sample)
-        return self._fixed_buffers(s) if graphs else s
-
-    def _pick(self, s, hidden):
-        """The next token of every row from its last hidden state [B, d], written to completion column s.step. Rows
-        that already ended get padding."""
-        z = policy_logits(hidden, self.qwen.lm_head, s.temperature, s.suppress)  # [B, V] float32
-        if s.do_sample:
-            token = sample(torch.softmax(z, -1), torch.rand(len(z), 1, dtype=torch.float64, device=z.device))
-        else:
-            token = z.argmax(-1)
-        token = token.masked_fill(s.finished, self.config["pad_token_id"])
-        s.completion.index_copy_(1, s.step, token[:, None])
-        if s.logp is not None:
-            s.logp.index_copy_(1, s.step, torch.log_softmax(z, -1).gather(1, token[:, None]))
-        s.finished |= token == self.config["eos_token_id"]
-        s.token.copy_(token)
-
-    def _decode_step(self, s):
-        """One token for every row, on the device and the same work every step (no host sync, no branch on a tensor
-        value, fixed shapes), so it can be captured as a CUDA graph: the last token through transformers' decoder
-        layers at its cache slot, then the next token from the new logits."""
-        lm = self.qwen.model.language_model
-        s.mask.index_fill_(3, s.slot, 0.0)  # the slot written in this step is visible from now on
-        x = lm.embed_tokens(s.token)[:, None]  # [B, 1, d]
-        rope = (s.cos.index_select(1, s.step), s.sin.index_select(1, s.step))  # [B, 1, d_head]
-        for layer in lm.layers:
-            x = layer(x, attention_mask=s.mask, position_embeddings=rope, **{CACHE_KWARG: s.kv})
-        s.slot += 1
-        s.step += 1
-        self._pick(s, lm.norm(x)[:, 0])
-
-    def _fixed_buffers(self, s):
-        """A CUDA graph reads and writes fixed addresses: keep one DecodeState per shape (outside the module, so
-        state_dict and deepcopy never see it) and copy each call's values into it."""
-        key = (tuple((t.shape, t.dtype) for t in s.tensors()), s.temperature, s.do_sample,
-               torch.is_autocast_enabled(s.mask.device.type),
-               tuple(map(id, self.parameters())))  # new parameter tensors (apply_lora, merge_lora): record again
-        kept = _DECODE_GRAPHS.get(self)
-        if kept is None or kept[0] != key:
-            _DECODE_GRAPHS[self] = (key, s, None)  # a new buffer set: its graph is recorded by _step_graph
-            return s
-        for dst, src in zip(kept[1].tensors(), s.tensors()):
-            dst.copy_(src)
-        kept[1].hidden = s.hidden
-        return kept[1]
-
-    def _step_graph(self, s):
-        """_decode_step recorded as a CUDA graph on the fixed buffers s, once per buffer set; returns its replay: one
-        launch per token instead of one per kernel. As CUDA graphs require, warm-up steps run first on a side stream;
-        each is undone (the cache slot it wrote stays hidden by the restored mask). Autocast's weight cache is off
-        while recording, or the graph would keep reading the weights as they were cast at capture time."""
-        key, kept, graph = _DECODE_GRAPHS[self]
-        assert kept is s, "_step_graph needs the buffers of _fixed_buffers"
-        if graph is None:
-            state = [s.mask, s.slot, s.step, s.token, s.finished, s.completion] + ([s.logp] if s.logp is not None else [])
-            saved = [t.clone() for t in state]
-            undo = lambda: [t.copy_(v) for t, v in zip(state, saved)]
-            amp = dict(device_type="cuda", dtype=torch.get_autocast_dtype("cuda"),
-                       enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.autocast(**amp):
-                for _ in range(3):
-                    self._decode_step(s)
-                    undo()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.autocast(**amp):
-                self._decode_step(s)
-            undo()  # recording does not run the kernels, but keep the state exactly as the prefill left it
-            _DECODE_GRAPHS[self] = (key, s, graph)
-        return graph.replay
+        """Completion ids [B, C] sampled from policy_logits at `temperature` (greedy with do_sample=False), new
+        tokens only, padding after the first EOS. For GRPO's groups repeat the batch rows and the encodings list G
+        times: nothing is re-encoded and each distinct prompt is prefilled once. The loop itself (shared prefill,
+        static KV cache, CUDA graphs) is machinery: decoding.py. A method, so FSDP can gather the root's weights
+        for it (train.py registers it)."""
+        return decoding.generate(self, batch, encodings, max_new_tokens, temperature, do_sample, synced_gpus,
+                                 return_logprobs)
 
 # -----------------------------------------------------------------------------------------------------------
 # 6. The policy's distribution: tempered logits without the suppressed tokens, sampling, and chunked per-token
@@ -684,17 +443,6 @@ def policy_logits(hidden, lm_head, temperature, suppress):
     z = lm_head(hidden).float().div_(temperature)
     return z if suppress is None else z.index_fill_(1, suppress, SUPPRESSED_LOGIT)
 
-
-def sample(probs, u):
-    """One token per row of probs [B, V] by inverse CDF: the first token whose cumulative probability exceeds
-    u * total, with u [B, 1] uniform in [0, 1) (float64). One random number per row, where torch.multinomial draws one
-    exponential per vocabulary entry (150k per row for Qwen, most of a tiny model's sampling time on a CPU); a fixed
-    number of device ops, no host sync. A zero-probability (suppressed) token is never drawn: its CDF step is empty,
-    and u * total is kept strictly below the total."""
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # [B, V], non-decreasing
-    total = cdf[:, -1:]
-    x = torch.minimum(u * total, total.nextafter(torch.zeros_like(total)))
-    return torch.searchsorted(cdf, x, right=True)[:, 0]
 
 
 def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, return_entropy=False, suppress=None):
@@ -732,51 +480,3 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, re
     logp = torch.cat(logps).view(B, L) if logps else hidden.new_zeros(B, L, dtype=torch.float32)
     entropy = (torch.cat(entropies).view(B, L) if logps else torch.zeros_like(logp)) if return_entropy else None
     return logp, entropy
-
-# -----------------------------------------------------------------------------------------------------------
-# 7. LoRA on the LLM linears (3D-RFT used LoRA for spatial reasoning)
-# -----------------------------------------------------------------------------------------------------------
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / rank) * x A^T B^T, with B = 0 at the start (an exact no-op) and base frozen."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base, self.scale = base, alpha / rank
-        base.requires_grad_(False)
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, w.shape[1], dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(w.shape[0], rank, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-
-    def merged_weight(self):
-        delta = self.scale * (self.lora_B.float() @ self.lora_A.float())
-        return (self.base.weight.float() + delta).to(self.base.weight.dtype)
-
-
-def apply_lora(model, rank, alpha, targets=LORA_TARGETS):
-    """Freeze the whole LLM and wrap its target linears with LoRA. The geometry merger stays trainable."""
-    model.qwen.requires_grad_(False)
-    for layer in model.qwen.model.language_model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in targets:
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
-    return model
-
-
-def merge_lora(model):
-    """Fold every LoRA update into its base linear in place (the LLM stays frozen); returns the model."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
-                with torch.no_grad():
-                    child.base.weight.copy_(child.merged_weight())
-                setattr(module, name, child.base)
-    return model

@@ -8,7 +8,7 @@ instruction; spatial = VSI-Bench's pre/post prompts. With think=True one sentenc
 
 Eval records take a protocol: "ours" (default; self-consistent, the same rules as the training rewards) or
 "published", which reproduces three quirks of the public evaluators so numbers compare with the papers' tables
-(section "published protocol" below, one function or constant each). Training rewards are always "ours".
+(published.py, one function or constant each). Training rewards are always "ours".
 
 Adding a fourth task: write its four functions (prompt, target, reward, record) below, make samples with
 task="yourtask" (scenes.py for synthetic ones, a reader in data.py for files), and add one line to TASKS at the
@@ -20,6 +20,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+import boxes
+import published  # the public evaluators' quirks, for --protocol published (machinery)
 import rewards
 from data import DET_TEXT, GROUND_TEXT, Sample  # the VG-LLM instruction texts live next to the exporter
 
@@ -55,50 +57,6 @@ def _sft(think, answer):
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
-# ---- the published protocol: the public evaluators' quirks, each in one place ----------------------------------
-PROTOCOLS = ("ours", "published")
-
-# VG-LLM's detection evaluator (src/lmms_eval/tasks/threedod/utils.py, threedod_process_results) counts every
-# predicted line; ours (and the training reward) stops at rewards.MAX_BOXES, which bounds the cost of junk text.
-PUBLISHED_MAX_BOXES = math.inf
-
-
-def published_box_to_world(box, E):
-    """VG-LLM's ScanRefer evaluator (src/lmms_eval/tasks/scanrefer/utils.py, transform_scanrefer_bbox) moves the
-    predicted box with scipy's Rotation.from_euler("zxy") / as_euler("zxy"). Lowercase is *extrinsic*: rotate
-    about the fixed z, then the fixed x, then the fixed y axis, so v -> Ry(c) Rx(b) Rz(a) v, the same three
-    elementary rotations as our intrinsic Rz(a) Rx(b) Ry(c) in reverse order. It then hands the new angles
-    (a', b', c') to EulerDepthInstance3DBoxes, which reads them as intrinsic Z-X-Y. So the world box gets
-        R' = Rz(a') Rx(b') Ry(c'),  where  Ry(c') Rx(b') Rz(a') = E[:3,:3] @ Ry(c) Rx(b) Rz(a)
-    instead of E[:3,:3] @ Rz(a) Rx(b) Ry(c): the two agree only in special cases (e.g. pure yaw for both), so a
-    perfect answer can lose IoU. Written without scipy: Rk(t)^T = Rk(-t), hence Ry(c) Rx(b) Rz(a) =
-    euler_to_matrix(-a, -b, -c)^T, and the extrinsic angles of a matrix M are -matrix_to_euler(M^T) (at gimbal
-    lock the third angle is 0, as scipy's). The centre moves as ours does: E @ [c, 1]."""
-    b, E = [float(x) for x in box], np.asarray(E, dtype=float)
-    R_extrinsic = rewards.euler_to_matrix(-b[6], -b[7], -b[8]).T                  # Ry(c) Rx(b) Rz(a)
-    angles = [-x for x in rewards.matrix_to_euler((E[:3, :3] @ R_extrinsic).T)]  # scipy's as_euler("zxy")
-    centre = E[:3, :3] @ np.array(b[:3]) + E[:3, 3]
-    return [*map(float, centre), *b[3:6], *angles]
-
-
-def published_first_token(text):
-    """VSI-Bench's answer rule (thinking-in-space, lmms_eval/tasks/vsibench/utils.py, fuzzy_matching):
-    pred.split(' ')[0].rstrip('.').strip() of the raw answer, *not* stripped first, so a leading space gives
-    an empty answer (score 0). Ours strips first. The raw answer is the <answer> block as it stands, or the
-    whole completion when there is none (VSI-Bench's models answer without tags)."""
-    if not isinstance(text, str):
-        return ""
-    i = text.find("<answer>")
-    j = text.find("</answer>", i + 8) if i >= 0 else -1
-    raw = text[i + 8:j] if j >= 0 else text
-    return raw.split(" ")[0].rstrip(".").strip()
-
-
-def _check_protocol(protocol):
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-
-
 # ---- 1. detection: 9-DoF boxes in the first frame's camera coordinates, reward = format + IoU + F1 ----------
 def detection_prompt(s: Sample, think=False):
     return _with_think(f"{IMAGE_PLACEHOLDER}\n" * len(s.frames) + DET_TEXT, think)
@@ -108,8 +66,8 @@ def detection_target(s: Sample):
     labels = [b["label"] for b in s.boxes]
     seen = f"I see {len(labels)} object{'s' if len(labels) != 1 else ''}: {', '.join(labels)}." if labels \
         else "I see no objects."
-    boxes = ", ".join(f'{{"label": {json.dumps(b["label"])}, "bbox_3d": {_box(b["bbox_3d"])}}}' for b in s.boxes)
-    return _sft(seen, f"[{boxes}]")
+    listed = ", ".join(f'{{"label": {json.dumps(b["label"])}, "bbox_3d": {_box(b["bbox_3d"])}}}' for b in s.boxes)
+    return _sft(seen, f"[{listed}]")
 
 
 def detection_reward(s: Sample, completion, iou_mode="paper", **_):
@@ -117,8 +75,8 @@ def detection_reward(s: Sample, completion, iou_mode="paper", **_):
 
 
 def detection_record(s: Sample, completion, protocol="ours"):
-    _check_protocol(protocol)
-    pred = rewards.parse_detections(completion, PUBLISHED_MAX_BOXES if protocol == "published" else rewards.MAX_BOXES)
+    published.check(protocol)
+    pred = rewards.parse_detections(completion, published.MAX_BOXES if protocol == "published" else rewards.MAX_BOXES)
     # parsed = the answer is a JSON list (an empty list is a valid "nothing here"); load_json is total
     parsed = rewards.answered_list(completion, pred)
     # iou_gt on a scene without objects: 1 for a parsed [] (as per-scene F1), 0 for boxes or no answer
@@ -156,15 +114,15 @@ def grounding_record(s: Sample, completion, protocol="ours"):
     """IoU in the aligned world (section 3), frames (frame_gt None when the row has no target frame: eval
     leaves it out of frame accuracy), unique flag, and box_world: the predicted box moved to the world (None
     when it cannot be), which eval.py --proposals replaces by a detector proposal."""
-    _check_protocol(protocol)
-    to_world = published_box_to_world if protocol == "published" else rewards.box_to_world
+    published.check(protocol)
+    to_world = published.box_to_world if protocol == "published" else boxes.box_to_world
     parsed, iou, world = rewards.parse_grounding(completion), 0.0, None
     if parsed is not None and s.cam2global is not None and 0 <= parsed[0] < len(s.cam2global):
         E = np.asarray(s.axis_align) @ np.asarray(s.cam2global[parsed[0]])
         with np.errstate(all="ignore"):
             world = to_world(parsed[1], E)
         world = world if all(map(math.isfinite, world)) else None
-        iou = rewards.iou_3d(world, s.world_box) if world else 0.0
+        iou = boxes.iou_3d(world, s.world_box) if world else 0.0
     return {"iou": float(iou), "frame_pred": None if parsed is None else int(parsed[0]),
             "frame_gt": None if s.target_frame is None else int(s.target_frame),
             "unique": s.meta.get("unique"), "parsed": parsed is not None, "box_world": world}
@@ -191,9 +149,9 @@ def spatial_reward(s: Sample, completion, **_):
 
 
 def spatial_record(s: Sample, completion, protocol="ours"):
-    _check_protocol(protocol)
+    published.check(protocol)
     if protocol == "published":   # VSI-Bench: exact match of the letter, or MRA of float(first token)
-        token = published_first_token(completion)
+        token = published.first_token(completion)
         score = float(token.lower() == str(s.ground_truth).lower()) if s.options else rewards.mra(token, s.ground_truth)
     else:
         score = spatial_reward(s, completion)["accuracy"]

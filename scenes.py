@@ -9,16 +9,22 @@ conventions (DESIGN.md section 3) so the same code trains on ScanNet:
 Sample i of a set is a pure function of (seed, i): the same scenes on every machine, "fresh data" = a new index.
 
 Sections: 1. the world (categories, layout, cameras, renderer)   2. ground truth per task
-3. SyntheticDataset. To change the world (difficulty, new categories, another task) this is the file to edit.
-Builds on data.py (Sample, box geometry); nothing above it is imported here.
+3. SyntheticDataset   4. the command line (`python scenes.py show|export|speed`: draw a sample's boxes, export
+scenes in VG-LLM's layout). To change the world (difficulty, new categories, another task) this is the file to
+edit. Builds on data.py (Sample, export, drawing) and boxes.py; nothing above them is imported here.
 """
+import argparse
 import itertools
 import math
+import os
+import time
 
 import numpy as np
 import torch
 
-from data import SPATIAL_TYPES, TASK_NAMES, Sample, euler_to_matrix, matrix_to_euler
+import data
+from boxes import euler_to_matrix, matrix_to_euler
+from data import SPATIAL_TYPES, TASK_NAMES, Sample
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. The world: a room (checkered floor, walls) with upright boxes and cylinders on the floor
@@ -487,3 +493,47 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return self.cache[i]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 4. Command line: python scenes.py show|export|speed
+# ----------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="rft3d synthetic data: export to VG-LLM layout, or show a sample")
+    ap.add_argument("command", choices=["export", "show", "speed"])
+    ap.add_argument("--task", choices=TASK_NAMES, default="detection")
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--index", type=int, default=0)
+    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--size", type=int, default=56)
+    ap.add_argument("--max-objects", type=int, default=1)
+    ap.add_argument("--image-format", choices=["png", "jpg"], default="png")
+    ap.add_argument("--out", default="out/synthetic")
+    a = ap.parse_args(argv)
+    ds = SyntheticDataset(a.task, a.n, a.seed, frames=a.frames, size=a.size, max_objects=a.max_objects)
+    if a.command == "export":
+        print("wrote", data.export_vgllm(ds, a.out, a.image_format), f"({a.n} rows, media under {a.out}/media)")
+    elif a.command == "speed":
+        t = time.perf_counter()
+        for i in range(a.n):
+            ds[i]
+        dt = time.perf_counter() - t
+        print(f"{a.task}: {a.n} samples in {dt:.2f} s = {a.n / dt:.0f} samples/s")
+    else:
+        s = ds[a.index]
+        if s.task == "detection":
+            img = data.draw_boxes(s.frames, s.intrinsics, s.cam2global, s.boxes)
+        else:   # grounding: the target; spatial: every object of the scene (both in the aligned world)
+            world = [s.world_box] if s.task == "grounding" else [
+                {"label": o["label"], "bbox_3d": o["box"]} for o in s.meta["objects"]]
+            img = data.draw_boxes(s.frames, s.intrinsics, s.cam2global, world, box_frame="world", axis_align=s.axis_align)
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        img.save(a.out)
+        print(f"{s.id}: {len(s.frames)} frames {s.frames.shape[1:3]} -> {a.out}")
+        for k in ("boxes", "description", "target_frame", "target_box", "question", "options", "ground_truth"):
+            if getattr(s, k) not in (None, "", []):
+                print(f"  {k}: {getattr(s, k)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,10 +33,12 @@ from tqdm import tqdm
 import checkpoints
 import data
 import grpo
+import lora
 import model as vgllm
 import rft3d
+import compare
+import safety
 import scenes
-import eval as eval_lib
 from eval import PRIMARY_METRIC, evaluate
 
 # --------------------------------------------------------------------------------------------------
@@ -137,94 +139,11 @@ def get_args(argv=None, stage=None):
     args.eval_every = max(args.steps // 5, 1) if args.eval_every is None else args.eval_every
     args.save_every = max(args.steps // 5, 1) if args.save_every is None else args.save_every
     args.out = f"runs/{args.task}" if args.out is None else args.out
-    check_args(args, p)
+    safety.check_args(args, p)
     args.reward_opts = {"detection": {"iou_mode": args.iou_mode}, "grounding": {"frame_window": args.frame_window},
                         "spatial": {}}[args.task]
     args.fsdp = args.shard == "fsdp" and "RANK" in os.environ  # one process outside torchrun: nothing to shard
     return args
-
-
-def fail(message, code=2):
-    """Stop with a message in the user's terms and no traceback (exit 2: the command line or --out is wrong).
-    Under torchrun every rank stops; only rank 0 prints."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"train.py: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-# flag -> (smallest valid value, why / what to try). Checked in one pass, before anything is loaded or written.
-AT_LEAST = {
-    "--steps": (1, "optimiser steps (default: sft --sft-steps, grpo 200)"),
-    "--sft-steps": (1, "steps of the SFT warm-up (default 1200)"),
-    "--batch-size": (1, "SFT samples per rank per step (default: 16 per step over all ranks)"),
-    "--prompts-per-rank": (1, "GRPO prompts per rank per step (default: 4 per step over all ranks)"),
-    "--micro-batch": (1, "sequences per forward pass (default 16; lower it to save memory)"),
-    "--frames": (1, "frames per video / scene (default 4)"),
-    "--image-size": (1, "synthetic frame size in pixels (default 56)"),
-    "--val-size": (1, "an empty validation set would give all-zero metrics and a meaningless best/ (default 100)"),
-    "--G": (2, "GRPO compares the G completions of a prompt with each other: one alone has no advantage (try 8)"),
-    "--mu": (1, "optimiser updates per rollout (default 1)"),
-    "--max-new-tokens": (1, "completion length cap (default: the task's)"),
-    "--eval-every": (1, "steps between evaluations (default: steps // 5)"),
-    "--save-every": (1, "steps between checkpoints (default: steps // 5)"),
-    "--keep": (1, "the newest N checkpoints are kept, so --resume always has one (try 2)"),
-    "--log-every": (1, "steps between sample logs (default 10)"),
-    "--max-bad-steps": (1, "skipped (non-finite) steps in a row before stopping (default 5)"),
-    "--train-size": (0, "0 means fresh scenes forever; N a fixed set of N scenes"),
-    "--warmup": (0, "linear warm-up steps (0: none)"),
-    "--workers": (0, "data-loader processes (0: load in the main process)"),
-    "--lora-rank": (0, "0 means full fine-tuning"),
-    "--seed": (0, "seeds are non-negative integers"),
-    "--data-seed": (0, "seeds are non-negative integers"),
-    "--test-size": (0, "unseen test scenes for the final start-vs-GRPO table (0: skip it)"),
-    "--max-objects": (1, "objects per synthetic scene, at most (default 1)"),
-}
-# flag -> (test, why / what to try) for the real-valued knobs; every one must also be finite (argparse takes "nan").
-REAL = {
-    "--lr": (lambda v: v > 0, "must be > 0: 0 trains nothing and < 0 climbs the loss (try 1e-4 for GRPO, 1e-3 for SFT; "
-                              "~5e-6 for real models)"),
-    "--lr-merger": (lambda v: v > 0, "must be > 0 (default: 2 x --lr)"),
-    "--temperature": (lambda v: v > 0, "the sampling temperature must be > 0 (try 1.0)"),
-    "--beta": (lambda v: v >= 0, "the KL weight must be >= 0 (0 turns the reference model off)"),
-    "--eps-low": (lambda v: 0 <= v < 1, "must be in [0, 1): the ratio's lower clip bound 1 - eps-low must stay > 0 (try 0.2)"),
-    "--eps-high": (lambda v: v >= 0, "must be >= 0 (try 0.2; DAPO's clip-higher uses 0.28)"),
-    "--max-grad-norm": (lambda v: v > 0, "the gradient clipping norm must be > 0 (try 1.0)"),
-}
-
-
-def check_args(args, p):
-    """One validation pass over the command line: a bad value stops here with the flag, the value, why it cannot
-    work and what to try (exit code 2, no traceback) instead of a ZeroDivisionError or a silently wrong run."""
-    value = lambda flag: getattr(args, flag[2:].replace("-", "_"))
-    for flag, (low, why) in AT_LEAST.items():
-        if value(flag) < low:
-            fail(f"{flag} {value(flag)}: must be >= {low}; {why}")
-    for flag, (ok, why) in REAL.items():
-        if not math.isfinite(value(flag)):
-            fail(f"{flag} {value(flag)}: must be a finite number")
-        if not ok(value(flag)):
-            fail(f"{flag} {value(flag)}: {why}")
-    if args.model and args.qwen:
-        fail(f"--model {args.model} and --qwen {args.qwen}: give one start point (--model: our save or a VG-LLM "
-             "dir; --qwen [--vggt]: a Qwen2.5-VL dir and a VGGT file)")
-    if args.vggt and not args.qwen:
-        fail(f"--vggt {args.vggt}: the VGGT file goes with --qwen (a VG-LLM dir given to --model has its own)")
-    files = lambda flag: [path for path, _ in value(flag) or []]  # --data a.json:2 b.json: (path, weight) pairs
-    for flag, kind in (("--model", "dir"), ("--qwen", "dir"), ("--vggt", "file"), ("--data", "files"),
-                       ("--val-data", "files"), ("--media-root", "dir")):
-        for path in files(flag) if kind == "files" else [value(flag)]:
-            if path is not None and not (Path(path).is_dir() if kind == "dir" else Path(path).is_file()):
-                fail(f"{flag} {path}: no such {'directory' if kind == 'dir' else 'file'}")
-    for flag in ("--model", "--qwen"):
-        if value(flag) is not None and not (Path(value(flag)) / "config.json").is_file():
-            fail(f"{flag} {value(flag)}: no config.json in it (expected a model directory: our save, a VG-LLM or "
-                 "Qwen2.5-VL checkpoint)")
-    if args.data and not args.val_data:
-        fail(f"--data {' '.join(files('--data'))}: a real-data run needs --val-data FILE as well. Validation picks "
-             "best/ (and so the GRPO start); without it the run would validate on synthetic scenes. Give the split's "
-             "validation file, e.g. --val-data scanrefer_val_32frames.json")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        fail(f"--out {args.out}: is a file, not a directory")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,19 +232,6 @@ def datasets(args):
     return train, val, {"train": train_info, "val": val_info, "mix": mix}
 
 
-def save_data_report(stage_dir, info, step):
-    """<stage>/data.json = {"starts": [{"step", "train", "val", "mix"}, ...]}: what each start of this stage read
-    (a --resume appends one), so two runs compare by their files' SHA-256s and counts. Warns when a resumed
-    run reads other training files than the start before it."""
-    path = stage_dir / "data.json"
-    starts = json.loads(path.read_text())["starts"] if step and path.exists() else []
-    if starts and [r.get("sha256") for r in starts[-1]["train"]] != [r.get("sha256") for r in info["train"]]:
-        print(f"warning: resuming at step {step} on other training data than the run started with (see {path})")
-    tmp = path.with_name(".tmp-data.json")
-    tmp.write_text(json.dumps({"starts": starts + [{"step": step, **info}]}, indent=1))
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------------
 # Models: build / load, wrap for DDP or FSDP2, checkpoints
 
@@ -334,7 +240,7 @@ def tiny_init(args, rank):
     """The embedded default: a tokenizer trained offline on our tasks' text and a random tiny model,
     built once by rank 0 and saved (atomically), so every rank (and every later run) loads the very same bytes."""
     init = Path(args.out) / "init"
-    recover(init)
+    safety.recover(init)
     if rank == 0 and not init.is_dir():
         corpus = []
         for name, task in rft3d.TASKS.items():
@@ -343,9 +249,9 @@ def tiny_init(args, rank):
         tok = vgllm.build_tiny_tokenizer(corpus)
         torch.manual_seed(args.seed)
         net = vgllm.VGLLM(vgllm.tiny_config(len(tok), vggt=not args.no_geometry, image_size=args.image_size))
-        tmp = fresh_temp(init)
+        tmp = safety.fresh_temp(init)
         checkpoints.save_pretrained(net, tok, tmp)
-        replace_dir(tmp, init)
+        safety.replace_dir(tmp, init)
         print(f"built the tiny default model ({sum(p.numel() for p in net.parameters()):,} parameters) -> {init}")
     if dist.is_initialized():
         dist.barrier()
@@ -397,39 +303,6 @@ def full_state(policy):
     return get_model_state_dict(grpo.unwrap(policy), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def fresh_temp(path):
-    """An empty temp directory next to `path` (.tmp-<name>), a leftover of a killed save removed first."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    return tmp
-
-
-def replace_dir(tmp, path):
-    """Move a finished temp directory to `path`. An existing `path` is first moved aside and deleted only after
-    the rename, so a kill at any moment leaves a complete old or new directory (os.replace cannot replace a
-    non-empty directory by another: that was 'Directory not empty'); recover() puts the old one back."""
-    recover(path)
-    old = path.with_name(f".old-{path.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(path):
-    """A kill between replace_dir's two renames leaves the previous directory at .old-<name> and nothing at <name>:
-    put it back (called before <name> is read or replaced), so best/ or final/ is never lost."""
-    path = Path(path)
-    old = path.with_name(f".old-{path.name}")
-    if old.is_dir() and not path.exists():
-        try:
-            os.replace(old, path)
-        except FileNotFoundError:  # another rank put it back first
-            pass
-
-
 def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, extra):
     """model/ + state.pt, written to a temp dir and renamed: a kill mid-save keeps the last good one. state.pt is
     covered by the step directory's checksums.json (the model directory has its own)."""
@@ -443,84 +316,15 @@ def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, e
         dist.all_gather_object(rngs, rng)  # every rank's sampling stream, so resume continues all of them
     if rank == 0:
         final = stage_dir / f"step-{step}"
-        tmp = fresh_temp(final)
+        tmp = safety.fresh_temp(final)
         checkpoints.save_pretrained(grpo.unwrap(policy), tokenizer, tmp / "model", state_dict=model_state)
         torch.save({"optimizer": optim_state, "step": step, "rng": rngs, "extra": extra}, tmp / "state.pt")
         checkpoints.seal(tmp)
-        replace_dir(tmp, final)
-        for old in step_dirs(stage_dir)[: -args.keep]:
+        safety.replace_dir(tmp, final)
+        for old in safety.step_dirs(stage_dir)[: -args.keep]:
             shutil.rmtree(old)
     if dist.is_initialized():
         dist.barrier()
-
-
-def step_dirs(stage_dir):
-    """The step-<k> checkpoint directories, oldest first (temp and set-aside directories do not match)."""
-    return sorted((d for d in stage_dir.glob("step-*") if d.name[5:].isdigit()), key=lambda d: int(d.name[5:]))
-
-
-def latest_checkpoint(stage_dir):
-    steps = step_dirs(stage_dir)
-    return steps[-1] if steps else None
-
-
-def resume_point(args, rank, stage_dir):
-    """--resume: the newest checkpoint that loads intact -> (dir, model, tokenizer, state), or Nones when there is
-    none. A damaged one (checksum, torn file, NaN weights: checkpoints.py says which file) is skipped with a
-    message and, once every rank has decided, set aside as damaged-step-<k> so --keep never counts it."""
-    found, skipped = (None, None, None, None), []
-    for ckpt in reversed(step_dirs(stage_dir)):
-        try:
-            checkpoints.verify(ckpt)  # state.pt's checksum; the model directory is verified by its loader
-            state = checkpoints.read_torch(ckpt / "state.pt")
-            found = (ckpt, *load_model(args, rank, str(ckpt / "model")), state)
-            break
-        except checkpoints.CheckpointError as e:
-            skipped.append(ckpt)
-            if rank == 0:
-                print(f"--resume: skipping {ckpt}: {e}")
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        for ckpt in skipped:
-            aside = ckpt.with_name(f"damaged-{ckpt.name}")
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(ckpt, aside)
-            print(f"--resume: set {ckpt.name} aside as {aside} (delete it once you have looked)")
-        if found[0] is None:
-            print(f"--resume: no intact checkpoint in {stage_dir}: {args.stage} starts at step 0")
-        else:
-            print(f"--resume: continuing {args.stage} from {found[0]}")
-    return found
-
-
-def json_line(record):
-    """One strict-JSON log line: NaN and inf (no JSON literal for them) are logged as null."""
-    def clean(x):
-        if isinstance(x, float):
-            return x if math.isfinite(x) else None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
-    return json.dumps(clean(record), allow_nan=False) + "\n"
-
-
-def truncate_log(path, step):
-    """Keep the records of a JSONL log up to `step`: a resumed run writes the later ones again, so they must not
-    appear twice. A line torn by a kill is dropped; the kept ones are rewritten as strict JSON."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-            kept.append(json_line(record))
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -536,11 +340,11 @@ def train(args):
     # 1. Start point: --model, else the SFT result for GRPO (main() runs the warm-up if it is missing), else
     #    (None) the Qwen + VGGT pair or the tiny default. A resumed run loads its newest intact checkpoint instead.
     start = start_point(args)
-    ckpt, net, tokenizer, state = resume_point(args, rank, stage_dir) if args.resume else (None,) * 4
+    ckpt, net, tokenizer, state = safety.resume_point(args, rank, stage_dir, lambda path: load_model(args, rank, path)) if args.resume else (None,) * 4
     if ckpt is None:
         net, tokenizer = load_model(args, rank, start)
     if args.lora_rank:  # saves merge the adapters, so a --resume restarts them from the merged weights (not exact)
-        vgllm.apply_lora(net, rank=args.lora_rank, alpha=2 * args.lora_rank)
+        lora.apply_lora(net, rank=args.lora_rank, alpha=2 * args.lora_rank)
     if args.grad_ckpt:
         net.enable_gradient_checkpointing()
     ref = None
@@ -602,9 +406,9 @@ def train(args):
         for split in ("train", "val"):
             for r in data_info[split]:
                 print(f"  {split} " + data.describe(r).replace("\n", "\n  "))
-        save_data_report(stage_dir, data_info, step)
+        safety.save_data_report(stage_dir, data_info, step)
         for name in ("metrics.jsonl", "samples.jsonl"):  # a resumed run rewrites what came after its checkpoint
-            truncate_log(stage_dir / name, step)
+            safety.truncate_log(stage_dir / name, step)
     log = open(stage_dir / "metrics.jsonl", "a") if rank == 0 else None
     samples_log = open(stage_dir / "samples.jsonl", "a") if rank == 0 else None
 
@@ -631,7 +435,7 @@ def train(args):
         texts = out.pop("_texts", None)
         if rank == 0:
             out.update(step=step, lr=optimizer.param_groups[0]["lr"])
-            log.write(json_line(out))
+            log.write(safety.json_line(out))
             log.flush()
             bar.update(1)
             bar.set_postfix({k: f"{out[k]:.3f}" for k in ("loss", "reward") if k in out})
@@ -640,14 +444,14 @@ def train(args):
                            f"{(time.time() - t_loop) / 5 * (args.steps - first) / 60:.0f} min at the first steps' pace, "
                            f"plus {math.ceil((args.steps - first) / args.eval_every)} evaluations on {len(val_set)} scenes")
             if texts and step % args.log_every == 0:
-                samples_log.write(json_line({"step": step, "completions": texts[: args.G]}))
+                samples_log.write(safety.json_line({"step": step, "completions": texts[: args.G]}))
                 samples_log.flush()
         if step % args.eval_every == 0 or step == args.steps:
             with autocast:  # the dtype training computes in (DDP: autocast; FSDP: its bf16 parameters)
                 metrics = evaluate(model, tokenizer, args.task, val_set, max_new_tokens=args.max_new_tokens,
                                    synced_gpus=args.fsdp)["metrics"]
             if rank == 0:
-                log.write(json_line({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}))
+                log.write(safety.json_line({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}))
                 log.flush()
                 shown = [PRIMARY_METRIC[args.task], "parse_rate", "iou_gt", "n_pred", "count_acc", "iou", "frame_acc"]
                 tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {metrics[k]:.3f}" for k in shown if k in metrics))
@@ -669,9 +473,9 @@ def save_model(policy, tokenizer, path, rank):
     """A plain model directory (LoRA merged), written to a temp dir and renamed over the old one."""
     state = full_state(policy)
     if rank == 0:
-        tmp = fresh_temp(path)
+        tmp = safety.fresh_temp(path)
         checkpoints.save_pretrained(grpo.unwrap(policy), tokenizer, tmp, state_dict=state)
-        replace_dir(tmp, path)
+        safety.replace_dir(tmp, path)
     if dist.is_initialized():
         dist.barrier()
 
@@ -685,66 +489,24 @@ def report(args, start, rank, device):
     grpo_dir = Path(args.out) / "grpo"
     per = {}
     for name, path in (("SFT start", Path(start)), ("GRPO", grpo_dir / "best")):
-        recover(path)
+        safety.recover(path)
         net, tok = checkpoints.load_pretrained(path)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # as training evaluated
             records = evaluate(net.to(device), tok, args.task, test, max_new_tokens=args.max_new_tokens,
                                progress=True)["records"]
-        per[name] = eval_lib.per_scene(args.task, records)
+        per[name] = compare.per_scene(args.task, records)
     if rank != 0:
         return
     print(f"\n== {args.task}: the SFT start ({start}) vs GRPO ({grpo_dir / 'best'}), {args.test_size} unseen test "
           f"scenes, paired per scene (mean +- standard error) ==")
-    diffs = eval_lib.compare_table(args.task, per, base="SFT start")
-    print(eval_lib.claim(args.task, diffs["GRPO"]) + " (one run, one seed)")
-    rows = [json.loads(x) for x in open(grpo_dir / "metrics.jsonl")]
-    steps = [r for r in rows if "reward" in r]
-    smooth = [float(np.mean([r["reward"] for r in steps[max(0, i - 9):i + 1]])) for i in range(len(steps))]
-    key = f"eval/{PRIMARY_METRIC[args.task]}"
-    val = [r for r in rows if key in r]
-    eval_lib.plot(grpo_dir / "curves.png", [
-        (f"GRPO training reward ({args.task}, format + task terms)",
-         {"reward": ([r["step"] for r in steps], [r["reward"] for r in steps]),
-          "mean of 10 steps": ([r["step"] for r in steps], smooth)}),
-        (f"validation {PRIMARY_METRIC[args.task]} ({args.val_size} scenes)",
-         {"GRPO": ([r["step"] for r in val], [r[key] for r in val])})])
+    diffs = compare.compare_table(args.task, per, base="SFT start")
+    print(compare.claim(args.task, diffs["GRPO"]) + " (one run, one seed)")
+    compare.training_curves(grpo_dir / "curves.png", grpo_dir / "metrics.jsonl", PRIMARY_METRIC[args.task], args.task,
+                            args.val_size)
+    means = {k: {m: float(np.nanmean(v)) for m, v in d.items()} for k, d in per.items()}
     (grpo_dir / "report.json").write_text(json.dumps({"test_size": args.test_size, "start": str(start), "diffs": diffs,
-                                                       "means": {k: {m: float(v.mean()) for m, v in d.items()}
-                                                                 for k, d in per.items()}}, indent=1))
+                                                       "means": means}, indent=1))
     print(f"wrote {grpo_dir / 'curves.png'} and {grpo_dir / 'report.json'}")
-
-
-def set_threads():
-    """torch's CPU threads for this process, printed at start. OMP_NUM_THREADS wins when set (torchrun sets 1 for
-    several processes). Otherwise one thread on a CPU: the tiny default is dominated by per-op overhead, and with
-    2 OpenMP threads and the other core busy the SFT warm-up fell from 0.72 s/step to 7.6 s/step (threads that
-    wait for each other at every op). `python bench.py threads` measures the candidates."""
-    if "OMP_NUM_THREADS" in os.environ:
-        why = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
-    elif torch.cuda.is_available():
-        return
-    else:
-        torch.set_num_threads(1)
-        why = "the CPU default; set OMP_NUM_THREADS to use more"
-    if os.environ.get("RANK", "0") == "0":
-        print(f"threads: {torch.get_num_threads()} per process ({why})")
-
-
-def check_out(args, warmup):
-    """Before anything is written. A fresh run refuses an --out/<stage> that already holds work (what is there,
-    what to do; nothing is deleted): mixing two runs there would lose both. --resume needs something to resume."""
-    stages = (["sft"] if warmup else []) + [args.stage]
-    for stage in stages:
-        d = Path(args.out) / stage
-        held = sorted(x.name for x in d.iterdir()) if d.is_dir() else []
-        if held and not args.resume:
-            fail(f"{d} already holds an earlier {stage} run ({', '.join(held[:8])}{', ...' if len(held) > 8 else ''}). "
-                 f"Add --resume to continue it from its newest intact checkpoint, or pass another --out "
-                 f"(or delete {d} yourself to start over)")
-    ours = ["sft", "grpo"] if args.stage == "grpo" and not (args.model or args.qwen) else [args.stage]  # warm-up too
-    if args.resume and not any((Path(args.out) / s).is_dir() and any((Path(args.out) / s).iterdir()) for s in ours):
-        fail(f"--resume: nothing to resume in {args.out} (no {' or '.join(ours)} run there). Check --out, or drop "
-             "--resume to start a fresh run")
 
 
 def start_point(args):
@@ -752,18 +514,18 @@ def start_point(args):
     start: the SFT model, early-stopped); else None (the Qwen + VGGT pair or the tiny default)."""
     if args.model or args.qwen or args.stage != "grpo":
         return args.model
-    recover(Path(args.out) / "sft" / "best")
+    safety.recover(Path(args.out) / "sft" / "best")
     return str(Path(args.out) / "sft" / "best")
 
 
 def main(argv=None):
     args = get_args(argv)
-    set_threads()
+    safety.set_threads()
     sft_final = Path(args.out) / "sft" / "final"
-    recover(sft_final)
+    safety.recover(sft_final)
     warmup = args.stage == "grpo" and not (args.model or args.qwen) and not (sft_final / "config.json").exists()
     sft_args = get_args(argv, stage="sft") if warmup else None
-    check_out(args, warmup)
+    safety.check_out(args, warmup)
     try:
         if warmup:
             # The paper: RL from an un-warmed model gets no reward signal (no parseable answers), so GRPO on
@@ -780,9 +542,9 @@ def main(argv=None):
             report(args, start_point(args), rank, device)
     except checkpoints.CheckpointError as e:  # a damaged --model, init/ or sft/final: name the file, no traceback
         init = Path(args.out) / "init"
-        fail(f"{e}" + (f" (delete {init} to rebuild it from --seed)" if str(init) in str(e) else ""), code=1)
+        safety.fail(f"{e}" + (f" (delete {init} to rebuild it from --seed)" if str(init) in str(e) else ""), code=1)
     except data.DataError as e:  # a bad --data / --val-data file or row: its name and row, no traceback
-        fail(str(e), code=1)
+        safety.fail(str(e), code=1)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import boxes
 import data
 import scenes
 from independent import R_zxy, same_box
@@ -23,11 +24,11 @@ def test_euler_round_trip():
     for _ in range(500):
         a, c = rng.uniform(-math.pi, math.pi, 2)
         b = rng.uniform(-math.pi / 2 + 1e-3, math.pi / 2 - 1e-3)
-        assert np.allclose(data.euler_to_matrix(a, b, c), R_zxy(a, b, c), atol=1e-12)
-        assert np.allclose(data.matrix_to_euler(R_zxy(a, b, c)), (a, b, c), atol=1e-9)
+        assert np.allclose(boxes.euler_to_matrix(a, b, c), R_zxy(a, b, c), atol=1e-12)
+        assert np.allclose(boxes.matrix_to_euler(R_zxy(a, b, c)), (a, b, c), atol=1e-9)
     for b in (math.pi / 2, -math.pi / 2):   # gimbal lock: angles differ, the rotation must not
         R = R_zxy(0.3, b, -1.1)
-        assert np.allclose(R_zxy(*data.matrix_to_euler(R)), R, atol=1e-9)
+        assert np.allclose(R_zxy(*boxes.matrix_to_euler(R)), R, atol=1e-9)
 
 
 
@@ -74,9 +75,9 @@ def test_export_round_trip_of_a_grounding_row_without_a_target_frame(tmp_path):
 
 
 def test_main_export_and_show(tmp_path):
-    data.main(["export", "--task", "detection", "--n", "3", "--out", str(tmp_path / "x")])
+    scenes.main(["export", "--task", "detection", "--n", "3", "--out", str(tmp_path / "x")])
     assert len(json.load(open(tmp_path / "x" / "detection.json"))) == 3
-    data.main(["show", "--task", "grounding", "--seed", "0", "--out", str(tmp_path / "g.png")])
+    scenes.main(["show", "--task", "grounding", "--seed", "0", "--out", str(tmp_path / "g.png")])
     assert Image.open(tmp_path / "g.png").size == (4 * 56 * 4, 56 * 4)
 
 
@@ -138,7 +139,7 @@ def test_scanrefer_fixture(tmp_path):
     base = {"images": imgs, "gt_bbox": world, "prompt": prompt, "cam2global": [pose(k).tolist() for k in range(6)],
             "axis_align_matrix": A.tolist(), "cam2img": np.eye(4).tolist(),
             "conversations": [{"value": f"{tokens}\n{prompt}", "from": "human"}, {"value": "", "from": "gpt"}]}
-    target_box = data.transform_box(world, np.linalg.inv(A @ pose(4)))
+    target_box = boxes.box_to_world(world, np.linalg.inv(A @ pose(4)))
     rows = [dict(base, metadata={"dataset": "scanrefer", "question_type": "multiple", "ann_id": "0",
                                  "object_id": "7"}, target={"frame": 4, "bbox_3d": target_box}),
             dict(base, metadata={"dataset": "scanrefer", "question_type": "unique", "ann_id": "1",
@@ -154,7 +155,7 @@ def test_scanrefer_fixture(tmp_path):
     sub = data.load_dataset("grounding", str(path), media_root=str(media), frames=3)[0]   # frames 0, 2(.5->2), 5
     assert sub.target_frame == 2 and len(sub.frames) == 3   # frame 4 -> the nearest kept frame (index 5)
     E = A @ sub.cam2global[2]
-    assert same_box(data.transform_box(sub.target_box, E), world)
+    assert same_box(boxes.box_to_world(sub.target_box, E), world)
 
 
 def test_scannet_posed_folder_skips_bad_poses(tmp_path):

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import decoding as D
+import lora
 import model as M
 
 CORPUS = ['<think>Two objects.</think><answer>[{"label": "chair", "bbox_3d": [0.12, -1.5, 2.0, 0.5, 0.5, 0.9, 0.0, '
@@ -84,11 +86,11 @@ def rig_eos(model, batch, enc, scale=1.5, n=12):
 
 def transformers_greedy(model, batch, enc, n):
     """transformers' generate on the same inputs: tokens [B, n] and the log-prob of each under its processed scores."""
-    gc = model.generation_config(n, do_sample=False)
+    gc = D.generation_config(model, n, do_sample=False)
     gc.output_scores = gc.return_dict_in_generate = True
     with torch.no_grad():
         out = model.qwen.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
-                                  generation_config=gc, **model._mm_inputs(batch["image_grid_thw"], enc))
+                                  generation_config=gc, **model.mm_inputs(batch["image_grid_thw"], enc))
     tokens = out.sequences[:, batch["input_ids"].shape[1]:]
     logp = torch.stack([torch.log_softmax(s.double(), -1).gather(1, tokens[:, j:j + 1])[:, 0]
                         for j, s in enumerate(out.scores)], 1)
@@ -105,7 +107,7 @@ def test_greedy_equals_transformers_generate(tok, vggt, patch_size):
     ref, ref_logp = transformers_greedy(model, batch, enc, 10)
     assert ours.shape == ref.shape == (3, 10) and torch.equal(ours, ref)
     torch.testing.assert_close(logp.double(), ref_logp, atol=1e-5, rtol=0)
-    assert torch.equal(ours, model.hf_generate(batch, enc, 10, do_sample=False))
+    assert torch.equal(ours, D.hf_generate(model, batch, enc, 10, do_sample=False))
     assert torch.equal(ours[0], ours[2])  # the shared prefill serves both copies
 
 
@@ -115,7 +117,7 @@ def test_greedy_eos_and_padding_equal_transformers(tok):
     rig_eos(model, batch, enc)
     eos, pad = model.config["eos_token_id"], model.config["pad_token_id"]
     ours = model.generate(batch, enc, 12, do_sample=False)
-    ref = model.hf_generate(batch, enc, 12, do_sample=False)
+    ref = D.hf_generate(model, batch, enc, 12, do_sample=False)
     assert torch.equal(ours, ref)
     ends = [row.tolist().index(eos) if eos in row else None for row in ours]
     assert len(set(ends)) > 1  # rows end at different steps (or not at all)
@@ -146,7 +148,7 @@ def test_sampled_logprobs_equal_forward(tok):
     with torch.no_grad():
         logits = model.qwen(input_ids=ids, attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(completion)], 1),
                             mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], 1),
-                            **model._mm_inputs(batch["image_grid_thw"], enc)).logits[:, P - 1:-1].double()
+                            **model.mm_inputs(batch["image_grid_thw"], enc)).logits[:, P - 1:-1].double()
     logits[..., model.config["suppress_token_ids"]] = -float("inf")
     ref = torch.log_softmax(logits / T, -1).gather(-1, completion[..., None])[..., 0]
     torch.testing.assert_close(sampler_logp[m].double(), ref[m], atol=1e-5, rtol=0)
@@ -162,7 +164,7 @@ def test_suppressed_tokens_never_drawn_and_scored_alike(tok):
         W = model.qwen.lm_head.weight
         W[suppressed] = 3 * W[suppressed] + 0.5 * torch.randn(len(suppressed), W.shape[1])
         free = model.qwen(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
-                          **model._mm_inputs(batch["image_grid_thw"], enc)).logits[:, -1]
+                          **model.mm_inputs(batch["image_grid_thw"], enc)).logits[:, -1]
     assert torch.isin(free.argmax(-1), suppressed).all()  # unsuppressed, every first token would be a special one
     greedy = model.generate(batch, enc, 8, do_sample=False)
     torch.manual_seed(0)
@@ -181,10 +183,10 @@ def test_inverse_cdf_sample_by_hand():
     cases = {0.0: 1, 0.2499: 1, 0.25: 3, 0.7499: 3, 0.75: 4, 1 - 2 ** -53: 4, 1.0: 4}  # u = 1: torch.rand never
     # draws it, but u * total may round up to the total: still the last allowed token, never one past the end
     for u, want in cases.items():
-        assert M.sample(p, torch.tensor([[u]], dtype=torch.float64)).item() == want, u
+        assert D.sample(p, torch.tensor([[u]], dtype=torch.float64)).item() == want, u
     # unnormalised rows (softmax in float32 rarely sums to exactly 1): u is a fraction of the total
     q = torch.tensor([[2.0, 0.0, 6.0], [0.0, 0.0, 3.0]])
-    got = M.sample(q, torch.tensor([[0.2], [0.999]], dtype=torch.float64))
+    got = D.sample(q, torch.tensor([[0.2], [0.999]], dtype=torch.float64))
     assert got.tolist() == [0, 2]
 
 
@@ -192,7 +194,7 @@ def test_inverse_cdf_frequencies_match_probabilities():
     torch.manual_seed(0)
     p = torch.tensor([0.05, 0.0, 0.45, 0.2, 0.0, 0.3])
     n = 40000
-    draws = M.sample(p.expand(n, -1), torch.rand(n, 1, dtype=torch.float64))
+    draws = D.sample(p.expand(n, -1), torch.rand(n, 1, dtype=torch.float64))
     freq = torch.bincount(draws, minlength=6).double() / n
     assert freq[1] == 0 and freq[4] == 0
     se = (p.double() * (1 - p.double()) / n).sqrt()
@@ -245,18 +247,17 @@ def one_layer_model(tok):
     return M.VGLLM(cfg).eval()
 
 
-def test_decode_step_is_one_graph_without_host_syncs(tok):
+def test_decode_step_is_one_graph_without_host_syncs(tok, monkeypatch):
     """A CUDA graph needs a step with no host sync and no Python branch on a tensor value. dynamo with fullgraph=True
     raises on either (a .item(), a bool(tensor), a data-dependent shape): trace the step with it and decode."""
     model = one_layer_model(tok)
     batch, enc = mixed_batch(model, tok)
     eager = model.generate(batch, enc, 6, do_sample=False)
-    traced = torch.compile(model._decode_step, backend="eager", fullgraph=True)
-    model._decode_step = traced  # the loop now calls the traced step
+    traced = torch.compile(D.decode_step, backend="eager", fullgraph=True)
+    monkeypatch.setattr(D, "decode_step", traced)  # the loop now calls the traced step
     try:
         assert torch.equal(model.generate(batch, enc, 6, do_sample=False), eager)
     finally:
-        del model._decode_step
         torch._dynamo.reset()
 
 
@@ -268,41 +269,41 @@ def test_graph_buffers_are_reused_and_refilled(tok, monkeypatch):
     plain = model.generate(batch, enc, 6, do_sample=False)
     torch.manual_seed(3)
     sampled = model.generate(batch, enc, 6, temperature=0.8)
-    model.decode_cuda_graphs = True
-    monkeypatch.setattr(model, "_step_graph", lambda s: (lambda: model._decode_step(s)))
+    monkeypatch.setattr(D, "CUDA_GRAPHS", True)
+    monkeypatch.setattr(D, "step_graph", lambda model, s: (lambda: D.decode_step(model, s)))
     assert torch.equal(model.generate(batch, enc, 6, do_sample=False), plain)
-    key, first, _ = M._DECODE_GRAPHS[model]
+    key, first, _ = D._GRAPHS[model]
     assert first.kv.keys[0].shape[2] == 256
     other_batch, other_enc = model.prompt_batch(tok, [SHORT] * 3, enc[1:2] * 3), enc[1:2] * 3  # a shorter prompt
     model.generate(other_batch, other_enc, 6, do_sample=False)  # same shapes after rounding: same buffers, refilled
-    assert M._DECODE_GRAPHS[model][1] is first
+    assert D._GRAPHS[model][1] is first
     assert torch.equal(model.generate(batch, enc, 6, do_sample=False), plain)
     torch.manual_seed(3)
     assert torch.equal(model.generate(batch, enc, 6, temperature=0.8), sampled)  # a new key: new buffers
-    second = M._DECODE_GRAPHS[model][1]
+    second = D._GRAPHS[model][1]
     assert second is not first
     model.config["suppress_token_ids"] = model.config["suppress_token_ids"] + [model.config["eos_token_id"]]
     model.generate(batch, enc, 6, temperature=0.8)  # one more suppressed token (bench.py's forced length)
-    third = M._DECODE_GRAPHS[model][1]
+    third = D._GRAPHS[model][1]
     assert third is not second
-    M.apply_lora(model, rank=2, alpha=4)  # new parameter tensors: a graph of the old ones would read stale weights
+    lora.apply_lora(model, rank=2, alpha=4)  # new parameter tensors: a graph of the old ones would read stale weights
     model.generate(batch, enc, 6, temperature=0.8)
-    assert M._DECODE_GRAPHS[model][1] is not third
+    assert D._GRAPHS[model][1] is not third
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the recorded-graph path)")
-def test_cuda_graph_decoding_equals_eager_and_transformers(tok):
+def test_cuda_graph_decoding_equals_eager_and_transformers(tok, monkeypatch):
     """On a GPU: the recorded graph decodes exactly what the eager loop and transformers' generate decode (greedy),
     twice (the second call replays the kept graph), and its sampled log-probs are forward()'s."""
     model = make_model(tok).cuda()
     batch, enc = mixed_batch(model, tok)
     batch = {k: v.cuda() for k, v in batch.items()}
-    model.decode_cuda_graphs = False
+    monkeypatch.setattr(D, "CUDA_GRAPHS", False)
     eager, eager_logp = model.generate(batch, enc, 10, do_sample=False, return_logprobs=True)
-    model.decode_cuda_graphs = True
+    monkeypatch.setattr(D, "CUDA_GRAPHS", True)
     for _ in range(2):
         graphed, logp = model.generate(batch, enc, 10, do_sample=False, return_logprobs=True)
-        assert torch.equal(graphed, eager) and torch.equal(graphed, model.hf_generate(batch, enc, 10, do_sample=False))
+        assert torch.equal(graphed, eager) and torch.equal(graphed, D.hf_generate(model, batch, enc, 10, do_sample=False))
         torch.testing.assert_close(logp, eager_logp, atol=1e-5, rtol=0)
     torch.manual_seed(0)
     sampled, logp = model.generate(batch, enc, 10, temperature=0.7, return_logprobs=True)

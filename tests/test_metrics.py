@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+import compare as C
 import eval as E
 
 
@@ -82,7 +83,7 @@ def test_frame_accuracy_counts_only_rows_with_a_target_frame():
     none = E.grounding_metrics([records[2], records[3]])   # no row has a frame: no frame accuracy at all
     assert none["n_frame"] == 0 and "frame_acc" not in none and none["acc@0.25"] == pytest.approx(50.0)
     # per scene: aligned with the records, NaN where a row has no frame (undefined, not wrong)
-    per = E.per_scene("grounding", records)
+    per = C.per_scene("grounding", records)
     assert len(per["frame"]) == 5 and np.isnan(per["frame"][[2, 3]]).all()
     assert per["frame"][[0, 1, 4]].tolist() == [1.0, 0.0, 0.0]
     assert per["iou"].tolist() == pytest.approx([0.6, 0.3, 0.9, 0.0, 0.0])
@@ -126,7 +127,7 @@ def test_per_scene_and_paired_differences():
     records = [det_record({"chair": [2, 1, 1], "lamp": [1, 0, 0]}, {"chair": [1, 2, 2]}, 4, 4, 0.5),
                det_record({"chair": [1, 0, 2], "sofa": [0, 3, 0]}, {}, 4, 3, 0.25),
                det_record({}, {}, 0, 0, 0.0, parsed=False)]
-    m = E.per_scene("detection", records)
+    m = C.per_scene("detection", records)
     # scene 1: TP 3 FP 1 FN 1 -> 6/8; scene 2: TP 1 FP 3 FN 2 -> 2/7; scene 3: an empty scene with an
     # answer that does not parse -> 0 (only a said "nothing", a parsed [], is perfect there, as in the reward)
     assert m["f1_25"].tolist() == pytest.approx([6 / 8, 2 / 7, 0.0])
@@ -137,16 +138,16 @@ def test_per_scene_and_paired_differences():
     d = [0.25, 0.0, -0.5, 1.0]
     mean = sum(d) / 4
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2
-    assert E.paired(a, b) == pytest.approx((mean, se))
+    assert C.paired(a, b) == pytest.approx((mean, se))
     seeds = np.stack([a, a + 0.2])  # two seeds of one arm: scenes averaged over seeds, then paired
-    assert E.paired(seeds, b) == pytest.approx((mean + 0.1, se))
+    assert C.paired(seeds, b) == pytest.approx((mean + 0.1, se))
     # a scene where the metric is undefined (NaN: a grounding row without a target frame) is left out of the pair
-    assert E.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se))
+    assert C.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se))
 
 
 def test_claim_follows_the_three_standard_error_rule():
     diff = lambda d, se, count=(0.0, 0.01), f1=(0.0, 0.01): {"iou_gt": (d, se), "count": count, "f1_25": f1}
-    assert E.claim("detection", diff(0.031, 0.01)).startswith("better")
-    assert E.claim("detection", diff(0.029, 0.01)).startswith("no claim")
-    assert E.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01))).startswith("no claim")  # lost the count guard
-    assert E.claim("detection", diff(-0.04, 0.01)).startswith("worse")
+    assert C.claim("detection", diff(0.031, 0.01)).startswith("better")
+    assert C.claim("detection", diff(0.029, 0.01)).startswith("no claim")
+    assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01))).startswith("no claim")  # lost the count guard
+    assert C.claim("detection", diff(-0.04, 0.01)).startswith("worse")

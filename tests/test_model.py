@@ -11,6 +11,8 @@ from transformers import AutoTokenizer
 from transformers.vision_utils import get_vision_position_ids
 
 import checkpoints as C
+import decoding
+import lora
 import model as M
 import vggt as V
 
@@ -57,7 +59,7 @@ def full_batch(model, tok, encodings, completions=None, prompts=None):
 def naive_logits(model, ids, mask, types, grid, encodings):
     """Full [B, L, V] logits straight from transformers' model with the same image embeddings."""
     return model.qwen(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, use_cache=False,
-                      **model._mm_inputs(grid, encodings)).logits
+                      **model.mm_inputs(grid, encodings)).logits
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,11 +404,11 @@ def test_sampling_is_plain_tempered_softmax(tok, cfg, frames):
     model = make_model(cfg).eval()
     enc = model.encode(frames[:1])
     batch = model.prompt_batch(tok, [PROMPT], enc)
-    gc = model.generation_config(3, temperature=0.7)
+    gc = decoding.generation_config(model, 3, temperature=0.7)
     gc.output_scores = gc.output_logits = gc.return_dict_in_generate = True
     out = model.qwen.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               mm_token_type_ids=batch["mm_token_type_ids"], generation_config=gc,
-                              **model._mm_inputs(batch["image_grid_thw"], enc))
+                              **model.mm_inputs(batch["image_grid_thw"], enc))
     allowed = torch.ones(len(tok), dtype=torch.bool)
     allowed[cfg["suppress_token_ids"]] = False
     for scores, logits in zip(out.scores, out.logits):
@@ -448,7 +450,7 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     before = model(*inputs, enc).detach()
     text = ~torch.isin(inputs[0][:, 1:], torch.tensor(cfg["suppress_token_ids"]))  # targets that can be sampled
     base = {k: v.clone() for k, v in model.qwen.state_dict().items()}
-    M.apply_lora(model, rank=4, alpha=8)
+    lora.apply_lora(model, rank=4, alpha=8)
     assert torch.equal(model(*inputs, enc).detach(), before)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(".lora_" in n or n.startswith("merger.") for n in names)
@@ -468,8 +470,8 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     for d in ("a", "b"):
         loaded, _ = C.load_pretrained(tmp_path / d)
         assert torch.allclose(loaded(*inputs, enc), after, atol=1e-5)
-    M.merge_lora(model)
-    assert not any(isinstance(m, M.LoRALinear) for m in model.modules())
+    lora.merge_lora(model)
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
     assert torch.allclose(model(*inputs, enc), after, atol=1e-5)
 
 
@@ -490,7 +492,7 @@ def test_checkpoint_saved_before_the_vggt_split_loads_with_identical_logits():
     with torch.no_grad():
         logits = net.qwen(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                           mm_token_type_ids=b["mm_token_type_ids"], use_cache=False,
-                          **net._mm_inputs(b["image_grid_thw"], enc)).logits
+                          **net.mm_inputs(b["image_grid_thw"], enc)).logits
     expected = load_file(os.path.join(fixture, "expected_logits.safetensors"))["logits"]
     torch.testing.assert_close(logits[0, -8:], expected, rtol=0, atol=1e-6)
     assert net.vggt is not None and net.merger is not None  # the geometry branch took part

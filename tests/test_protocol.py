@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import boxes
 import data
 import eval as evaluation
+import published
 import rewards
 import rft3d
 import scenes
@@ -43,7 +45,7 @@ def test_published_conversion_is_scipys_extrinsic_zxy():
         box = [*rng.normal(size=3), *rng.uniform(0.2, 2, 3), *rng.uniform(-3, 3, 3)]
         E = np.eye(4)
         E[:3, :3], E[:3, 3] = R_zxy(*rng.uniform(-3, 3, 3)), rng.normal(size=3)
-        out = rft3d.published_box_to_world(box, E)
+        out = published.box_to_world(box, E)
         a, b, c = out[6:9]
         # the new angles are extrinsic z-x-y angles of E @ from_euler("zxy", old angles), in scipy's ranges
         assert np.allclose(extrinsic_zxy(a, b, c), E[:3, :3] @ extrinsic_zxy(*box[6:9]), atol=1e-9)
@@ -63,15 +65,15 @@ def test_published_rotation_by_hand():
     E = np.eye(4)
     E[:3, :3] = rot(0, beta)
     box = [0.3, -0.2, 2.5, 2.0, 0.4, 0.4, a, 0.0, 0.0]
-    assert np.allclose(rft3d.published_box_to_world(box, E)[6:9], [a, beta, 0.0], atol=1e-12)
-    assert np.allclose(R_zxy(*rewards.box_to_world(box, E)[6:9]), rot(0, beta) @ rot(2, a), atol=1e-12)
+    assert np.allclose(published.box_to_world(box, E)[6:9], [a, beta, 0.0], atol=1e-12)
+    assert np.allclose(R_zxy(*boxes.box_to_world(box, E)[6:9]), rot(0, beta) @ rot(2, a), atol=1e-12)
     pure_yaw = np.eye(4)
     pure_yaw[:3, :3] = rot(2, 0.9)   # both yaw only: the two conventions agree
-    assert np.allclose(rft3d.published_box_to_world(box, pure_yaw), rewards.box_to_world(box, pure_yaw), atol=1e-12)
+    assert np.allclose(published.box_to_world(box, pure_yaw), boxes.box_to_world(box, pure_yaw), atol=1e-12)
 
 
 def _grounding_sample(cam_box, E):
-    world = rewards.box_to_world(cam_box, E)   # the true world box (intrinsic Z-X-Y, DESIGN section 3)
+    world = boxes.box_to_world(cam_box, E)   # the true world box (intrinsic Z-X-Y, DESIGN section 3)
     return data.Sample(id="g0", task="grounding", frames=np.zeros((2, 4, 4, 3), np.uint8),
                        cam2global=np.stack([np.eye(4), E]), world_box=world, target_frame=1, target_box=cam_box,
                        description="the box", meta={"unique": True})
@@ -99,12 +101,12 @@ def test_vsibench_first_token_without_stripping():
     num = data.Sample(id="n", task="spatial", frames=mc.frames, question="how many?", ground_truth="4",
                       question_type="object_counting")
     score = lambda s, text, p: rft3d.TASKS["spatial"].record(s, text, protocol=p)["score"]
-    for text, ours, published in ((" A", 1.0, 0.0), ("A", 1.0, 1.0), ("a.", 1.0, 1.0), ("A. left", 1.0, 1.0),
+    for text, ours, pub in ((" A", 1.0, 0.0), ("A", 1.0, 1.0), ("a.", 1.0, 1.0), ("A. left", 1.0, 1.0),
                                   ("<answer> A</answer>", 1.0, 0.0), ("B", 0.0, 0.0), ("\nA", 1.0, 1.0)):
-        assert (score(mc, text, "ours"), score(mc, text, "published")) == (ours, published), text
+        assert (score(mc, text, "ours"), score(mc, text, "published")) == (ours, pub), text
     # numbers: MRA of the first token; 5 vs 4 is within 1 - t for t = 0.50..0.75: 6 of 10 thresholds
-    for text, ours, published in ((" 4", 1.0, 0.0), ("4", 1.0, 1.0), ("4 chairs", 1.0, 1.0), ("5", 0.6, 0.6)):
-        assert (score(num, text, "ours"), score(num, text, "published")) == pytest.approx((ours, published)), text
+    for text, ours, pub in ((" 4", 1.0, 0.0), ("4", 1.0, 1.0), ("4 chairs", 1.0, 1.0), ("5", 0.6, 0.6)):
+        assert (score(num, text, "ours"), score(num, text, "published")) == pytest.approx((ours, pub)), text
 
 
 def test_published_detection_counts_every_line():
@@ -129,13 +131,13 @@ def test_proposal_refinement_turns_a_miss_into_a_hit(tmp_path):
     far = {"bbox_3d": [9.0, 9.0, 0.5, 1.0, 1.0, 1.0, 0.3, 0.0, 0.0], "label": "table"}
     path = tmp_path / "proposals.json"
     path.write_text(json.dumps({"scene0011_00": [far, decoy, near], "scene0012_00": []}))
-    props = evaluation.load_proposals(str(path))
+    props = published.load_proposals(str(path))
     assert props["scene0011_00"][2] == near + [0.0, 0.0, 0.0] and props["scene0012_00"] == []
-    assert rewards.iou_3d(pred, gt) == pytest.approx(0.3 / 1.7)   # a miss
-    iou, k = evaluation.refine(pred, gt, props["scene0011_00"])
+    assert boxes.iou_3d(pred, gt) == pytest.approx(0.3 / 1.7)   # a miss
+    iou, k = published.refine(pred, gt, props["scene0011_00"])
     assert k == 2 and iou == pytest.approx(0.98 / 1.02)            # the proposal on the object: a hit
-    assert evaluation.refine(pred, gt, []) == (pytest.approx(0.3 / 1.7), None)   # nothing to snap to
-    assert evaluation.refine(None, gt, props["scene0011_00"]) == (0.0, None)
+    assert published.refine(pred, gt, []) == (pytest.approx(0.3 / 1.7), None)   # nothing to snap to
+    assert published.refine(None, gt, props["scene0011_00"]) == (0.0, None)
     records = [{"iou": 0.3 / 1.7, "iou_refined": iou, "proposal": k, "unique": True},
                {"iou": 0.6, "iou_refined": 0.2, "proposal": 0, "unique": False}]   # refinement can hurt too
     m = evaluation.grounding_metrics(records)
@@ -144,7 +146,7 @@ def test_proposal_refinement_turns_a_miss_into_a_hit(tmp_path):
     for bad, where in (([[1, 2, 3, 1, 1]], "box 0"), ([[0, 0, 0, 1, -1, 1]], "box 0"), ({"x": 1}, "list")):
         path.write_text(json.dumps({"scene0011_00": bad}))
         with pytest.raises(ValueError, match=rf"proposals.*scene0011_00.*{where}"):
-            evaluation.load_proposals(str(path))
+            published.load_proposals(str(path))
 
 
 # ---- --data mixes ------------------------------------------------------------------------------------------------

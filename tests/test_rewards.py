@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import boxes as B
 import rewards as R
 
 PI = math.pi
@@ -59,12 +60,12 @@ def test_corners_follow_intrinsic_zxy():
     rng = np.random.default_rng(0)
     for _ in range(20):
         box = random_box(rng)
-        assert same_point_set(R.box_corners(box), corners_ref(box))
+        assert same_point_set(B.box_corners(box), corners_ref(box))
     # the order of the rotations matters for these angles, so the check above can tell conventions apart
     assert not np.allclose(rot_zxy(0.3, 0.5, 0.7), rodrigues([0, 1, 0], 0.7) @ rodrigues([1, 0, 0], 0.5)
                            @ rodrigues([0, 0, 1], 0.3))
     # yaw 90 deg turns the box's x extent onto world y
-    c = R.box_corners([0, 0, 0, 2, 1, 1, PI / 2, 0, 0])
+    c = B.box_corners([0, 0, 0, 2, 1, 1, PI / 2, 0, 0])
     assert np.allclose(np.abs(c).max(0), [0.5, 1.0, 0.5])
 
 
@@ -73,17 +74,17 @@ def test_euler_round_trip_including_gimbal_lock():
     angles = [rng.uniform(-PI, PI, 3) for _ in range(50)] + [(0.4, PI / 2, 0.3), (-1.0, -PI / 2, 2.0)]
     for a, b, c in angles:
         M = rot_zxy(a, b, c)
-        assert np.allclose(rot_zxy(*R.matrix_to_euler(M)), M, atol=1e-9)
+        assert np.allclose(rot_zxy(*B.matrix_to_euler(M)), M, atol=1e-9)
 
 
 def test_box_to_world_moves_corners_rigidly():
     rng = np.random.default_rng(2)
     for _ in range(20):
         box, E = random_box(rng), random_rigid(rng)
-        moved = R.box_to_world(box, E)
+        moved = B.box_to_world(box, E)
         expect = corners_ref(box) @ E[:3, :3].T + E[:3, 3]
         assert same_point_set(corners_ref(moved), expect)
-        assert np.allclose(R.box_from_world(moved, E)[:6], box[:6])
+        assert np.allclose(B.box_from_world(moved, E)[:6], box[:6])
 
 
 # ---- exact IoU against hand-computed values -------------------------------------------------------------
@@ -118,8 +119,8 @@ def test_box_to_world_moves_corners_rigidly():
     ([0, 0, 0, 1, 2, 3, PI / 2, 0, 0], [0.5, 0, 0, 2, 1, 3, 0, 0, 0], 4.5 / (12 - 4.5)),
 ])
 def test_iou_analytic(a, b, expected):
-    assert R.iou_3d(a, b) == pytest.approx(expected, abs=1e-9)
-    assert R.iou_3d(b, a) == pytest.approx(expected, abs=1e-9)
+    assert B.iou_3d(a, b) == pytest.approx(expected, abs=1e-9)
+    assert B.iou_3d(b, a) == pytest.approx(expected, abs=1e-9)
 
 
 def test_iou_monte_carlo_tilted_pairs():
@@ -128,11 +129,11 @@ def test_iou_monte_carlo_tilted_pairs():
     n, checked = 200_000, 0
     while checked < 12:
         a, b = random_box(rng), random_box(rng)
-        if R.iou_3d(a, b) < 0.05:  # keep pairs that really overlap, so the test has teeth
+        if B.iou_3d(a, b) < 0.05:  # keep pairs that really overlap, so the test has teeth
             continue
         checked += 1
         va, vb = np.prod(a[3:6]), np.prod(b[3:6])
-        iou = R.iou_3d(a, b)
+        iou = B.iou_3d(a, b)
         inter = iou * (va + vb) / (1 + iou)  # from IoU = I / (va + vb - I)
         pts = np.vstack([corners_ref(a), corners_ref(b)])
         lo, hi = pts.min(0), pts.max(0)
@@ -147,17 +148,17 @@ def test_iou_properties_random():
     rng = np.random.default_rng(7)
     for _ in range(100):
         a, b, E = random_box(rng), random_box(rng), random_rigid(rng)
-        v = R.iou_3d(a, b)
+        v = B.iou_3d(a, b)
         assert 0.0 <= v <= 1.0
-        assert R.iou_3d(b, a) == pytest.approx(v, abs=1e-9)
-        assert R.iou_3d(a, a) == pytest.approx(1.0, abs=1e-9)
-        assert R.iou_3d(R.box_to_world(a, E), R.box_to_world(b, E)) == pytest.approx(v, abs=1e-9)
+        assert B.iou_3d(b, a) == pytest.approx(v, abs=1e-9)
+        assert B.iou_3d(a, a) == pytest.approx(1.0, abs=1e-9)
+        assert B.iou_3d(B.box_to_world(a, E), B.box_to_world(b, E)) == pytest.approx(v, abs=1e-9)
         # a yaw-only box: (dx, dy, yaw) and (dy, dx, yaw + pi/2) are the same box
         y = [*a[:6], a[6], 0.0, 0.0]
         y2 = [*a[:3], a[4], a[3], a[5], a[6] + PI / 2, 0.0, 0.0]
-        assert R.iou_3d(y2, b) == pytest.approx(R.iou_3d(y, b), abs=1e-9)
-        assert R.iou_3d(y, y2) == pytest.approx(1.0, abs=1e-9)
-    assert np.allclose(R.iou_3d_many(a, [a, b]), [1.0, R.iou_3d(a, b)])
+        assert B.iou_3d(y2, b) == pytest.approx(B.iou_3d(y, b), abs=1e-9)
+        assert B.iou_3d(y, y2) == pytest.approx(1.0, abs=1e-9)
+    assert np.allclose(B.iou_3d_many(a, [a, b]), [1.0, B.iou_3d(a, b)])
 
 
 grid = st.integers(-8, 8).map(lambda i: i / 4)
@@ -177,7 +178,7 @@ def aabb_iou(a, b):
 @given(aligned_box, aligned_box)
 def test_iou_right_angle_boxes_on_a_grid(a, b):
     """Shared and touching faces everywhere: the tolerance logic of the clip against interval arithmetic."""
-    assert R.iou_3d(a, b) == pytest.approx(aabb_iou(a, b), abs=1e-9)
+    assert B.iou_3d(a, b) == pytest.approx(aabb_iou(a, b), abs=1e-9)
 
 
 @settings(max_examples=300, deadline=None)
@@ -185,9 +186,9 @@ def test_iou_right_angle_boxes_on_a_grid(a, b):
        st.lists(st.floats(-7, 7), min_size=3, max_size=3), aligned_box)
 def test_iou_bounds_and_symmetry_extreme_shapes(c, size, angles, other):
     a = [*c, *size, *angles]
-    v = R.iou_3d(a, other)
-    assert 0.0 <= v <= 1.0 and R.iou_3d(other, a) == pytest.approx(v, abs=1e-7)
-    assert R.iou_3d(a, a) == pytest.approx(1.0, abs=1e-9)
+    v = B.iou_3d(a, other)
+    assert 0.0 <= v <= 1.0 and B.iou_3d(other, a) == pytest.approx(v, abs=1e-7)
+    assert B.iou_3d(a, a) == pytest.approx(1.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("bad", [
@@ -197,7 +198,7 @@ def test_iou_bounds_and_symmetry_extreme_shapes(c, size, angles, other):
 ])
 def test_iou_degenerate_is_zero(bad):
     for good in ([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]):
-        assert R.iou_3d(bad, good) == 0.0 and R.iou_3d(good, bad) == 0.0
+        assert B.iou_3d(bad, good) == 0.0 and B.iou_3d(good, bad) == 0.0
 
 
 # ---- matching, F1, detection reward ------------------------------------------------------------------
@@ -222,7 +223,7 @@ def test_matching_is_greedy_in_output_order():
 def test_matching_threshold_is_strict():
     big = {"label": "bin", "bbox_3d": [0, 0, 0, 2, 2, 2, 0, 0, 0]}
     quarter = {"label": "bin", "bbox_3d": [0, 0.5, 0.5, 2, 1, 1, 0, 0, 0]}  # inside, volume 2 of 8
-    assert R.iou_3d(big["bbox_3d"], quarter["bbox_3d"]) == 0.25
+    assert B.iou_3d(big["bbox_3d"], quarter["bbox_3d"]) == 0.25
     assert R.match_detections([quarter], [big]) == (0, 1, 1)
     assert R.match_detections([quarter], [big], iou_threshold=0.2499) == (1, 0, 0)
 
@@ -273,7 +274,7 @@ def test_detection_robust_never_pays_for_dropping_boxes():
         fewer = R.detection_reward(tagged(json.dumps(pred[:k])), gt, iou_mode="robust")["iou"]
         assert fewer < full
     # ... while the paper's R_IoU rewards keeping only the best box
-    best = max(range(5), key=lambda i: R.iou_3d(pred[i]["bbox_3d"], gt[i]["bbox_3d"]))
+    best = max(range(5), key=lambda i: B.iou_3d(pred[i]["bbox_3d"], gt[i]["bbox_3d"]))
     assert (R.detection_reward(tagged(json.dumps([pred[best]])), gt)["iou"]
             > R.detection_reward(tagged(json.dumps(pred)), gt)["iou"])
 
@@ -374,7 +375,7 @@ def test_grounding_round_trip_through_any_camera():
         align = random_rigid(rng)
         world = random_box(rng)
         k = int(rng.integers(0, 8))
-        cam_box = R.box_from_world(world, align @ poses[k])
+        cam_box = B.box_from_world(world, align @ poses[k])
         text = tagged(json.dumps({"frame": k, "bbox_3d": cam_box}))
         r = R.grounding_reward(text, world, k, poses, align)
         assert r["iou"] == pytest.approx(1.0, abs=1e-9) and r["total"] == pytest.approx(3.0, abs=1e-9)

@@ -24,6 +24,7 @@ import data
 import grpo
 import rewards
 import rft3d
+import safety
 import scenes
 import train
 
@@ -259,7 +260,7 @@ def test_replace_dir_replaces_a_full_directory(tmp_path):
     (old / "a").write_text("old")
     new.mkdir()
     (new / "b").write_text("new")
-    train.replace_dir(new, old)
+    safety.replace_dir(new, old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (old / "b").read_text() == "new"
 
 
@@ -278,7 +279,7 @@ def test_a_kill_between_the_renames_loses_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
-        train.replace_dir(sft / ".tmp-best", sft / "best")
+        safety.replace_dir(sft / ".tmp-best", sft / "best")
     monkeypatch.setattr(os, "replace", real_replace)
     assert not (sft / "best").exists()  # the window
     start = train.start_point(train.get_args(["--stage", "grpo", "--out", str(tmp_path)]))
@@ -451,11 +452,11 @@ def test_real_data_without_validation_data_is_refused(tmp_path, capsys):
 
 
 def test_log_lines_are_strict_json_and_truncated_on_resume(tmp_path):
-    assert json.loads(train.json_line({"loss": float("nan"), "x": [float("inf"), 1.5], "e": {"f": -math.inf}})) == \
+    assert json.loads(safety.json_line({"loss": float("nan"), "x": [float("inf"), 1.5], "e": {"f": -math.inf}})) == \
         {"loss": None, "x": [None, 1.5], "e": {"f": None}}
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1, "loss": NaN}\n{"step": 2}\n{"step": 3}\n{"step": 2, "eval/f1": 1}\n{"step": 4, "lo')
-    train.truncate_log(log, 2)
+    safety.truncate_log(log, 2)
     assert strict_jsonl(log) == [{"step": 1, "loss": None}, {"step": 2}, {"step": 2, "eval/f1": 1}]
 
 
@@ -504,11 +505,11 @@ def test_thread_default(monkeypatch, capsys):
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         torch.set_num_threads(2)
-        train.set_threads()
+        safety.set_threads()
         assert torch.get_num_threads() == 1 and "threads: 1 per process" in capsys.readouterr().out
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
-        train.set_threads()  # the user's choice stands
+        safety.set_threads()  # the user's choice stands
         assert torch.get_num_threads() == 2 and "OMP_NUM_THREADS=2" in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)

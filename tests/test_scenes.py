@@ -6,6 +6,7 @@ import re
 import numpy as np
 import torch
 
+import boxes
 import data
 import scenes
 from independent import corners, hull, same_box, scene_of, signed_dist_inside
@@ -23,7 +24,7 @@ def test_gt_boxes_cover_their_pixels():
         pix = np.stack([u.ravel(), v.ravel()], 1)
         E = s.axis_align @ s.cam2global
         for b in s.boxes:
-            j = next(i for i, o in enumerate(s.meta["objects"]) if same_box(data.transform_box(b["bbox_3d"], E[0]),
+            j = next(i for i, o in enumerate(s.meta["objects"]) if same_box(boxes.box_to_world(b["bbox_3d"], E[0]),
                                                                            o["box"]))
             for k in range(S):
                 T = np.linalg.inv(E[k]) @ E[0]
@@ -45,14 +46,14 @@ def test_gt_boxes_cover_their_pixels():
 def test_camera_boxes_map_back_to_world():
     for s in scenes.SyntheticDataset("detection", 10, seed=1):
         E0 = s.axis_align @ s.cam2global[0]
-        world = [data.transform_box(b["bbox_3d"], E0) for b in s.boxes]
+        world = [boxes.box_to_world(b["bbox_3d"], E0) for b in s.boxes]
         for o in s.meta["objects"]:
             assert sum(same_box(w, o["box"]) for w in world) == 1
             assert abs(o["box"][2] - o["box"][5] / 2) < 1e-9 and o["box"][7] == o["box"][8] == 0   # on the floor
         assert not np.allclose(s.axis_align, np.eye(4))   # the raw frame really differs from the aligned one
     for s in scenes.SyntheticDataset("grounding", 10, seed=1):
         E = s.axis_align @ s.cam2global[s.target_frame]
-        assert same_box(data.transform_box(s.target_box, E), s.world_box)
+        assert same_box(boxes.box_to_world(s.target_box, E), s.world_box)
         px = np.array(s.meta["pixels"][s.meta["target"]])
         assert s.target_frame == int(np.argmax(px))
         same = [o for o in s.meta["objects"] if o["label"] == s.meta["label"]]

@@ -184,7 +184,7 @@ def test_grounding_reward_takes_the_frame_window():
 def test_detection_iou_gt_on_an_empty_scene_agrees_with_f1():
     """A scene without objects: saying "nothing" ([]) is perfect, boxes or unparseable text are not; the
     record's iou_gt and eval's per-scene F1 say the same (1, 0, 0)."""
-    import eval as evaluation
+    import compare
     s = data.Sample(id="empty", task="detection", frames=np.zeros((2, 4, 4, 3), np.uint8), boxes=[])
     T = rft3d.TASKS["detection"]
     box = '{"label": "chair", "bbox_3d": [0, 0, 2, 1, 1, 1, 0, 0, 0]}'
@@ -193,7 +193,7 @@ def test_detection_iou_gt_on_an_empty_scene_agrees_with_f1():
              ("<answer>[{]</answer>", 0.0)]
     records = [T.record(s, text) for text, _ in cases]
     assert [r["iou_gt"] for r in records] == [want for _, want in cases]
-    per = evaluation.per_scene("detection", records)
+    per = compare.per_scene("detection", records)
     want = [1.0, 1.0, 0.0, 0.0, 0.0]
     assert per["iou_gt"].tolist() == per["f1_25"].tolist() == per["f1_50"].tolist() == want
     # the "gt" training reward agrees too

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
+import decoding
 import eval as evaluation
 import grpo
 import rft3d
@@ -99,8 +100,8 @@ def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
     torch.manual_seed(0)
     with torch.no_grad():
         out = net.qwen.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
-                                generation_config=net.generation_config(10, T), output_scores=True,
-                                return_dict_in_generate=True, **net._mm_inputs(batch["image_grid_thw"], enc))
+                                generation_config=decoding.generation_config(net, 10, T), output_scores=True,
+                                return_dict_in_generate=True, **net.mm_inputs(batch["image_grid_thw"], enc))
     P = batch["input_ids"].shape[1]
     completion = out.sequences[:, P:]
     sampled = torch.stack([torch.log_softmax(s.float(), -1).gather(1, completion[:, j:j + 1])[:, 0]
