@@ -1,128 +1,26 @@
-"""bench.py: throughput, memory and learning benchmarks of rft3d. Tests never time things; this file does.
+"""bench.py: throughput, memory and learning benchmarks of rft3d. Tests never time things; this file
+does.
 
     python bench.py throughput [--quick] [--rollout-only]
-                                             rollouts: our decode loop vs transformers' generate (issue 13's
-                                             setting); GRPO step breakdown, encode-once vs a naive loop, log-prob
-                                             memory, scaling over G / frames / processes (torchrun of train.py)
+        rollouts: our decode loop vs transformers' generate (issue 13's setting); GRPO step
+        breakdown, encode-once vs a naive loop, log-prob memory, scaling over G / frames /
+        processes (torchrun of train.py)
     python bench.py learning [--quick] [--task detection|grounding|both]
-                                             does SFT->GRPO beat the best SFT model? Three arms from the main
-                                             command's SFT warm-up (start, SFT->SFT, SFT->GRPO), learning rates
-                                             picked on validation, 3 seeds, paired per-scene test differences, and
-                                             one-knob-at-a-time rows (detection)
+        does SFT->GRPO beat the best SFT model? Three arms from the main command's SFT warm-up
+        (start, SFT->SFT, SFT->GRPO), learning rates picked on validation, 3 seeds, paired
+        per-scene test differences, and one-knob-at-a-time rows (detection)
     python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp] [--compare-rollout]
-                                             real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory
-                                             (--compare-rollout: ms per decoding step vs transformers' generate and
-                                             vs the memory-bandwidth limit)
-    python bench.py threads [--quick]        CPU threads: SFT warm-up s/step for 1 thread, all cores, all cores with
-                                             OMP_WAIT_POLICY=passive; idle and with a busy loop on the last core
+        real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory (--compare-rollout:
+        ms per decoding step vs transformers' generate and vs the memory-bandwidth limit)
+    python bench.py threads [--quick]
+        CPU threads: SFT warm-up s/step for 1 thread, all cores, all cores with
+        OMP_WAIT_POLICY=passive; idle and with a busy loop on the last core
 
-Outputs (logs, checkpoints, curves as PNG, tables as JSON) go under bench_out/. Run with OMP_NUM_THREADS=1 on a
-shared CPU. Everything here uses the public pieces of model.py / grpo.py / train.py / eval.py.
+Outputs (logs, checkpoints, curves as PNG, tables as JSON) go under bench_out/. Run with
+OMP_NUM_THREADS=1 on a shared CPU. Everything here uses the public pieces of model.py / grpo.py /
+train.py / eval.py.
 
-NOTES: measured numbers (date, device, command). Add new rows, keep the old ones.
-
-2026-11-22, CPU (2 cores shared with another job, OMP_NUM_THREADS=1), tiny default model (2.09M params), grounding,
-B=4 prompts, 56 px frames, max 96 new tokens (random init: completions run to ~90 tokens).
-  `bench.py throughput` (4m56s):
-    GRPO step, G=8, 32 frames   encode  rollout  ref+old  policy  step s  tok/s  vision calls  VGGT calls
-      encode-once                 0.13     1.55     1.47    2.13    5.30    546             1           4
-      naive loop                  3.93     6.63     3.42    3.07   17.05    164           128         128
-    -> 3.2x (quick run: 3.1x; an earlier run 3.6x). grpo.grpo_step itself (mu=1): 4.42 s/step, 1 vision, 4 VGGT calls.
-    Log-probs, V=151,936, 8x512 tokens, d=512, fp32, fwd+bwd, peak RSS growth: naive 7134 MiB, chunked(1024) 3302 MiB
-    (0.46: target 1/4 missed at model.forward's default chunk), chunked(256) 1074 MiB (0.15).
-    Step time (s) over G x frames:  G=2: 0.74 / 0.90 / 1.18 / 1.67 (4/8/16/32 frames); G=4: 1.02 / 1.26 / 1.71 / 2.79;
-    G=8: 1.83 / 2.54 / 3.15 / 5.73; G=16: 3.65 / 4.27 / 6.06 / 10.54.
-    torchrun train.py GRPO (4 prompts/rank, G=8, 4 frames): 1 proc 1.74 s/step 1658 tok/s; 2 procs 1.91 s 3027 tok/s.
-  `bench.py learning` (18m49s; quick: 3m21s): start = best-on-val SFT (700 cosine steps, 500 fixed scenes, lr 1e-3),
-    val Acc@0.25 20 at step 560; test (400 scenes) IoU 0.112, Acc@0.25 19.0, Acc@0.5 3.2, frame 35.2, parse 99.8.
-    40 updates per arm, lr 3e-5 chosen for both (sweep 3e-5/1e-4/3e-4 on val; GRPO at 3e-4 collapsed, val IoU 0.026),
-    3 seeds. GRPO - SFT, paired per scene: regime A (fixed set) Acc@0.25 +0.5 +- 1.2, IoU +0.002 +- 0.004;
-    regime B (fresh scenes) Acc@0.25 +0.3 +- 1.3, IoU +0.001 +- 0.004: no significant difference at this budget;
-    no arm moved more than ~1 point from the start. Wall clock per arm: SFT ~20 s, GRPO ~55 s.
-  Log-probs after making the chunk's ops in place and chunk_size 512 (same setup, fp32, 8x512 tokens, d=512):
-    naive 7134 MiB, chunked(1024) 3300 MiB (0.46), chunked(512) 1817 MiB (0.25: target met at the default).
-  Detection, 200 updates per arm from one SFT model (1,500 steps, val F1 26.4), one seed, 400 test scenes (README):
-    `python train.py --stage grpo --task detection --model SFT --steps 200 [--iou-mode robust]` vs
-    `python train.py --stage sft --task detection --model SFT --steps 200 --lr 1e-4 --schedule constant`, then
-    `python eval.py --ckpt ... --task detection --test-size 400`. GRPO(paper) - SFT->SFT per scene: F1@0.25 +0.017 +- 0.018,
-    IoU over GT -0.022 +- 0.006, boxes per scene -0.43 +- 0.03 (2.0 -> 1.54), count accuracy -0.22 +- 0.03;
-    robust IoU mode: the same picture (boxes 1.56). GRPO ran at 2.3-2.6 s/step on one thread.
-    With 3 seeds per arm (--seed s --data-seed s, s = 0, 1, 2): GRPO - SFT->SFT F1@0.25 -0.017 +- 0.013,
-    IoU over GT -0.026 +- 0.005, boxes -0.54 +- 0.03 (seed spread 0.19), count accuracy -0.24 +- 0.03.
-
-2026-12-02, CPU (2 cores), the new embedded default: one object per scene, 7 px patches (16 tokens per frame), level
-camera, 1.95M params (0.94M trainable). The main command on a fresh clone (README quick start):
-  `torchrun --standalone --nproc_per_node 2 train.py --stage grpo --task detection`: 20m42s wall (/usr/bin/time),
-    SFT warm-up 1,200 steps 13m31s (0.68 s/step with 2 ranks of 8 samples; one process of 16: ~1.2 s/step),
-    validation F1@0.25 39 / 49 / 49 / 58 / 57 at steps 240..1200, best step 960; GRPO 200 steps 6m20s (1.9 s/step,
-    2 ranks x 2 prompts x G 8; one process with 4 prompts: 2.8 s/step), validation F1 52 / 57 / 56 / 60 / 58 at
-    steps 40..200; test table (400 scenes, ~1 min): SFT start IoU over GT 0.311, F1@0.25 0.598, F1@0.5 0.245;
-    GRPO 0.336 / 0.655 / 0.230; paired GRPO - start: IoU +0.024 +- 0.009, F1@0.25 +0.058 +- 0.022, F1@0.5
-    -0.015 +- 0.025, count and boxes unchanged (1.00).
-  SFT to the 15-minute target on the old 3-object world (single process, 900 steps): validation F1@0.25 22, IoU
-    over GT 0.14. One object, one process, 1,200 cosine steps (another data order): validation 73 / 0.37 at step
-    1,050: one run to the next differs by more than the 100-scene validation error (~5 points of F1).
-  `bench.py learning --task both --jobs 2` (the detection start = the main command's SFT run above, copied into
-    bench_out/learning/detection/start-main; the grounding start ran here, 1,200 steps, one process, 26 min):
-    detection lr on validation F1@0.25: SFT 3e-4: 60, 1e-3: 54 -> 3e-4; GRPO 1e-4: 54, 3e-4: 47.4 -> 1e-4.
-    Three arms, 200 updates, 3 seeds (--seed s --data-seed s), 400 test scenes, paired per scene (README table):
-    start IoU over GT 0.311, SFT->SFT 0.341, SFT->GRPO 0.335; GRPO - SFT->SFT (the best SFT on validation, 63.7 vs
-    the start's 58.0): IoU -0.006 +- 0.006, F1@0.25 -0.010 +- 0.015, F1@0.5 +0.004 +- 0.014: no claim. Steps per
-    arm: SFT 268 s, GRPO 582 s (one thread, the other core busy). A first pass passed --seed only: the three SFT
-    seeds were then one run (fresh scenes are drawn from --data-seed), caught and rerun with --data-seed.
-    Grounding (one lr per arm, detection's choice; 3 seeds): start IoU 0.338, Acc@0.25 64.2, Acc@0.5 24.8, frame
-    37.5; SFT->SFT 0.348 / 67.8 / 25.0 / 39.4; SFT->GRPO 0.340 / 68.1 / 20.7 / 26.5. GRPO - SFT->SFT (best SFT on
-    validation, 68.7 vs 67.0): Acc@0.25 +0.2 +- 1.4, IoU -0.008 +- 0.005, Acc@0.5 -4.3 +- 1.5, frame accuracy
-    -12.9 +- 2.4 (the 5-frame window of the frame reward barely separates 4 frames). Steps per arm: SFT 222 s,
-    GRPO 571 s.
-    Knob rows (seed 0, vs the best SFT of the same setting; IoU over GT, F1@0.25 differences, paired): baseline
-    -0.017 +- 0.007 / -0.007 +- 0.018; fixed 500 scenes (own SFT->SFT on them, val 72) -0.045 +- 0.009 /
-    -0.028 +- 0.024; beta 0 -0.022 +- 0.007 / -0.022 +- 0.017. The other rows did not finish in the session.
-    (A GRPO-only row was first compared with the start instead of the baseline's best SFT; fixed before reporting.)
-  Later the same day, `python bench.py learning --task both --jobs 2` (cache: only the new arms ran; 60 min wall):
-    grounding's own lr sweep (val Acc@0.25): SFT 3e-4: 68, 1e-3: 61; GRPO 1e-4: 67, 3e-4: 62 -> the rates it had.
-    Detection knob rows, seed 0, GRPO - best SFT of the setting, IoU over GT / F1@0.25 / F1@0.5 (val F1 of GRPO):
-    fixed 2000 scenes +0.023 +- 0.010 / +0.022 +- 0.024 / +0.022 +- 0.028 (58; its SFT->SFT val 64, test IoU
-    0.319); start 1/3 (400 steps; start val 51, test 0.270; its SFT->SFT val 45) +0.002 +- 0.010 / +0.018 +- 0.026 /
-    -0.043 +- 0.024 (51); G 16 -0.005 +- 0.009 / -0.028 +- 0.023 / +0.013 +- 0.023 (63; 904 s of one core);
-    T 0.7 +0.001 +- 0.010 / -0.005 +- 0.024 / +0.018 +- 0.026 (66); mu 2 (100 steps) -0.027 +- 0.008 / -0.043 +-
-    0.021 / -0.028 +- 0.023 (54); robust -0.018 +- 0.008 / -0.007 +- 0.021 / -0.048 +- 0.023 (60); gt: the
-    baseline's run to the digit (same per-step rewards and losses, byte-identical test predictions); random
-    spelling (own start: 1,200 steps, one process, 1340 s, test IoU 0.387 / F1 0.73, val 74; its SFT->SFT val 72,
-    0.378) +0.001 +- 0.007 / -0.018 +- 0.015 / -0.068 +- 0.023 (75). Count accuracy 1.00 in every seed-0 row.
-    Fixed 2000 scenes, seeds 1 and 2 (the only row above 2 SEs at seed 0, so KNOB_SEEDS gives it three):
-    GRPO - its SFT->SFT IoU over GT -0.026 +- 0.009 and -0.016 +- 0.009 (SFT->SFT test IoU 0.339, 0.326; GRPO 0.313,
-    0.310); 3 seeds together -0.006 +- 0.006, F1@0.25 -0.015 +- 0.015, count accuracy -0.037 +- 0.005. No claim.
-    Temperature 0.7, seeds 1 and 2 (the GRPO row best on validation, 66): GRPO - the baseline SFT->SFT of the same
-    seed, IoU over GT -0.009 +- 0.010 and +0.018 +- 0.011 (val 59, 60); 3 seeds together +0.003 +- 0.006, F1@0.25
-    -0.023 +- 0.013, F1@0.5 +0.027 +- 0.017. No claim. (Against GRPO at T 1 of the same seed: +0.019, -0.017,
-    +0.025 IoU.) 8 min of one core per arm.
-    Found on the way: every bench arm's GRPO run also ended with train.py's own start-vs-GRPO table (2 x 400 test
-    scenes) that eval.py then scored again; the arms now pass --test-size 0 (no number above changes: it was wall
-    time only). `bench.py learning --quick --task both --jobs 2` (10-update arms, one knob row of each kind): 5m56s wall, no error.
-  `OMP_NUM_THREADS=1 python bench.py throughput --rollout-only --repeats 5` (quiet machine, issue 13's setting: 2 prompts
-    x G 8, 4 frames of 112 px, 32 new tokens, median of 5): decode loop 278 ms (prefill 34 ms, 7.9 ms per decoding
-    step) vs transformers' generate 537 ms (170 ms, 11.8 ms): 1.93x (target 2x: missed narrowly; per step 1.50x,
-    prefill 5.05x); GRPO step 1.364 s vs 1.598 s: 1.17x, rollout share 23% vs 33%.
-
-2026-11-22, one NVIDIA H100 80GB HBM3 (device machine), torch 2.11.0+cu130, transformers 5.23.0, random weights in
-bf16, gradient checkpointing on, 518x392 frames (252 Qwen tokens each), 128-token answers; `bench.py gpu`:
-  model + frames        prompt tok  encode s  SFT step s  SFT MFU  rollout s (G=8)  ref logp s  policy f/b s  GRPO step s  peak GiB
-  3B + VGGT-1B, 32 fr     8192       6.1*       0.59      0.27        17.4            1.16         4.51          29.2       32.8
-  3B + VGGT-1B, 32, FSDP2 8192       2.5        0.65      0.24        18.4            1.16         4.80          26.9       36.5
-  3B + VGGT-1B, 4 fr      1080       1.3        0.37      0.06        16.6            0.36         1.45          19.8       32.5
-  7B + VGGT-1B, 32 fr     8192       2.2        1.09      0.33        13.3            2.06         7.69          25.5       74.9
-  (* includes first-call CUDA/cuDNN warm-up; MFU = 6 N_llm T / time / 989 TFLOP/s, no recompute counted; policy MFU
-  0.28 (3B) / 0.37 (7B). FSDP2 = fully_shard per decoder layer + root on one rank, encode/generate registered.)
-  The rollout dominates: transformers' generate is launch-bound, ~75 ms per decoding step for 8 sequences of the 3B
-  (profiler: GPU busy ~25% of the time; CPU in kernel launches, isin/unique of the suppress-tokens processor and
-  .item() syncs). A serving engine (vLLM / SGLang) or CUDA graphs would be the next step at real scale.
-  7B on one GPU needs FSDP over several GPUs in practice (74.9 GiB peak with bf16 weights and AdamW states).
-  Log-prob peak memory on the GPU (cuda max_memory_allocated), V=151,936, d=2048: 8x512 tokens fp32 naive 7.0 GiB,
-  chunked(512) 3.6 GiB (0.51: the [V, d] weight-gradient temporaries of the head now dominate), bf16 naive 7.0 GiB,
-  chunked(512) 2.1 GiB (0.30); 8x2048 tokens bf16 naive 27.9 GiB, chunked(512) 2.2 GiB (0.077). The chunked peak is
-  flat in sequence length, so the ratio falls below 1/4 from a few thousand tokens on (a GRPO micro-batch at 32
-  frames is 16k tokens).
+Measured numbers (date, device, command): BENCHMARKS.md. Add new entries there, keep the old ones.
 """
 import argparse
 import contextlib
@@ -180,7 +78,8 @@ def count_calls(modules):
     for name, mods in modules.items():
         for m in mods:
             if m is not None:
-                handles.append(m.register_forward_hook(lambda *_, n=name: counts.__setitem__(n, counts[n] + 1)))
+                handles.append(m.register_forward_hook(
+                    lambda *_, n=name: counts.__setitem__(n, counts[n] + 1)))
     return counts, handles
 
 
@@ -196,14 +95,16 @@ def tiny_model(out):
 
 
 def grpo_args(G, max_new_tokens, **kw):
-    a = train.get_args(["--stage", "grpo", "--task", "grounding", "--G", str(G), "--max-new-tokens", str(max_new_tokens)])
+    a = train.get_args(["--stage", "grpo", "--task", "grounding", "--G", str(G),
+                        "--max-new-tokens", str(max_new_tokens)])
     vars(a).update(kw)
     return a
 
 
 def step_encode_once(net, ref, tok, task, samples, opt, a, t):
-    """grpo.grpo_step's pipeline with a timer per phase and an explicit old-policy pass (as with mu > 1), so both
-    variants do the same passes: rollout, reference, old, policy. Frames are encoded once for everything."""
+    """grpo.grpo_step's pipeline with a timer per phase and an explicit old-policy pass (as with
+    mu > 1), so both variants do the same passes: rollout, reference, old, policy. Frames are
+    encoded once for everything."""
     G, T, mb = a.G, a.temperature, a.micro_batch
     with t("encode"):
         encs = net.encode([s.frames for s in samples])
@@ -211,14 +112,17 @@ def step_encode_once(net, ref, tok, task, samples, opt, a, t):
     prompts_G = [task.prompt(s, think=True) for s in samples for _ in range(G)]
     with t("rollout"), torch.no_grad():
         net.eval()
-        completion = net.generate(net.prompt_batch(tok, prompts_G, enc_G), enc_G, a.max_new_tokens, temperature=T)
+        completion = net.generate(net.prompt_batch(tok, prompts_G, enc_G), enc_G, a.max_new_tokens,
+                                  temperature=T)
         net.train()
     with t("reward"):
         texts = tok.batch_decode(completion, skip_special_tokens=True)
-        r = torch.tensor([task.reward(s, x)["total"] for s, x in zip([s for s in samples for _ in range(G)], texts)])
+        r = torch.tensor([task.reward(s, x)["total"]
+                          for s, x in zip([s for s in samples for _ in range(G)], texts)])
         adv, _ = grpo.group_advantages(r, G)
     slices = [slice(k, k + mb) for k in range(0, len(prompts_G), mb)]
-    batches = [grpo.sequence_batch(net, tok, prompts_G[sl], enc_G[sl], completion[sl]) for sl in slices]
+    batches = [grpo.sequence_batch(net, tok, prompts_G[sl], enc_G[sl], completion[sl])
+               for sl in slices]
     n_tok = sum(m.sum() for _, m in batches).item()
     with t("ref+old logp"):
         fwd = [(b, enc_G[sl]) for (b, _), sl in zip(batches, slices)]
@@ -227,7 +131,8 @@ def step_encode_once(net, ref, tok, task, samples, opt, a, t):
         total = 0.0
         for k, ((b, mask), sl) in enumerate(zip(batches, slices)):
             logp = net(**b, encodings=enc_G[sl], temperature=T)
-            loss, _ = grpo.grpo_loss(logp, old[k], refl[k], adv[sl], mask, 0.2, 0.2, a.beta, "token", n_tok, len(r), 1)
+            loss, _ = grpo.grpo_loss(logp, old[k], refl[k], adv[sl], mask, 0.2, 0.2, a.beta,
+                                     "token", n_tok, len(r), 1)
             loss.backward()
             total += loss.item()
     with t("optimizer"):
@@ -236,8 +141,9 @@ def step_encode_once(net, ref, tok, task, samples, opt, a, t):
 
 
 def step_naive(net, ref, tok, task, samples, opt, a, t):
-    """The loop one writes without the encode-once cache: every sample of every group, and every pass over it
-    (its generation, the reference, the old policy, the policy), encodes the frames again, one sequence at a time."""
+    """The loop one writes without the encode-once cache: every sample of every group, and every
+    pass over it (its generation, the reference, the old policy, the policy), encodes the frames
+    again, one sequence at a time."""
     G, T = a.G, a.temperature
     seqs = []  # (sample, encoding of the rollout, completion [1, C])
     for s in samples:
@@ -246,12 +152,13 @@ def step_naive(net, ref, tok, task, samples, opt, a, t):
                 enc = net.encode([s.frames])
             with t("rollout"), torch.no_grad():
                 net.eval()
-                c = net.generate(net.prompt_batch(tok, [task.prompt(s, think=True)], enc), enc, a.max_new_tokens,
-                                 temperature=T)
+                c = net.generate(net.prompt_batch(tok, [task.prompt(s, think=True)], enc), enc,
+                                 a.max_new_tokens, temperature=T)
                 net.train()
             seqs.append((s, c))
     with t("reward"):
-        r = torch.tensor([task.reward(s, tok.decode(c[0], skip_special_tokens=True))["total"] for s, c in seqs])
+        r = torch.tensor([task.reward(s, tok.decode(c[0], skip_special_tokens=True))["total"]
+                          for s, c in seqs])
         adv, _ = grpo.group_advantages(r, G)
 
     def one(m, s, c, grad):
@@ -261,7 +168,8 @@ def step_naive(net, ref, tok, task, samples, opt, a, t):
         with torch.set_grad_enabled(grad):
             return m(**b, encodings=enc, temperature=T), mask
 
-    n_tok = sum(grpo.completion_mask(c, tok.eos_token_id, tok.pad_token_id).sum().item() for _, c in seqs)
+    n_tok = sum(grpo.completion_mask(c, tok.eos_token_id, tok.pad_token_id).sum().item()
+                for _, c in seqs)
     with t("ref+old logp"):
         old = [one(net, s, c, False)[0] for s, c in seqs]
         refl = [one(ref, s, c, False)[0] for s, c in seqs]
@@ -269,8 +177,8 @@ def step_naive(net, ref, tok, task, samples, opt, a, t):
         total = 0.0
         for i, (s, c) in enumerate(seqs):
             logp, mask = one(net, s, c, True)
-            loss, _ = grpo.grpo_loss(logp, old[i], refl[i], adv[i:i + 1], mask, 0.2, 0.2, a.beta, "token", n_tok,
-                                     len(r), 1)
+            loss, _ = grpo.grpo_loss(logp, old[i], refl[i], adv[i:i + 1], mask, 0.2, 0.2, a.beta,
+                                     "token", n_tok, len(r), 1)
             loss.backward()
             total += loss.item()
     with t("optimizer"):
@@ -279,9 +187,12 @@ def step_naive(net, ref, tok, task, samples, opt, a, t):
 
 
 def time_step(fn, net, ref, tok, samples, a, repeats=1):
-    """-> (phase seconds per step, total seconds per step, completion tokens per step, encoder calls per step)."""
-    opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)  # lr 0: the model stays the same across repeats
-    counts, hooks = count_calls({"vision": [net.qwen.model.visual, ref.qwen.model.visual], "vggt": [net.vggt, ref.vggt]})
+    """-> (phase seconds per step, total seconds per step, completion tokens per step, encoder calls
+    per step)."""
+    # lr 0: the model stays the same across repeats
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)
+    counts, hooks = count_calls({"vision": [net.qwen.model.visual, ref.qwen.model.visual],
+                                 "vggt": [net.vggt, ref.vggt]})
     t, n_tok = Timer(), 0
     torch.manual_seed(0)
     for _ in range(repeats):
@@ -295,7 +206,8 @@ def time_step(fn, net, ref, tok, samples, a, repeats=1):
 def library_step(net, ref, tok, samples, a):
     """The real grpo.grpo_step (mu = 1: no old pass), with encoder call counts."""
     opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)
-    counts, hooks = count_calls({"vision": [net.qwen.model.visual, ref.qwen.model.visual], "vggt": [net.vggt, ref.vggt]})
+    counts, hooks = count_calls({"vision": [net.qwen.model.visual, ref.qwen.model.visual],
+                                 "vggt": [net.vggt, ref.vggt]})
     torch.manual_seed(0)
     out = grpo.grpo_step(net, ref, tok, rft3d.TASKS["grounding"], samples, opt, a)
     for h in hooks:
@@ -305,8 +217,9 @@ def library_step(net, ref, tok, samples, a):
 
 @contextlib.contextmanager
 def eos_suppressed(net):
-    """Both decoders read config["suppress_token_ids"] (generate through suppressed_ids, hf_generate through
-    generation_config): with EOS added no row ends, so both decode exactly max_new_tokens steps."""
+    """Both decoders read config["suppress_token_ids"] (generate through suppressed_ids, hf_generate
+    through generation_config): with EOS added no row ends, so both decode exactly max_new_tokens
+    steps."""
     ids = net.config["suppress_token_ids"]
     net.config["suppress_token_ids"] = ids + [net.config["eos_token_id"]]
     try:
@@ -317,8 +230,10 @@ def eos_suppressed(net):
 
 @contextlib.contextmanager
 def transformers_rollouts(net):
-    """Every caller of net.generate (grpo.grpo_step, step_encode_once) gets transformers' generate instead."""
-    net.generate = functools.partial(decoding.hf_generate, net)  # an instance attribute shadows the method
+    """Every caller of net.generate (grpo.grpo_step, step_encode_once) gets transformers' generate
+    instead."""
+    # an instance attribute shadows the method
+    net.generate = functools.partial(decoding.hf_generate, net)
     try:
         yield
     finally:
@@ -331,8 +246,8 @@ def sync():
 
 
 def time_calls(fns, repeats):
-    """{name: fn} -> {name: median wall seconds}. One warm-up call each, then the calls interleaved so that every
-    variant sees the same machine load."""
+    """{name: fn} -> {name: median wall seconds}. One warm-up call each, then the calls interleaved
+    so that every variant sees the same machine load."""
     for f in fns.values():
         f()
     times = defaultdict(list)
@@ -347,9 +262,9 @@ def time_calls(fns, repeats):
 
 
 def decode_bytes(net, B, L):
-    """(weight bytes, KV-cache bytes) a decoding step must read at least: the LLM's decoder layers, final norm and
-    lm_head (the embedding only reads B rows; tied weights count once), and keys + values of every layer over L slots
-    (the decode loop attends over all of them)."""
+    """(weight bytes, KV-cache bytes) a decoding step must read at least: the LLM's decoder layers,
+    final norm and lm_head (the embedding only reads B rows; tied weights count once), and keys +
+    values of every layer over L slots (the decode loop attends over all of them)."""
     lm = net.qwen.model.language_model
     params = {id(p): p for n, p in lm.named_parameters() if not n.startswith("embed_tokens")}
     params[id(net.qwen.lm_head.weight)] = net.qwen.lm_head.weight
@@ -374,11 +289,13 @@ def copy_bandwidth(device, nbytes=2**30, repeats=10):
 
 
 def rollout_comparison(net, batch, enc, new_tokens, repeats):
-    """model.generate (the decode loop) vs model.hf_generate (transformers' generate) on the same batch, both forced
-    to new_tokens steps. A 1-token call of each measures its prefill (+ the first pick); the rest are decoding steps.
-    Prints a table; returns {variant: {rollout_ms, prefill_ms, step_ms, token_ms}}."""
+    """model.generate (the decode loop) vs model.hf_generate (transformers' generate) on the same
+    batch, both forced to new_tokens steps. A 1-token call of each measures its prefill (+ the first
+    pick); the rest are decoding steps. Prints a table; returns {variant: {rollout_ms, prefill_ms,
+    step_ms, token_ms}}."""
     B, P = batch["input_ids"].shape
-    variants = {"decode loop (generate)": net.generate, "transformers (hf_generate)": functools.partial(decoding.hf_generate, net)}
+    variants = {"decode loop (generate)": net.generate,
+                "transformers (hf_generate)": functools.partial(decoding.hf_generate, net)}
     was_training = net.training
     net.eval()
     with eos_suppressed(net), torch.no_grad():
@@ -391,60 +308,73 @@ def rollout_comparison(net, batch, enc, new_tokens, repeats):
     res = {}
     for name in variants:
         full, one = t[(name, new_tokens)], t[(name, 1)]
-        res[name] = {"rollout_ms": 1e3 * full, "prefill_ms": 1e3 * one, "step_ms": 1e3 * (full - one) / (new_tokens - 1),
+        res[name] = {"rollout_ms": 1e3 * full, "prefill_ms": 1e3 * one,
+                     "step_ms": 1e3 * (full - one) / (new_tokens - 1),
                      "token_ms": 1e3 * full / (B * new_tokens)}
     header = ["rollout", "rollout ms", "prefill ms (1 token)", "ms / decoding step", "ms / token"]
-    rows = [[name] + [f"{r[k]:.2f}" for k in ("rollout_ms", "prefill_ms", "step_ms", "token_ms")] for name, r in res.items()]
+    rows = [[name] + [f"{r[k]:.2f}" for k in ("rollout_ms", "prefill_ms", "step_ms", "token_ms")]
+            for name, r in res.items()]
     if net.device.type == "cuda":  # how far from the memory-bandwidth limit is one decoding step?
         w, kv = decode_bytes(net, B, P + new_tokens)
         limit_ms = 1e3 * (w + kv) / copy_bandwidth(net.device)
-        print(f"bandwidth limit per step: weights {w / 2**30:.2f} GiB + KV cache {kv / 2**30:.2f} GiB at the measured "
-              f"copy bandwidth = {limit_ms:.2f} ms")
+        print(f"bandwidth limit per step: weights {w / 2**30:.2f} GiB + KV cache "
+              f"{kv / 2**30:.2f} GiB at the measured copy bandwidth = {limit_ms:.2f} ms")
         header.append("step / limit")
         for row, r in zip(rows, res.values()):
             row.append(f"{r['step_ms'] / limit_ms:.1f}x")
     table(header, rows)
     ours, hf = res["decode loop (generate)"], res["transformers (hf_generate)"]
     speed = hf["rollout_ms"] / ours["rollout_ms"]
-    print(f"rollout speed-up {speed:.2f}x (per decoding step {hf['step_ms'] / ours['step_ms']:.2f}x, prefill "
-          f"{hf['prefill_ms'] / ours['prefill_ms']:.2f}x; target >= 2x: {'met' if speed >= 2 else 'MISSED'})")
+    print(f"rollout speed-up {speed:.2f}x (per decoding step "
+          f"{hf['step_ms'] / ours['step_ms']:.2f}x, prefill "
+          f"{hf['prefill_ms'] / ours['prefill_ms']:.2f}x; target >= 2x: "
+          f"{'met' if speed >= 2 else 'MISSED'})")
     return res
 
 
 def rollout_section(net, ref, tok, args):
-    """Issue 13's side-by-side setting: tiny default, 2 prompts x G = 8, 4 frames of 112 px, 32 new tokens (forced),
-    the rollout alone and the whole GRPO step, with the decode loop and with transformers' generate."""
+    """Issue 13's side-by-side setting: tiny default, 2 prompts x G = 8, 4 frames of 112 px, 32 new
+    tokens (forced), the rollout alone and the whole GRPO step, with the decode loop and with
+    transformers' generate."""
     B, G, S, C = 2, 8, 4, 32
-    samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S, size=112)[i] for i in range(B)]
+    samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S, size=112)[i]
+               for i in range(B)]
     task = rft3d.TASKS["grounding"]
     enc = net.encode([s.frames for s in samples])
     enc_G = [e for e in enc for _ in range(G)]
-    batch = net.prompt_batch(tok, [task.prompt(s, think=True) for s in samples for _ in range(G)], enc_G)
-    print(f"\n== Rollout, tiny model, grounding: {B} prompts x G={G} ({B * G} rows, prompt {batch['input_ids'].shape[1]} "
-          f"tokens), {S} frames of 112 px, {C} new tokens (EOS suppressed), device {net.device}, "
-          f"median of {args.repeats} ==")
+    batch = net.prompt_batch(tok, [task.prompt(s, think=True) for s in samples for _ in range(G)],
+                             enc_G)
+    print(f"\n== Rollout, tiny model, grounding: {B} prompts x G={G} ({B * G} rows, prompt "
+          f"{batch['input_ids'].shape[1]} tokens), {S} frames of 112 px, {C} new tokens (EOS "
+          f"suppressed), device {net.device}, median of {args.repeats} ==")
     rollout_comparison(net, batch, enc_G, C, args.repeats)
     a = grpo_args(G, C)
     phases = ["encode", "rollout", "reward", "ref+old logp", "policy fwd/bwd", "optimizer"]
     rows, totals = [], {}
-    for name, ctx in (("decode loop", contextlib.nullcontext), ("transformers", lambda: transformers_rollouts(net))):
+    for name, ctx in (("decode loop", contextlib.nullcontext),
+                      ("transformers", lambda: transformers_rollouts(net))):
         with ctx(), eos_suppressed(net):
             time_step(step_encode_once, net, ref, tok, samples, a)  # warm-up
-            p, tot, nt, _ = time_step(step_encode_once, net, ref, tok, samples, a, repeats=args.step_repeats)
+            p, tot, nt, _ = time_step(step_encode_once, net, ref, tok, samples, a,
+                                      repeats=args.step_repeats)
         totals[name] = tot
-        rows.append([name] + [f"{p[k]:.3f}" for k in phases] + [f"{tot:.3f}", f"{nt:.0f}", f"{p['rollout'] / tot:.0%}"])
-    print("\nGRPO step (step_encode_once: rollout, reference, old policy, policy, optimizer), seconds:")
+        rows.append([name] + [f"{p[k]:.3f}" for k in phases]
+                    + [f"{tot:.3f}", f"{nt:.0f}", f"{p['rollout'] / tot:.0%}"])
+    print("\nGRPO step (step_encode_once: rollout, reference, old policy, policy, optimizer), "
+          "seconds:")
     table(["rollouts by"] + phases + ["step s", "tokens", "rollout share"], rows)
     print(f"GRPO step speed-up {totals['transformers'] / totals['decode loop']:.2f}x")
 
 
 def logprob_mem_child(a):
-    """Runs in a fresh process: peak memory growth of one log-prob forward + backward at Qwen's vocabulary."""
+    """Runs in a fresh process: peak memory growth of one log-prob forward + backward at Qwen's
+    vocabulary."""
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda" if cuda else "cpu"), getattr(torch, a.dtype)
     torch.manual_seed(0)
-    head = torch.nn.Linear(a.d, V_QWEN, bias=False, device=dev, dtype=dtype)  # built in dtype: no second copy
-    head.weight.grad = torch.zeros_like(head.weight)  # gradient buffer counted as an input (same for both)
+    head = torch.nn.Linear(a.d, V_QWEN, bias=False, device=dev, dtype=dtype)  # built in dtype: no
+    # second copy; the gradient buffer counted as an input (same for both)
+    head.weight.grad = torch.zeros_like(head.weight)
     hidden = torch.randn(a.B, a.L, a.d, device=dev, dtype=dtype, requires_grad=True)
     targets = torch.randint(0, V_QWEN, (a.B, a.L), device=dev)
     if cuda:
@@ -470,27 +400,34 @@ def logprob_mem_child(a):
 def logprob_memory(B, L, d, dtype, chunks=(1024, 512, 256)):
     rows = []
     for variant, chunk in [("naive", 0)] + [("chunked", c) for c in chunks]:
-        cmd = [sys.executable, __file__, "_logprob_mem", "--variant", variant, "--B", str(B), "--L", str(L),
-               "--d", str(d), "--dtype", dtype, "--chunk", str(chunk)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [sys.executable, __file__, "_logprob_mem", "--variant", variant, "--B", str(B),
+               "--L", str(L), "--d", str(d), "--dtype", dtype, "--chunk", str(chunk)]
+        res = subprocess.run(cmd, capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         if res.returncode:
             raise RuntimeError(res.stderr[-2000:])
-        rows.append((variant if variant == "naive" else f"chunked {chunk}", json.loads(res.stdout.strip().splitlines()[-1])))
+        rows.append((variant if variant == "naive" else f"chunked {chunk}",
+                     json.loads(res.stdout.strip().splitlines()[-1])))
     return rows
 
 
 def torchrun_step_time(nproc, init, out, G=8, frames=4, steps=4):
-    """step_time of train.py GRPO steps under torchrun --standalone (rank 0's metrics.jsonl, first step dropped)."""
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "train.py",
-           "--stage", "grpo", "--task", "grounding", "--model", str(init), "--steps", str(steps), "--G", str(G),
-           "--frames", str(frames), "--val-size", str(nproc),  # eval.evaluate fails on ranks with no val sample (report)
+    """step_time of train.py GRPO steps under torchrun --standalone (rank 0's metrics.jsonl, first
+    step dropped)."""
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+           f"--nproc_per_node={nproc}", "train.py", "--stage", "grpo", "--task", "grounding",
+           "--model", str(init), "--steps", str(steps), "--G", str(G), "--frames", str(frames),
+           # eval.evaluate fails on ranks with no val sample (report)
+           "--val-size", str(nproc),
            "--eval-every", "1000", "--save-every", "1000",
            "--out", str(out)]
     shutil.rmtree(out, ignore_errors=True)  # metrics.jsonl is appended to: start clean
     with open(Path(out).with_suffix(".log"), "w") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     rows = [json.loads(x) for x in open(Path(out) / "grpo" / "metrics.jsonl") if '"step_time"' in x]
-    return float(np.mean([r["step_time"] for r in rows[1:]])), float(np.mean([r["completion_tokens"] for r in rows[1:]]))
+    return (float(np.mean([r["step_time"] for r in rows[1:]])),
+            float(np.mean([r["completion_tokens"] for r in rows[1:]])))
 
 
 def throughput(args):
@@ -502,7 +439,16 @@ def throughput(args):
     rollout_section(net, ref, tok, args)
     if args.rollout_only:
         return
-    B, G, S = args.prompts, 8, 32
+    B = args.prompts
+    grpo_step_section(net, ref, tok, B, args)
+    logprob_section(args)
+    scaling_section(net, ref, tok, B, args)
+    torchrun_section(out, args)
+
+
+def grpo_step_section(net, ref, tok, B, args):
+    """One GRPO step at 32 frames: encode-once vs the naive loop, then grpo.grpo_step itself."""
+    G, S = 8, 32
     samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S)[i] for i in range(B)]
     a = grpo_args(G, args.max_new_tokens)
     print(f"\n== GRPO step, tiny model, grounding: B={B} prompts x G={G}, {S} frames of 56 px, "
@@ -512,20 +458,28 @@ def throughput(args):
         res[name] = time_step(fn, net, ref, tok, samples, a)
     phases = ["encode", "rollout", "reward", "ref+old logp", "policy fwd/bwd", "optimizer"]
     table(["variant"] + phases + ["step s", "tokens", "tok/s", "vision calls", "vggt calls"],
-          [[n] + [f"{p[k]:.2f}" for k in phases] + [f"{tot:.2f}", f"{nt:.0f}", f"{nt / tot:.0f}",
-                                                   f"{c.get('vision', 0):.0f}", f"{c.get('vggt', 0):.0f}"]
+          [[n] + [f"{p[k]:.2f}" for k in phases]
+           + [f"{tot:.2f}", f"{nt:.0f}", f"{nt / tot:.0f}",
+              f"{c.get('vision', 0):.0f}", f"{c.get('vggt', 0):.0f}"]
            for n, (p, tot, nt, c) in res.items()])
     speedup = res["naive loop"][1] / res["encode-once"][1]
-    print(f"speed-up encode-once vs naive: {speedup:.1f}x (target >= 3x: {'met' if speedup >= 3 else 'MISSED'})")
+    print(f"speed-up encode-once vs naive: {speedup:.1f}x "
+          f"(target >= 3x: {'met' if speedup >= 3 else 'MISSED'})")
     lib, counts = library_step(net, ref, tok, samples, a)
-    print(f"grpo.grpo_step itself (mu=1, no old pass): {lib['step_time']:.2f} s/step, rollout {lib['rollout_time']:.2f} s,"
-          f" {lib['tokens_per_s']:.0f} tok/s, vision tower calls {counts.get('vision', 0)}, VGGT calls {counts.get('vggt', 0)}")
+    print(f"grpo.grpo_step itself (mu=1, no old pass): {lib['step_time']:.2f} s/step, "
+          f"rollout {lib['rollout_time']:.2f} s, {lib['tokens_per_s']:.0f} tok/s, "
+          f"vision tower calls {counts.get('vision', 0)}, VGGT calls {counts.get('vggt', 0)}")
 
-    d, (Bm, Lm) = (2048, (8, 512)) if torch.cuda.is_available() else ((256, (4, 512)) if args.quick else (512, (8, 512)))
-    print(f"\n== Log-prob peak memory, V={V_QWEN:,}, {Bm}x{Lm} tokens, d={d}, forward+backward, fresh process each "
-          f"({'cuda max_memory_allocated' if torch.cuda.is_available() else 'CPU peak RSS growth'}) ==")
+
+def logprob_section(args):
+    """Peak memory of the log-probs at Qwen's vocabulary: naive vs chunked, a fresh process each."""
+    cuda = torch.cuda.is_available()
+    d, (Bm, Lm) = (2048, (8, 512)) if cuda else ((256, (4, 512)) if args.quick else (512, (8, 512)))
+    print(f"\n== Log-prob peak memory, V={V_QWEN:,}, {Bm}x{Lm} tokens, d={d}, forward+backward, "
+          f"fresh process each "
+          f"({'cuda max_memory_allocated' if cuda else 'CPU peak RSS growth'}) ==")
     rows = {}
-    for dtype in (["float32", "bfloat16"] if torch.cuda.is_available() else ["float32"]):
+    for dtype in (["float32", "bfloat16"] if cuda else ["float32"]):
         for v, r in logprob_memory(Bm, Lm, d, dtype):
             rows[(dtype, v)] = r
     table(["dtype", "variant (chunk tokens)", "peak MiB", "seconds", "chunked/naive"],
@@ -533,47 +487,66 @@ def throughput(args):
             f"{r['peak_bytes'] / rows[(dt, 'naive')]['peak_bytes']:.3f}" if v != "naive" else ""]
            for (dt, v), r in rows.items()])
     print(f"(logits alone: {Bm * Lm * V_QWEN * 4 / 2**20:.0f} MiB in fp32, one 1024-token chunk "
-          f"{1024 * V_QWEN * 4 / 2**20:.0f} MiB; target chunked <= 1/4 of naive; model.forward uses chunk_size=512)")
+          f"{1024 * V_QWEN * 4 / 2**20:.0f} MiB; target chunked <= 1/4 of naive; model.forward "
+          f"uses chunk_size=512)")
 
+
+def scaling_section(net, ref, tok, B, args):
+    """The encode-once step's time over G x frames."""
     print("\n== Scaling: encode-once step (explicit old pass), B=4 prompts ==")
     Gs, Ss = ((2, 8), (4, 32)) if args.quick else ((2, 4, 8, 16), (4, 8, 16, 32))
     rows = []
     for g in Gs:
         for s in Ss:
             smp = [scenes.SyntheticDataset("grounding", B, seed=0, frames=s)[i] for i in range(B)]
-            p, tot, nt, _ = time_step(step_encode_once, net, ref, tok, smp, grpo_args(g, args.max_new_tokens))
-            rows.append([g, s, f"{tot:.2f}", f"{p['rollout']:.2f}", f"{p['policy fwd/bwd']:.2f}", f"{nt:.0f}", f"{nt / tot:.0f}"])
+            p, tot, nt, _ = time_step(step_encode_once, net, ref, tok, smp,
+                                      grpo_args(g, args.max_new_tokens))
+            rows.append([g, s, f"{tot:.2f}", f"{p['rollout']:.2f}", f"{p['policy fwd/bwd']:.2f}",
+                         f"{nt:.0f}", f"{nt / tot:.0f}"])
     table(["G", "frames", "step s", "rollout s", "policy s", "tokens", "tok/s"], rows)
 
-    print("\n== Scaling over processes: torchrun --standalone train.py --stage grpo (4 prompts/rank, G=8, 4 frames) ==")
+
+def torchrun_section(out, args):
+    """train.py's GRPO step time with 1 and 2 processes under torchrun."""
+    print("\n== Scaling over processes: torchrun --standalone train.py --stage grpo "
+          "(4 prompts/rank, G=8, 4 frames) ==")
     rows = []
     for n in (1, 2):
-        st, nt = torchrun_step_time(n, out / "tiny" / "init", out / f"torchrun-{n}", steps=3 if args.quick else 5)
+        st, nt = torchrun_step_time(n, out / "tiny" / "init", out / f"torchrun-{n}",
+                                    steps=3 if args.quick else 5)
         rows.append([n, f"{st:.2f}", f"{nt:.0f}", f"{nt / st:.0f}"])
     table(["processes", "step s", "tokens/step (all ranks)", "tok/s"], rows)
-    print("(on this 2-core CPU two 1-thread ranks share the cores with everything else: the GPU numbers are the real ones)")
+    print("(on this 2-core CPU two 1-thread ranks share the cores with everything else: the GPU "
+          "numbers are the real ones)")
 
 
 # --------------------------------------------------------------------------------------------------
 # 2. Learning: does SFT -> GRPO beat the best SFT model? (DESIGN.md section 9; README "Learning")
-#    One start: the main command's own SFT warm-up (train.py's defaults), best on validation. From it, with the
-#    same number of optimiser updates, SFT -> SFT and SFT -> GRPO (train.py's GRPO defaults), each with its
-#    learning rate picked on validation from a sweep and early stopping on validation (train.py keeps best/),
-#    3 seeds, then paired per-scene differences on 400 test scenes (seed 2, never used for a choice). The best
-#    SFT model is whichever of the start and SFT -> SFT is better on validation. Then one knob at a time from
-#    that baseline (1 seed each, the baseline's learning rate), every row kept.
+#    One start: the main command's own SFT warm-up (train.py's defaults), best on validation. From
+#    it, with the same number of optimiser updates, SFT -> SFT and SFT -> GRPO (train.py's GRPO
+#    defaults), each with its learning rate picked on validation from a sweep and early stopping on
+#    validation (train.py keeps best/), 3 seeds, then paired per-scene differences on 400 test
+#    scenes (seed 2, never used for a choice). The best SFT model is whichever of the start and
+#    SFT -> SFT is better on validation. Then one knob at a time from that baseline (1 seed each,
+#    the baseline's learning rate), every row kept.
 
-LEARN = {  # arm_steps: optimiser updates per arm; val: validation scenes for every choice; lrs: the sweeps
-    "detection": dict(arm_steps=200, eval_every=50, val=100, lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
-    "grounding": dict(arm_steps=200, eval_every=50, val=100, lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
+# arm_steps: optimiser updates per arm; val: validation scenes for every choice; lrs: the sweeps
+LEARN = {
+    "detection": dict(arm_steps=200, eval_every=50, val=100,
+                      lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
+    "grounding": dict(arm_steps=200, eval_every=50, val=100,
+                      lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
 }
-QUICK = dict(arm_steps=10, eval_every=5, val=20, test=40, sft_steps=60, seeds=[0], lrs={"sft": [3e-4], "grpo": [1e-4]},
-             knobs=["data: fixed 500 scenes", "start: 1/3 of the SFT budget", "beta = 0 (no reference)"])  # one of each kind
-# (row, GRPO flags, flags of an SFT -> SFT run in the same setting (None: a GRPO-only knob), its start (None: the
-# main one; else a key of KNOB_STARTS)): one change each. The baseline is train.py's defaults: fresh scenes every
-# step, G = 8, T = 1, beta = 0.04, mu = 1, the paper's reward, canonical spellings. At one object per scene the
-# "a miss costs" reward (gt) equals the paper's on every one-box answer; its row asks whether answers with two boxes
-# (which the paper's term scores by their mean) change anything. (2026-12-02: no, the baseline's run to the digit.)
+QUICK = dict(arm_steps=10, eval_every=5, val=20, test=40, sft_steps=60, seeds=[0],
+             lrs={"sft": [3e-4], "grpo": [1e-4]},
+             knobs=["data: fixed 500 scenes", "start: 1/3 of the SFT budget",
+                    "beta = 0 (no reference)"])  # one of each kind
+# (row, GRPO flags, flags of an SFT -> SFT run in the same setting (None: a GRPO-only knob), its
+# start (None: the main one; else a key of KNOB_STARTS)): one change each. The baseline is
+# train.py's defaults: fresh scenes every step, G = 8, T = 1, beta = 0.04, mu = 1, the paper's
+# reward, canonical spellings. At one object per scene the "a miss costs" reward (gt) equals the
+# paper's on every one-box answer; its row asks whether answers with two boxes (which the paper's
+# term scores by their mean) change anything. (2026-12-02: no, the baseline's run to the digit.)
 KNOBS = [
     ("data: fixed 500 scenes", ["--train-size", "500"], ["--train-size", "500"], None),
     ("data: fixed 2000 scenes", ["--train-size", "2000"], ["--train-size", "2000"], None),
@@ -581,18 +554,22 @@ KNOBS = [
     ("G = 16 (2x the samples per step)", ["--G", "16"], None, None),
     ("temperature 0.7", ["--temperature", "0.7"], None, None),
     ("beta = 0 (no reference)", ["--beta", "0"], None, None),
-    ("mu = 2 (100 rollouts x 2 updates)", ["--mu", "2", "--steps", "100"], None, None),  # equal updates; clip active
+    # equal updates; clip active
+    ("mu = 2 (100 rollouts x 2 updates)", ["--mu", "2", "--steps", "100"], None, None),
     ("reward: robust IoU", ["--iou-mode", "robust"], None, None),
     ("reward: a miss costs (gt)", ["--iou-mode", "gt"], None, None),
-    # hypothesis (b): SFT targets in a random one of the equivalent spellings (yaw + pi, swapped extents), which
-    # cross-entropy sees as different answers and the IoU reward as one; start, SFT and GRPO all in that world
-    ("spelling: random (hypothesis b)", ["--spelling", "random"], ["--spelling", "random"], "spelling"),
+    # hypothesis (b): SFT targets in a random one of the equivalent spellings (yaw + pi, swapped
+    # extents), which cross-entropy sees as different answers and the IoU reward as one; start, SFT
+    # and GRPO all in that world
+    ("spelling: random (hypothesis b)", ["--spelling", "random"], ["--spelling", "random"],
+     "spelling"),
 ]
-# Rows confirmed with more training seeds. Fixed 2,000 scenes: its seed-0 row was the only one above 2 standard
-# errors (IoU over GT +0.023 +- 0.010; 2026-12-02), so seeds 1 and 2 (new training runs, the same test scenes) say
-# whether that was the luck of one SFT run. (A test result chose this follow-up; validation had GRPO behind, 58 vs 64.)
-# Temperature 0.7: the GRPO row best on validation (F1@0.25 66 vs the baseline's 54), a choice the test split
-# did not make. Its seeds 1 and 2 are compared with the baseline SFT->SFT's seeds 1 and 2.
+# Rows confirmed with more training seeds. Fixed 2,000 scenes: its seed-0 row was the only one above
+# 2 standard errors (IoU over GT +0.023 +- 0.010; 2026-12-02), so seeds 1 and 2 (new training runs,
+# the same test scenes) say whether that was the luck of one SFT run. (A test result chose this
+# follow-up; validation had GRPO behind, 58 vs 64.) Temperature 0.7: the GRPO row best on validation
+# (F1@0.25 66 vs the baseline's 54), a choice the test split did not make. Its seeds 1 and 2 are
+# compared with the baseline SFT->SFT's seeds 1 and 2.
 KNOB_SEEDS = {"data: fixed 2000 scenes": [0, 1, 2], "temperature 0.7": [0, 1, 2]}
 KNOB_STARTS = {  # key -> (SFT steps as a fraction of the main start's, its flags)
     "short": (1 / 3, []),
@@ -601,21 +578,23 @@ KNOB_STARTS = {  # key -> (SFT steps as a fraction of the main start's, its flag
 
 
 def run_job(job):
-    """job: (name, [argv, ...], log): its commands one after another, one thread each (two single-thread processes
-    on two cores, not two two-thread ones fighting)."""
+    """job: (name, [argv, ...], log): its commands one after another, one thread each (two
+    single-thread processes on two cores, not two two-thread ones fighting)."""
     name, cmds, log = job
     env, t0 = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, time.time()
     with open(log, "a") as f:
         for cmd in cmds:
             f.write("$ " + " ".join(map(str, cmd)) + "\n")
             f.flush()
-            if subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT, env=env).returncode:
+            if subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT,
+                              env=env).returncode:
                 raise RuntimeError(f"{name} failed: see {log}")
     print(f"  done {name} ({time.time() - t0:.0f} s)", flush=True)
 
 
 class Arm:
-    """One training run from a start + its test records. Cached: a finished arm is read back, never rerun."""
+    """One training run from a start + its test records. Cached: a finished arm is read back, never
+    rerun."""
 
     def __init__(self, root, name, task, stage, argv, test_argv):
         self.dir, self.name, self.task, self.stage = root / name, name, task, stage
@@ -626,9 +605,10 @@ class Arm:
             return []
         self.dir.mkdir(parents=True, exist_ok=True)
         resume = ["--resume"] if (self.dir / self.stage).exists() else []
-        train_cmd = ["train.py", "--stage", self.stage, "--task", self.task, *self.argv, *resume, "--out", self.dir]
-        test_cmd = ["eval.py", "--ckpt", self.dir / self.stage / "best", "--task", self.task, *self.test_argv,
-                    "--out", self.dir / "test"]
+        train_cmd = ["train.py", "--stage", self.stage, "--task", self.task, *self.argv, *resume,
+                     "--out", self.dir]
+        test_cmd = ["eval.py", "--ckpt", self.dir / self.stage / "best", "--task", self.task,
+                    *self.test_argv, "--out", self.dir / "test"]
         return [(self.name, [train_cmd, test_cmd], self.dir / "log.txt")]
 
     def rows(self):
@@ -636,7 +616,8 @@ class Arm:
 
     def val(self):
         """The best validation value of the primary metric (what train.py's best/ was chosen by)."""
-        return max(r[f"eval/{PRIMARY_METRIC[self.task]}"] for r in self.rows() if f"eval/{PRIMARY_METRIC[self.task]}" in r)
+        return max(r[f"eval/{PRIMARY_METRIC[self.task]}"] for r in self.rows()
+                   if f"eval/{PRIMARY_METRIC[self.task]}" in r)
 
     def test(self):
         recs = [json.loads(x) for x in open(self.dir / "test" / "predictions.jsonl")]
@@ -648,127 +629,180 @@ class Arm:
 
 
 def learning_task(task, args):
-    """A generator: yields each set of jobs (starts, sweeps, seeds, knob rows) and resumes once learning() has run
-    them, to choose on validation and print the tables."""
+    """A generator: yields each set of jobs (starts, sweeps, seeds, knob rows) and resumes once
+    learning() has run them, to choose on validation and print the tables."""
     q = args.quick
     cfg = {**LEARN[task], **(QUICK if q else {})}
     seeds, test_n = cfg.get("seeds", [0, 1, 2]), cfg.get("test", 400)
     root = OUT / ("learning-quick" if q else "learning") / task
     root.mkdir(parents=True, exist_ok=True)
-    common = ["--val-size", cfg["val"], "--eval-every", cfg["eval_every"], "--save-every", cfg["arm_steps"],
-              "--keep", "1", "--steps", cfg["arm_steps"], "--test-size", 0]  # eval.py scores the test scenes below
+    common = ["--val-size", cfg["val"], "--eval-every", cfg["eval_every"],
+              "--save-every", cfg["arm_steps"], "--keep", "1", "--steps", cfg["arm_steps"],
+              "--test-size", 0]  # eval.py scores the test scenes below
     test_argv = ["--test-size", test_n]
     t_start = time.time()
 
-    # 1. The start: the main command's SFT warm-up (train.py's defaults); the knob rows' own starts (KNOB_STARTS)
-    #    train in step 4, beside the rows that do not wait for them.
+    # 1. The start: the main command's SFT warm-up (train.py's defaults); the knob rows' own starts
+    #    (KNOB_STARTS) train in step 4, beside the rows that do not wait for them.
     sft_default = train.get_args(["--stage", "sft", "--task", task]).steps
     n_start = cfg.get("sft_steps", sft_default)
-    start_arms = {k: Arm(root, f"start-{k}", task, "sft", ["--steps", round(n_start * frac), "--val-size", cfg["val"],
-                                                           *flags], test_argv)
-                  for k, (frac, flags) in {"main": (1, []), **(KNOB_STARTS if task == "detection" else {})}.items()}
+    start_arms = {k: Arm(root, f"start-{k}", task, "sft",
+                         ["--steps", round(n_start * frac), "--val-size", cfg["val"], *flags],
+                         test_argv)
+                  for k, (frac, flags)
+                  in {"main": (1, []), **(KNOB_STARTS if task == "detection" else {})}.items()}
     print(f"[{task}] start: SFT warm-up of {n_start} steps")
     yield start_arms["main"].jobs()
     start_model = {k: a.dir / "sft" / "best" for k, a in start_arms.items()}
 
-    def arm(name, stage, lr, seed, extra=(), start="main"):  # a seed draws its own training scenes and samples
-        # (--seed alone varies GRPO's sampling only: an SFT run on fresh scenes would be the same run every seed)
-        return Arm(root, name, task, stage, ["--model", start_model[start], "--lr", lr, "--seed", seed, "--data-seed",
-                                             seed, "--warmup", "10", "--schedule", "constant", *common, *extra], test_argv)
+    def arm(name, stage, lr, seed, extra=(), start="main"):
+        # a seed draws its own training scenes and samples (--seed alone varies GRPO's sampling
+        # only: an SFT run on fresh scenes would be the same run every seed)
+        return Arm(root, name, task, stage,
+                   ["--model", start_model[start], "--lr", lr, "--seed", seed, "--data-seed", seed,
+                    "--warmup", "10", "--schedule", "constant", *common, *extra], test_argv)
 
     # 2. Learning-rate sweeps on validation (seed 0), then the chosen rate for every seed.
-    sweep = {(stage, lr): arm(f"{stage}-lr{lr:g}-s0", stage, lr, 0) for stage in ("sft", "grpo") for lr in cfg["lrs"][stage]}
+    lr, arms = yield from lr_sweep(task, cfg, seeds, arm)
+
+    # 3. The three-arm table: the best SFT model (on validation) against SFT -> GRPO, paired on the
+    #    test scenes.
+    start = start_arms["main"]
+    best, summary = three_arm_table(task, cfg, seeds, test_n, n_start, start, arms, lr)
+
+    # 4. Knob rows: one change each from the baseline, seed 0 (KNOB_SEEDS: more), the baseline's
+    #    learning rates.
+    if task == "detection":
+        summary["knobs"] = yield from knob_rows(task, cfg, q, seeds, test_n, lr, arm, start_arms,
+                                                arms, best)
+    (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    curves = {f"seed {s}": ([r["step"] for r in a.rows() if "reward" in r],
+                            [r["reward"] for r in a.rows() if "reward" in r])
+              for s, a in zip(seeds, arms["grpo"])}
+    plot(root / "grpo_reward.png", [(f"{task}: SFT->GRPO training reward per step", curves)])
+    print(f"[{task}] wall time {time.time() - t_start:.0f} s; logs, curves and summary.json in "
+          f"{root}/")
+
+
+def lr_sweep(task, cfg, seeds, arm):
+    """A generator (learning_task's step 2): the learning-rate sweeps on validation at seed 0, then
+    the chosen rate for every seed. Returns ({stage: lr}, {stage: [arm per seed]})."""
+    sweep = {(stage, lr): arm(f"{stage}-lr{lr:g}-s0", stage, lr, 0)
+             for stage in ("sft", "grpo") for lr in cfg["lrs"][stage]}
     yield [j for a in sweep.values() for j in a.jobs()]
-    lr = {stage: max(cfg["lrs"][stage], key=lambda v: sweep[(stage, v)].val()) for stage in ("sft", "grpo")}
+    lr = {stage: max(cfg["lrs"][stage], key=lambda v: sweep[(stage, v)].val())
+          for stage in ("sft", "grpo")}
     for stage in ("sft", "grpo"):
         print(f"[{task}] {stage} lr on validation {PRIMARY_METRIC[task]}: " +
-              ", ".join(f"{v:g}: {sweep[(stage, v)].val():.2f}" for v in cfg["lrs"][stage]) + f" -> {lr[stage]:g}")
-    arms = {stage: [sweep[(stage, lr[stage])]] + [arm(f"{stage}-lr{lr[stage]:g}-s{s}", stage, lr[stage], s)
-                                                  for s in seeds[1:]] for stage in ("sft", "grpo")}
+              ", ".join(f"{v:g}: {sweep[(stage, v)].val():.2f}" for v in cfg["lrs"][stage])
+              + f" -> {lr[stage]:g}")
+    arms = {stage: [sweep[(stage, lr[stage])]]
+            + [arm(f"{stage}-lr{lr[stage]:g}-s{s}", stage, lr[stage], s) for s in seeds[1:]]
+            for stage in ("sft", "grpo")}
     yield [j for a in arms["sft"] + arms["grpo"] for j in a.jobs()]
+    return lr, arms
 
-    # 3. The three-arm table: the best SFT model (on validation) against SFT -> GRPO, paired on the test scenes.
-    start = start_arms["main"]
+
+def three_arm_table(task, cfg, seeds, test_n, n_start, start, arms, lr):
+    """learning_task's step 3: prints the start / SFT->SFT / SFT->GRPO table, paired against the
+    best SFT model on validation. Returns (the best SFT's name, the summary dict)."""
     sft_val = float(np.mean([a.val() for a in arms["sft"]]))
     best = "start" if start.val() >= sft_val else "SFT->SFT"
-    print(f"\n== {task}: three arms from one start, {cfg['arm_steps']} optimiser updates per arm, seeds {seeds}, "
-          f"{test_n} test scenes (seed 2), paired per scene ==")
-    print(f"start = best-on-validation of the main command's SFT warm-up ({n_start} steps); best SFT on "
-          f"validation ({PRIMARY_METRIC[task]}): start {start.val():.2f}, SFT->SFT {sft_val:.2f} -> {best}")
+    print(f"\n== {task}: three arms from one start, {cfg['arm_steps']} optimiser updates per arm, "
+          f"seeds {seeds}, {test_n} test scenes (seed 2), paired per scene ==")
+    print(f"start = best-on-validation of the main command's SFT warm-up ({n_start} steps); best "
+          f"SFT on validation ({PRIMARY_METRIC[task]}): start {start.val():.2f}, SFT->SFT "
+          f"{sft_val:.2f} -> {best}")
     for stage, name in (("sft", "SFT->SFT"), ("grpo", "SFT->GRPO")):
         secs = [a.seconds() for a in arms[stage]]
-        print(f"  {name}: lr {lr[stage]:g}, {secs[0][1]} updates, {np.mean([s for s, _ in secs]):.0f} s of steps per "
-              f"run (mean over seeds), validation {np.mean([a.val() for a in arms[stage]]):.2f}")
+        print(f"  {name}: lr {lr[stage]:g}, {secs[0][1]} updates, "
+              f"{np.mean([s for s, _ in secs]):.0f} s of steps per run (mean over seeds), "
+              f"validation {np.mean([a.val() for a in arms[stage]]):.2f}")
     tests = {"start": start.test(), "SFT->SFT": [a.test() for a in arms["sft"]],
              "SFT->GRPO": [a.test() for a in arms["grpo"]]}
     diffs = compare_table(task, tests, base=best)
     verdict = claim(task, diffs["SFT->GRPO"])
-    spread = {k: np.std([np.mean(x[k]) for x in tests["SFT->GRPO"]], ddof=1) if len(seeds) > 1 else float("nan")
+    spread = {k: np.std([np.mean(x[k]) for x in tests["SFT->GRPO"]], ddof=1)
+              if len(seeds) > 1 else float("nan")
               for k, _, _ in SCENE_METRICS[task]}
     main = SCENE_METRICS[task][0]
-    print(f"seed spread of SFT->GRPO's {main[1]} (std of per-seed means): {fmt(spread[main[0]], main[2])}")
+    print(f"seed spread of SFT->GRPO's {main[1]} (std of per-seed means): "
+          f"{fmt(spread[main[0]], main[2])}")
     print(f"verdict: {verdict}")
     summary = {"lr": lr, "best_sft": best, "diffs": diffs, "verdict": verdict,
-               "val": {"start": start.val(), "sft": sft_val, "grpo": float(np.mean([a.val() for a in arms["grpo"]]))}}
+               "val": {"start": start.val(), "sft": sft_val,
+                       "grpo": float(np.mean([a.val() for a in arms["grpo"]]))}}
+    return best, summary
 
-    # 4. Knob rows: one change each from the baseline, seed 0 (KNOB_SEEDS: more), the baseline's learning rates.
-    if task == "detection":
-        knob_arms = []
-        for name, grpo_flags, sft_flags, start_key in [k for k in KNOBS if "knobs" not in cfg or k[0] in cfg["knobs"]]:
-            key = "".join(c for c in name if c.isalnum())[:40]  # a stable folder name (str hash is salted per run)
-            ks = [0] if q else KNOB_SEEDS.get(name, [0])
-            g = [arm(f"knob-{key}-grpo" + (f"-s{k}" if k else ""), "grpo", lr["grpo"], k, grpo_flags, start_key or "main")
-                 for k in ks]
-            s = [arm(f"knob-{key}-sft" + (f"-s{k}" if k else ""), "sft", lr["sft"], k, sft_flags, start_key or "main")
-                 for k in ks] if sft_flags is not None else []
-            knob_arms.append((name, ks, g, s, start_key))
-        # the untrained knob starts first (the longest chains), with every row that does not wait for one; then the rest
-        untrained = {k for *_, k in knob_arms if k and start_arms[k].jobs()}
-        yield ([j for k in untrained for j in start_arms[k].jobs()] +
-               [j for _, _, g, s, k in knob_arms if k not in untrained for a in g + s for j in a.jobs()])
-        yield [j for _, _, g, s, k in knob_arms if k in untrained for a in g + s for j in a.jobs()]
 
-        base_best = [start if best == "start" else a for a in arms["sft"]]  # the baseline's best SFT model, per seed
-        rows = [["baseline (seed 0)", f"{arms['grpo'][0].val():.2f}"] + knob_cells(task, arms["grpo"][:1], base_best[:1])]
-        for name, ks, g, s, start_key in knob_arms:
-            # the best SFT model of that setting: a GRPO-only row (G, T, beta, mu, reward) shares the baseline's, seed
-            # by seed; a row with its own SFT runs (data, start) picks between them and its start on validation
-            st = start_arms[start_key or "main"]
-            if not s:
-                ref = [base_best[seeds.index(k)] for k in ks]
-            else:
-                ref = [st] * len(ks) if st.val() >= np.mean([a.val() for a in s]) else s
-            rows.append([name + (f" ({len(ks)} seeds)" if len(ks) > 1 else ""), f"{np.mean([a.val() for a in g]):.2f}"]
-                        + knob_cells(task, g, ref))
-        print(f"\n== {task}: one knob at a time (SFT->GRPO, seed 0 unless said, lr {lr['grpo']:g}) vs the best SFT "
-              f"model of the same setting (data and start rows: their own SFT->SFT run), paired on {test_n} test scenes ==")
-        table(["row", f"val {PRIMARY_METRIC[task]}"] + [f"d {n}" for _, n, _ in SCENE_METRICS[task][:5]], rows)
-        summary["knobs"] = rows
-    (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    curves = {f"seed {s}": ([r["step"] for r in a.rows() if "reward" in r], [r["reward"] for r in a.rows() if "reward" in r])
-              for s, a in zip(seeds, arms["grpo"])}
-    plot(root / "grpo_reward.png", [(f"{task}: SFT->GRPO training reward per step", curves)])
-    print(f"[{task}] wall time {time.time() - t_start:.0f} s; logs, curves and summary.json in {root}/")
+def knob_rows(task, cfg, q, seeds, test_n, lr, arm, start_arms, arms, best):
+    """A generator (learning_task's step 4, detection): trains the knob rows, one change each from
+    the baseline, then prints their table. Returns the table's rows."""
+    knob_arms = []
+    for name, grpo_flags, sft_flags, start_key in [k for k in KNOBS
+                                                   if "knobs" not in cfg or k[0] in cfg["knobs"]]:
+        # a stable folder name (str hash is salted per run)
+        key = "".join(c for c in name if c.isalnum())[:40]
+        ks = [0] if q else KNOB_SEEDS.get(name, [0])
+        g = [arm(f"knob-{key}-grpo" + (f"-s{k}" if k else ""), "grpo", lr["grpo"], k, grpo_flags,
+                 start_key or "main")
+             for k in ks]
+        s = [arm(f"knob-{key}-sft" + (f"-s{k}" if k else ""), "sft", lr["sft"], k, sft_flags,
+                 start_key or "main")
+             for k in ks] if sft_flags is not None else []
+        knob_arms.append((name, ks, g, s, start_key))
+    # the untrained knob starts first (the longest chains), with every row that does not wait for
+    # one; then the rest
+    untrained = {k for *_, k in knob_arms if k and start_arms[k].jobs()}
+    yield ([j for k in untrained for j in start_arms[k].jobs()] +
+           [j for _, _, g, s, k in knob_arms if k not in untrained
+            for a in g + s for j in a.jobs()])
+    yield [j for _, _, g, s, k in knob_arms if k in untrained for a in g + s for j in a.jobs()]
+
+    start = start_arms["main"]
+    # the baseline's best SFT model, per seed
+    base_best = [start if best == "start" else a for a in arms["sft"]]
+    rows = [["baseline (seed 0)", f"{arms['grpo'][0].val():.2f}"]
+            + knob_cells(task, arms["grpo"][:1], base_best[:1])]
+    for name, ks, g, s, start_key in knob_arms:
+        # the best SFT model of that setting: a GRPO-only row (G, T, beta, mu, reward) shares the
+        # baseline's, seed by seed; a row with its own SFT runs (data, start) picks between them and
+        # its start on validation
+        st = start_arms[start_key or "main"]
+        if not s:
+            ref = [base_best[seeds.index(k)] for k in ks]
+        else:
+            ref = [st] * len(ks) if st.val() >= np.mean([a.val() for a in s]) else s
+        rows.append([name + (f" ({len(ks)} seeds)" if len(ks) > 1 else ""),
+                     f"{np.mean([a.val() for a in g]):.2f}"] + knob_cells(task, g, ref))
+    print(f"\n== {task}: one knob at a time (SFT->GRPO, seed 0 unless said, lr {lr['grpo']:g}) vs "
+          f"the best SFT model of the same setting (data and start rows: their own SFT->SFT run), "
+          f"paired on {test_n} test scenes ==")
+    table(["row", f"val {PRIMARY_METRIC[task]}"]
+          + [f"d {n}" for _, n, _ in SCENE_METRICS[task][:5]], rows)
+    return rows
 
 
 def knob_cells(task, a, b):
-    """Paired differences (arms a - arms b, seed by seed; paired() averages over the seeds) with standard errors for
-    the first five scene metrics, as table cells."""
+    """Paired differences (arms a - arms b, seed by seed; paired() averages over the seeds) with
+    standard errors for the first five scene metrics, as table cells."""
     ta, tb = [x.test() for x in a], [x.test() for x in b]
     return [f"{fmt(d, s, True)}+-{fmt(se, s)}" for k, _, s in SCENE_METRICS[task][:5]
             for d, se in [paired(np.stack([t[k] for t in ta]), np.stack([t[k] for t in tb]))]]
 
 
 def learning(args):
-    """Both tasks at once on one pool of --jobs workers: each task is a generator that yields its next jobs (the
-    starts, the sweeps, the seeds, the knob rows) and resumes, to choose and print, when they have all finished;
-    meanwhile the other task's jobs keep the cores busy."""
+    """Both tasks at once on one pool of --jobs workers: each task is a generator that yields its
+    next jobs (the starts, the sweeps, the seeds, the knob rows) and resumes, to choose and print,
+    when they have all finished; meanwhile the other task's jobs keep the cores busy."""
     from concurrent.futures import ThreadPoolExecutor
-    tasks = {t: learning_task(t, args) for t in (["detection", "grounding"] if args.task == "both" else [args.task])}
+    tasks = {t: learning_task(t, args)
+             for t in (["detection", "grounding"] if args.task == "both" else [args.task])}
     waiting = {}  # task -> the futures of its current jobs
     with ThreadPoolExecutor(args.jobs) as pool:
         def advance(t):
-            for jobs in tasks[t]:  # the next non-empty set of jobs (finished arms are cached: empty sets)
+            # the next non-empty set of jobs (finished arms are cached: empty sets)
+            for jobs in tasks[t]:
                 if jobs:
                     waiting[t] = [pool.submit(run_job, j) for j in jobs]
                     return
@@ -779,35 +813,25 @@ def learning(args):
             for t, futures in list(waiting.items()):
                 if all(f.done() for f in futures):
                     del waiting[t]
-                    [f.result() for f in futures]  # a failed job stops the benchmark, naming its log
+                    # a failed job stops the benchmark, naming its log
+                    [f.result() for f in futures]
                     advance(t)
 
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. Real size on a GPU, random weights in bf16: SFT step MFU, GRPO step phases at G = 8, peak memory, FSDP2
+# 3. Real size on a GPU, random weights in bf16: SFT step MFU, GRPO step phases at G = 8, peak
+#    memory, FSDP2
 
 
 def gpu(args):
-    """Qwen2.5-VL-3B/7B + VGGT-1B with random weights. Inputs are built by hand (no tokenizer needed for timing):
-    per frame a vision block of <|image_pad|> tokens (518 x 392 frames: 252 tokens each) and random text."""
+    """Qwen2.5-VL-3B/7B + VGGT-1B with random weights. Inputs are built by hand (no tokenizer
+    needed for timing): per frame a vision block of <|image_pad|> tokens (518 x 392 frames: 252
+    tokens each) and random text."""
     dev = torch.device("cuda", 0)
     torch.manual_seed(0)
     cfg = vgllm.real_config(args.model)
-    with torch.device(dev):
-        net = vgllm.VGLLM(cfg).to(torch.bfloat16)
-    net.enable_gradient_checkpointing()
-    if args.fsdp:  # FSDP2 on one GPU: the code path of --shard fsdp (no memory saving with one rank)
-        import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
-        dist.init_process_group("nccl", rank=0, world_size=1)
-        for layer in net.qwen.model.language_model.layers:
-            fully_shard(layer)
-        fully_shard(net)
-        for m in ("encode", "generate"):
-            register_fsdp_forward_method(net, m)
+    net = gpu_model(cfg, dev, args.fsdp)
     opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-6)
     n_llm = sum(p.numel() for p in net.qwen.model.language_model.parameters())
     peak_flops = 989e12  # H100/H200 SXM dense bf16
@@ -819,21 +843,7 @@ def gpu(args):
     frames = np.random.default_rng(0).integers(0, 255, (args.frames, 392, 518, 3), dtype=np.uint8)
     with t("encode"):
         enc = net.encode([frames])
-    q, g = cfg["qwen"], torch.Generator().manual_seed(0)
-    ids, types = torch.randint(0, 150000, (32,), generator=g).tolist(), [0] * 32
-    for T in enc[0].n_tokens_per_image:
-        ids += [q["vision_start_token_id"]] + [q["image_token_id"]] * T + [q["vision_end_token_id"]]
-        types += [0] + [1] * T + [0]
-    P = len(ids) + 32
-    prompt = torch.tensor(ids + torch.randint(0, 150000, (32,), generator=g).tolist(), device=dev)[None]
-    types = torch.tensor(types + [0] * 32, device=dev)[None]
-
-    def seq_batch(completion):  # [N, C] -> forward kwargs for prompt + completion
-        N = completion.shape[0]
-        return {"input_ids": torch.cat([prompt.expand(N, -1), completion], 1),
-                "attention_mask": torch.ones(N, P + completion.shape[1], dtype=torch.long, device=dev),
-                "mm_token_type_ids": torch.cat([types.expand(N, -1), torch.zeros_like(completion)], 1),
-                "image_grid_thw": torch.cat([enc[0].image_grid_thw] * N), "first_position": P - 1}
+    seq_batch, P = gpu_inputs(cfg, enc, dev)
 
     # 2. SFT step: one sample, a 128-token answer (after a warm-up step)
     answer = torch.randint(0, 150000, (1, args.new_tokens), device=dev)
@@ -845,17 +855,84 @@ def gpu(args):
             opt.step()
             opt.zero_grad(set_to_none=True)
     res["sft_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    # MFU counts 6 N T for the LLM (not the recomputation of gradient checkpointing, nor the frozen encoders)
+    # MFU counts 6 N T for the LLM (not the recomputation of gradient checkpointing, nor the frozen
+    # encoders)
     res["sft_mfu"] = 6 * n_llm * (P + args.new_tokens) / t.s["sft"] / peak_flops
 
-    # 3. GRPO step: G samples from ONE encoding, reference log-probs, policy forward/backward, optimizer
+    # 3. GRPO step: G samples from ONE encoding, reference log-probs, policy forward/backward,
+    #    optimizer
+    batch, enc_G = gpu_grpo_step(net, opt, enc, seq_batch, answer, P, t, dev, args)
+    res["grpo_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
+    res["policy_mfu"] = (6 * n_llm * args.G * (P + args.new_tokens) / t.s["policy fwd/bwd"]
+                         / peak_flops)
+    res.update({f"{k}_s": v for k, v in t.s.items() if k != "warm-up"}, prompt_tokens=P)
+    res["grpo_step_s"] = sum(t.s[k] for k in ("encode", "rollout", "reference logp",
+                                              "policy fwd/bwd", "optimizer"))
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
+    # the decode loop vs transformers' generate at this size, and the bandwidth limit
+    if args.compare_rollout:
+        rollout_comparison(net, batch, enc_G, args.new_tokens, repeats=2)
+
+
+def gpu_model(cfg, dev, fsdp):
+    """The real-size model in bf16 on dev, gradient checkpointing on; fsdp: wrapped in FSDP2."""
+    with torch.device(dev):
+        net = vgllm.VGLLM(cfg).to(torch.bfloat16)
+    net.enable_gradient_checkpointing()
+    if fsdp:  # FSDP2 on one GPU: the code path of --shard fsdp (no memory saving with one rank)
+        import torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+        for layer in net.qwen.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(net)
+        for m in ("encode", "generate"):
+            register_fsdp_forward_method(net, m)
+    return net
+
+
+def gpu_inputs(cfg, enc, dev):
+    """A hand-built prompt (32 random tokens, a vision block per frame, 32 random tokens) for the
+    encoding enc. Returns (seq_batch: [N, C] completions -> forward kwargs for prompt + completion,
+    P: the prompt's length)."""
+    q, g = cfg["qwen"], torch.Generator().manual_seed(0)
+    ids, types = torch.randint(0, 150000, (32,), generator=g).tolist(), [0] * 32
+    for T in enc[0].n_tokens_per_image:
+        ids += [q["vision_start_token_id"]] + [q["image_token_id"]] * T + [q["vision_end_token_id"]]
+        types += [0] + [1] * T + [0]
+    P = len(ids) + 32
+    prompt = torch.tensor(ids + torch.randint(0, 150000, (32,), generator=g).tolist(),
+                          device=dev)[None]
+    types = torch.tensor(types + [0] * 32, device=dev)[None]
+
+    def seq_batch(completion):  # [N, C] -> forward kwargs for prompt + completion
+        N = completion.shape[0]
+        return {"input_ids": torch.cat([prompt.expand(N, -1), completion], 1),
+                "attention_mask": torch.ones(N, P + completion.shape[1], dtype=torch.long,
+                                             device=dev),
+                "mm_token_type_ids": torch.cat([types.expand(N, -1), torch.zeros_like(completion)],
+                                               1),
+                "image_grid_thw": torch.cat([enc[0].image_grid_thw] * N), "first_position": P - 1}
+
+    return seq_batch, P
+
+
+def gpu_grpo_step(net, opt, enc, seq_batch, answer, P, t, dev, args):
+    """gpu()'s GRPO step, timed into t: G rollouts from one encoding (after a warm-up rollout),
+    reference log-probs, policy forward/backward, optimizer. Returns (the rollout batch, the G
+    encodings)."""
     torch.cuda.reset_peak_memory_stats(dev)
     enc_G = enc * args.G
-    batch = {k: v for k, v in seq_batch(answer[:, :0].expand(args.G, 0)).items() if k != "first_position"}
+    batch = {k: v for k, v in seq_batch(answer[:, :0].expand(args.G, 0)).items()
+             if k != "first_position"}
     net.eval()
-    net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)  # warm-up: records the graph
+    # warm-up: records the graph
+    net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)
     with t("rollout"):
-        completion = net.generate(batch, enc_G, max_new_tokens=args.new_tokens, synced_gpus=args.fsdp)
+        completion = net.generate(batch, enc_G, max_new_tokens=args.new_tokens,
+                                  synced_gpus=args.fsdp)
     net.train()
     mb = [slice(i, i + args.micro_batch) for i in range(0, args.G, args.micro_batch)]
     with t("reference logp"), torch.no_grad():
@@ -866,28 +943,24 @@ def gpu(args):
             logp = net(**seq_batch(completion[sl]), encodings=enc_G[sl])
             mask = torch.zeros_like(logp)
             mask[:, P - 1:] = 1
-            loss, _ = grpo.grpo_loss(logp, logp.detach(), ref[k], adv[sl], mask, 0.2, 0.2, 0.04, "token",
-                                     mask.sum().item() * len(mb), args.G, args.new_tokens)
+            loss, _ = grpo.grpo_loss(logp, logp.detach(), ref[k], adv[sl], mask, 0.2, 0.2, 0.04,
+                                     "token", mask.sum().item() * len(mb), args.G, args.new_tokens)
             loss.backward()
     with t("optimizer"):
         opt.step()
         opt.zero_grad(set_to_none=True)
-    res["grpo_peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-    res["policy_mfu"] = 6 * n_llm * args.G * (P + args.new_tokens) / t.s["policy fwd/bwd"] / peak_flops
-    res.update({f"{k}_s": v for k, v in t.s.items() if k != "warm-up"}, prompt_tokens=P)
-    res["grpo_step_s"] = sum(t.s[k] for k in ("encode", "rollout", "reference logp", "policy fwd/bwd", "optimizer"))
-    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()}))
-    if args.compare_rollout:  # the decode loop vs transformers' generate at this size, and the bandwidth limit
-        rollout_comparison(net, batch, enc_G, args.new_tokens, repeats=2)
+    return batch, enc_G
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. CPU threads: train.py's default (one thread on a CPU) against the alternatives, on a quiet and a loaded machine
+# 4. CPU threads: train.py's default (one thread on a CPU) against the alternatives, on a quiet and
+#    a loaded machine
 
 
 def sft_speed_child(a):
-    """Runs in a fresh process (OpenMP reads OMP_NUM_THREADS / OMP_WAIT_POLICY once, at start): seconds per SFT
-    warm-up step of the tiny default, data rendering included as in train.py (workers 0), first step untimed."""
+    """Runs in a fresh process (OpenMP reads OMP_NUM_THREADS / OMP_WAIT_POLICY once, at start):
+    seconds per SFT warm-up step of the tiny default, data rendering included as in train.py
+    (workers 0), first step untimed."""
     net, tok = checkpoints.load_pretrained(a.model)
     opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-3)
     ds = scenes.SyntheticDataset("detection", 10**6, seed=1000, frames=a.frames)
@@ -901,8 +974,9 @@ def sft_speed_child(a):
 
 
 def threads(args):
-    """The SFT warm-up's step time for each thread setting, idle and with a busy loop pinned to the last core
-    (a laptop doing something else). Each run is a fresh process with its own environment."""
+    """The SFT warm-up's step time for each thread setting, idle and with a busy loop pinned to the
+    last core (a laptop doing something else). Each run is a fresh process with its own
+    environment."""
     out = OUT / ("threads-quick" if args.quick else "threads")
     out.mkdir(parents=True, exist_ok=True)
     init = train.tiny_init(train.get_args(["--task", "detection", "--out", str(out / "tiny")]), 0)
@@ -910,8 +984,10 @@ def threads(args):
     steps, batch = (2, 2) if args.quick else (20, 16)
     candidates = {"1 thread (train.py default)": {"OMP_NUM_THREADS": "1"},
                   f"{cores} threads": {"OMP_NUM_THREADS": str(cores)},
-                  f"{cores} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(cores), "OMP_WAIT_POLICY": "passive"}}
-    base_env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+                  f"{cores} threads, OMP_WAIT_POLICY=passive": {"OMP_NUM_THREADS": str(cores),
+                                                                "OMP_WAIT_POLICY": "passive"}}
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     results = {}
     for load in ("idle", "busy"):
         busy = None
@@ -921,36 +997,44 @@ def threads(args):
                 os.sched_setaffinity(busy.pid, {max(os.sched_getaffinity(0))})
         try:
             for name, env in candidates.items():
-                cmd = [sys.executable, __file__, "_sft_speed", "--model", init, "--steps", str(steps),
-                       "--batch-size", str(batch)]
+                cmd = [sys.executable, __file__, "_sft_speed", "--model", init,
+                       "--steps", str(steps), "--batch-size", str(batch)]
                 res = subprocess.run(cmd, capture_output=True, text=True, env={**base_env, **env})
                 if res.returncode:
                     raise RuntimeError(res.stderr[-2000:])
-                results[(name, load)] = json.loads(res.stdout.strip().splitlines()[-1])["s_per_step"]
+                last = res.stdout.strip().splitlines()[-1]
+                results[(name, load)] = json.loads(last)["s_per_step"]
                 print(f"  {name}, {load}: {results[(name, load)]:.3f} s/step", file=sys.stderr)
         finally:
             if busy is not None:
                 busy.kill()
                 busy.wait()
-    print(f"\n== SFT warm-up step (tiny default, detection, batch {batch}, 4 frames), {cores} cores, "
-          f"mean of {steps} steps ==")
+    print(f"\n== SFT warm-up step (tiny default, detection, batch {batch}, 4 frames), {cores} "
+          f"cores, mean of {steps} steps ==")
     table(["threads", "idle s/step", "busy core s/step", "slowdown"],
           [[name, f"{results[(name, 'idle')]:.3f}", f"{results[(name, 'busy')]:.3f}",
             f"{results[(name, 'busy')] / results[(name, 'idle')]:.1f}x"] for name in candidates])
-    (out / "threads.json").write_text(json.dumps({f"{n} / {l}": v for (n, l), v in results.items()}, indent=1))
+    (out / "threads.json").write_text(
+        json.dumps({f"{n} / {ld}": v for (n, ld), v in results.items()}, indent=1))
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("throughput", help="step breakdown, encode-once vs naive, log-prob memory, scaling")
+    t = sub.add_parser("throughput",
+                       help="step breakdown, encode-once vs naive, log-prob memory, scaling")
     t.add_argument("--quick", action="store_true")
     t.add_argument("--prompts", type=int, default=4, help="B: prompts per step")
     t.add_argument("--max-new-tokens", type=int, default=rft3d.MAX_NEW_TOKENS["grounding"])
-    t.add_argument("--rollout-only", action="store_true", help="only the decode loop vs transformers' generate")
-    t.add_argument("--repeats", type=int, default=10, help="timed calls per rollout variant (median)")
-    lp = sub.add_parser("learning", help="start vs SFT->SFT vs SFT->GRPO, paired per-scene test differences, knob rows")
-    lp.add_argument("--quick", action="store_true", help="a few minutes: tiny budgets, one seed (checks the pipeline)")
+    t.add_argument("--rollout-only", action="store_true",
+                   help="only the decode loop vs transformers' generate")
+    t.add_argument("--repeats", type=int, default=10,
+                   help="timed calls per rollout variant (median)")
+    lp = sub.add_parser("learning", help="start vs SFT->SFT vs SFT->GRPO, paired per-scene test "
+                                         "differences, knob rows")
+    lp.add_argument("--quick", action="store_true",
+                    help="a few minutes: tiny budgets, one seed (checks the pipeline)")
     lp.add_argument("--task", choices=["detection", "grounding", "both"], default="both")
     lp.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
     gp = sub.add_parser("gpu", help="real-size random-weight SFT/GRPO step on one GPU (bf16)")
@@ -960,8 +1044,10 @@ def main(argv=None):
     gp.add_argument("--new-tokens", type=int, default=128)
     gp.add_argument("--micro-batch", type=int, default=2)
     gp.add_argument("--fsdp", action="store_true")
-    gp.add_argument("--compare-rollout", action="store_true", help="also time transformers' generate (issue 13)")
-    th = sub.add_parser("threads", help="CPU threads: SFT warm-up step time per setting, idle and with a busy core")
+    gp.add_argument("--compare-rollout", action="store_true",
+                    help="also time transformers' generate (issue 13)")
+    th = sub.add_parser("threads", help="CPU threads: SFT warm-up step time per setting, idle and "
+                                        "with a busy core")
     th.add_argument("--quick", action="store_true")
     sp = sub.add_parser("_sft_speed")  # internal: one measurement in a fresh process
     sp.add_argument("--model", required=True)
@@ -974,8 +1060,8 @@ def main(argv=None):
     c.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    {"throughput": throughput, "learning": learning, "gpu": gpu, "threads": threads, "_sft_speed": sft_speed_child,
-     "_logprob_mem": logprob_mem_child}[args.cmd](args)
+    {"throughput": throughput, "learning": learning, "gpu": gpu, "threads": threads,
+     "_sft_speed": sft_speed_child, "_logprob_mem": logprob_mem_child}[args.cmd](args)
 
 
 if __name__ == "__main__":

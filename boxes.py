@@ -1,18 +1,20 @@
-"""boxes.py: 9-DoF boxes: the rotation convention, corners, moving a box between frames, and the exact 3D IoU.
+"""boxes.py: 9-DoF boxes: the rotation convention, corners, moving a box between frames, and the
+exact 3D IoU.
 
-Substrate shared by rewards.py (the IoU reward and matching), data.py (readers, drawing), scenes.py (the synthetic
-world) and the published protocol (published.py). It imports nothing of rft3d.
+Substrate shared by rewards.py (the IoU reward and matching), data.py (readers, drawing), scenes.py
+(the synthetic world) and the published protocol (published.py). It imports nothing of rft3d.
 
-A box is 9 floats [cx, cy, cz, dx, dy, dz, a, b, c]: the centre in metres, the full extents along the object's own
-x, y, z axes, and intrinsic Z-X-Y Euler angles, R = Rz(a) @ Rx(b) @ Ry(c), as EmbodiedScan / VG-LLM (pytorch3d's
-"ZXY"); corners = centre + R @ (size * (u - 0.5)) for the 8 unit-cube corners u (DESIGN.md section 3).
+A box is 9 floats [cx, cy, cz, dx, dy, dz, a, b, c]: the centre in metres, the full extents along
+the object's own x, y, z axes, and intrinsic Z-X-Y Euler angles, R = Rz(a) @ Rx(b) @ Ry(c), as
+EmbodiedScan / VG-LLM (pytorch3d's "ZXY"); corners = centre + R @ (size * (u - 0.5)) for the 8
+unit-cube corners u (DESIGN.md section 3).
 """
 import math
 
 import numpy as np
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Numbers and boxes from untrusted JSON
 
 
@@ -35,15 +37,18 @@ def box9(b):
     return None if any(v is None for v in vals) else vals
 
 
-# ----------------------------------------------------------------------------------------------------
-# 2. Rotations, corners, frames. Intrinsic Z-X-Y Euler angles, as EmbodiedScan/VG-LLM (pytorch3d "ZXY"): R = Rz(a) Rx(b) Ry(c).
+# --------------------------------------------------------------------------------------------------
+# 2. Rotations, corners, frames. Intrinsic Z-X-Y Euler angles, as EmbodiedScan/VG-LLM (pytorch3d
+#    "ZXY"): R = Rz(a) Rx(b) Ry(c).
 
-_UNIT = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], dtype=float)  # corner i=4x+2y+z
-_FACES = ((0, 1, 3, 2), (4, 5, 7, 6), (0, 4, 5, 1), (2, 6, 7, 3), (0, 2, 6, 4), (1, 3, 7, 5))  # cycles
+# the unit-cube corners (corner i = 4x + 2y + z) and its 6 faces as cycles of corner indices
+_UNIT = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)], dtype=float)
+_FACES = ((0, 1, 3, 2), (4, 5, 7, 6), (0, 4, 5, 1), (2, 6, 7, 3), (0, 2, 6, 4), (1, 3, 7, 5))
 
 
 def euler_to_matrix(a, b, c):
-    ca, sa, cb, sb, cc, sc = math.cos(a), math.sin(a), math.cos(b), math.sin(b), math.cos(c), math.sin(c)
+    ca, sa, cb, sb = math.cos(a), math.sin(a), math.cos(b), math.sin(b)
+    cc, sc = math.cos(c), math.sin(c)
     rz = np.array([[ca, -sa, 0.0], [sa, ca, 0.0], [0.0, 0.0, 1.0]])
     rx = np.array([[1.0, 0.0, 0.0], [0.0, cb, -sb], [0.0, sb, cb]])
     ry = np.array([[cc, 0.0, sc], [0.0, 1.0, 0.0], [-sc, 0.0, cc]])
@@ -61,14 +66,15 @@ def matrix_to_euler(R):
 
 
 def box_corners(box):
-    """[8, 3] corners: centre + R @ (size * (u - 0.5)) for the unit-cube corners u (row i = 4x+2y+z)."""
+    """[8, 3] corners: centre + R @ (size * (u - 0.5)) for the unit-cube corners u (row i is
+    corner 4x + 2y + z)."""
     b = np.asarray(box, dtype=float)
     return b[:3] + ((_UNIT - 0.5) * b[3:6]) @ euler_to_matrix(*b[6:9]).T
 
 
 def box_to_world(box, E):
-    """Move a box by the 4x4 rigid transform E (e.g. E_k = axis_align @ cam2global[k]): centre E @ [c, 1],
-    rotation E[:3,:3] @ R, sizes unchanged (so E must be rigid; ScanNet's are)."""
+    """Move a box by the 4x4 rigid transform E (e.g. E_k = axis_align @ cam2global[k]): centre
+    E @ [c, 1], rotation E[:3,:3] @ R, sizes unchanged (so E must be rigid; ScanNet's are)."""
     b, E = np.asarray(box, dtype=float), np.asarray(E, dtype=float)
     with np.errstate(all="ignore"):
         centre = E[:3, :3] @ b[:3] + E[:3, 3]
@@ -81,15 +87,17 @@ def box_from_world(box, E):
     return box_to_world(box, np.linalg.inv(np.asarray(E, dtype=float)))
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. Exact 3D IoU. Work in B's own frame, where B is the axis-aligned box [-h, h]. A (a convex polyhedron,
-#    a list of planar faces) is clipped by B's 6 planes one at a time (Sutherland-Hodgman on every face,
-#    then the cut is closed by a new face). The volume of the convex result is the sum of the pyramids
-#    from an interior point to each face. Pitch and roll are exact: no bird's-eye-view shortcut.
+# --------------------------------------------------------------------------------------------------
+# 3. Exact 3D IoU. Work in B's own frame, where B is the axis-aligned box [-h, h]. A (a convex
+#    polyhedron, a list of planar faces) is clipped by B's 6 planes one at a time
+#    (Sutherland-Hodgman on every face, then the cut is closed by a new face). The volume of the
+#    convex result is the sum of the pyramids from an interior point to each face. Pitch and roll
+#    are exact: no bird's-eye-view shortcut.
 
 
 def prepare(box):
-    """Box -> (centre, R, half sizes, volume, radius, corners), or None if degenerate / non-finite."""
+    """Box -> (centre, R, half sizes, volume, radius, corners), or None if degenerate or
+    non-finite."""
     b = box9(box)
     if b is None or min(b[3:6]) <= 0:
         return None
@@ -97,16 +105,17 @@ def prepare(box):
     R, b = euler_to_matrix(*b[6:9]), np.array(b)
     with np.errstate(all="ignore"):
         corners = b[:3] + ((_UNIT - 0.5) * b[3:6]) @ R.T  # [8, 3]
-    if not (math.isfinite(vol) and vol > 0 and math.isfinite(radius) and np.isfinite(corners).all()):
+    if not (math.isfinite(vol) and vol > 0 and math.isfinite(radius)
+            and np.isfinite(corners).all()):
         return None  # e.g. 1e200-metre boxes, whose volume overflows
     return b[:3], R, b[3:6] / 2, vol, radius, corners
 
 
 def _clip(verts, faces, k, s, h, eps):
     """Keep the part of the polyhedron (vertex list, faces as index cycles) with s * x[k] <= h.
-    Sutherland-Hodgman on every face; each crossing edge gets one new vertex, shared by its two faces.
-    The new vertices bound the cut, which becomes a new face. (A vertex lying on the plane needs no
-    special case: its edges to the cut-off side cross the plane right next to it.)"""
+    Sutherland-Hodgman on every face; each crossing edge gets one new vertex, shared by its two
+    faces. The new vertices bound the cut, which becomes a new face. (A vertex lying on the plane
+    needs no special case: its edges to the cut-off side cross the plane right next to it.)"""
     d = [s * v[k] - h for v in verts]
     inside = [x <= eps for x in d]
     out, made = [], {}
@@ -123,7 +132,8 @@ def _clip(verts, faces, k, s, h, eps):
                 if e not in made:
                     u, w, t = verts[e[0]], verts[e[1]], d[e[0]] / (d[e[0]] - d[e[1]])
                     made[e] = len(verts)
-                    verts.append([u[0] + t * (w[0] - u[0]), u[1] + t * (w[1] - u[1]), u[2] + t * (w[2] - u[2])])
+                    verts.append([u[0] + t * (w[0] - u[0]), u[1] + t * (w[1] - u[1]),
+                                  u[2] + t * (w[2] - u[2])])
                 kept.append(made[e])
         if len(kept) >= 3:
             out.append(kept)
@@ -135,8 +145,9 @@ def _clip(verts, faces, k, s, h, eps):
 
 
 def _volume(verts, faces):
-    """Volume of a convex polyhedron: sum over faces of |N . (v0 - o)| / 6, N the Newell normal (length
-    twice the face area), o an interior point (the vertex mean), so every pyramid counts positive."""
+    """Volume of a convex polyhedron: sum over faces of |N . (v0 - o)| / 6, N the Newell normal
+    (length twice the face area), o an interior point (the vertex mean), so every pyramid counts
+    positive."""
     used = {v for f in faces for v in f}
     if not used:
         return 0.0
@@ -182,7 +193,8 @@ def _intersection(A, B):
 
 
 def iou_prepared(A, B):
-    """IoU of two prepared boxes (prepare(); None for a degenerate one): matching prepares each box once."""
+    """IoU of two prepared boxes (prepare(); None for a degenerate one): matching prepares each box
+    once."""
     if A is None or B is None:
         return 0.0
     inter = _intersection(A, B)

@@ -1,13 +1,16 @@
-"""compare.py: paired comparisons of trained models, the claim rule, and the plots. Not needed to understand 3D-RFT:
-it turns eval records into the tables that a learning claim is read from (DESIGN.md section 9).
+"""compare.py: paired comparisons of trained models, the claim rule, and the plots. Not needed to
+understand 3D-RFT: it turns eval records into the tables that a learning claim is read from
+(DESIGN.md section 9).
 
-Who calls it: train.py's closing table of the main command (the SFT start vs the GRPO result, and the curves),
-bench.py learning (arms, seeds, knob rows), the tests. It imports nothing of rft3d: records are plain dicts
-(rft3d.py's eval records) and metric logs are JSONL rows (train.py's metrics.jsonl).
+Who calls it: train.py's closing table of the main command (the SFT start vs the GRPO result, and
+the curves), bench.py learning (arms, seeds, knob rows), the tests. It imports nothing of rft3d:
+records are plain dicts (rft3d.py's eval records) and metric logs are JSONL rows (train.py's
+metrics.jsonl).
 
-  1. per_scene (records -> reward-independent metrics per scene), paired differences with standard errors, tables
+  1. per_scene (records -> reward-independent metrics per scene), paired differences with standard
+     errors, tables
   2. claim: DESIGN.md section 9's 3-standard-error rule
-  3. plots with matplotlib: the training curves of a run
+  3. plots with matplotlib: the training curves of a run; the main command's closing report
 """
 import json
 import math
@@ -25,9 +28,9 @@ def _finite(x):
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 1. Per-scene metrics and paired differences (DESIGN.md section 9)
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # per task: (key, name, scale): the metrics a learning claim is read from, per scene
 SCENE_METRICS = {
@@ -40,36 +43,42 @@ SCENE_METRICS = {
 
 
 def per_scene(task_name, records):
-    """eval records (rft3d.py's) -> {metric: array over scenes}, in record order. Detection F1 is per scene,
-    2TP / (2TP + FP + FN) at each threshold; an empty scene scores 1 when the answer says "nothing" (parsed,
-    no boxes) and 0 for boxes or an answer that did not parse, as iou_gt and the training reward do.
-    Grounding "frame" (1 exact frame, else 0) is NaN for a row without a target frame (frame_gt None,
-    ScanRefer val): undefined, not wrong, and the array stays aligned with the scenes; compare_table and
-    paired() read it over the scenes where it is defined."""
+    """eval records (rft3d.py's) -> {metric: array over scenes}, in record order. Detection F1 is
+    per scene, 2TP / (2TP + FP + FN) at each threshold; an empty scene scores 1 when the answer
+    says "nothing" (parsed, no boxes) and 0 for boxes or an answer that did not parse, as iou_gt
+    and the training reward do. Grounding "frame" (1 exact frame, else 0) is NaN for a row without
+    a target frame (frame_gt None, ScanRefer val): undefined, not wrong, and the array stays
+    aligned with the scenes; compare_table and paired() read it over the scenes where it is
+    defined."""
     parse = np.array([float(bool(r.get("parsed"))) for r in records])
     if task_name == "detection":
         def f1(r, thr):
             tp, fp, fn = (sum(int(c[i]) for c in r["counts"][thr].values()) for i in range(3))
-            return float(bool(r.get("parsed"))) if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+            return (float(bool(r.get("parsed"))) if tp + fp + fn == 0
+                    else 2 * tp / (2 * tp + fp + fn))
         return {"iou_gt": np.array([_finite(r.get("iou_gt")) for r in records]),
-                "f1_25": np.array([f1(r, "0.25") for r in records]), "f1_50": np.array([f1(r, "0.5") for r in records]),
+                "f1_25": np.array([f1(r, "0.25") for r in records]),
+                "f1_50": np.array([f1(r, "0.5") for r in records]),
                 "count": np.array([float(r["n_pred"] == r["n_gt"]) for r in records]),
                 "boxes": np.array([float(r["n_pred"]) for r in records]), "parse": parse}
     if task_name == "grounding":
         iou = np.array([_finite(r.get("iou")) for r in records])
-        return {"iou": iou, "acc25": (iou >= 0.25).astype(float), "acc50": (iou >= 0.5).astype(float),
+        return {"iou": iou, "acc25": (iou >= 0.25).astype(float),
+                "acc50": (iou >= 0.5).astype(float),
                 "frame": np.array([math.nan if r.get("frame_gt") is None
-                                   else float(r.get("frame_pred") == r["frame_gt"]) for r in records]),
+                                   else float(r.get("frame_pred") == r["frame_gt"])
+                                   for r in records]),
                 "parse": parse}
     return {"score": np.array([_finite(r.get("score")) for r in records]), "parse": parse}
 
 
 def paired(a, b):
-    """Paired difference of two per-scene arrays (or [seeds, scenes] arrays, averaged over seeds first):
-    (mean of a - b, its standard error over scenes)."""
+    """Paired difference of two per-scene arrays (or [seeds, scenes] arrays, averaged over seeds
+    first): (mean of a - b, its standard error over scenes)."""
     d = np.asarray(a, float) - np.asarray(b, float)
     d = d.mean(0) if d.ndim == 2 else d
-    d = d[np.isfinite(d)]  # scenes where a metric is undefined (NaN: grounding rows without a target frame)
+    # scenes where a metric is undefined (NaN: grounding rows without a target frame)
+    d = d[np.isfinite(d)]
     if not len(d):
         return float("nan"), float("nan")
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
@@ -77,7 +86,9 @@ def paired(a, b):
 
 def fmt(value, scale, sign=False):
     v = value * scale
-    return (f"{v:+.3f}" if sign else f"{v:.3f}") if scale == 1 else (f"{v:+.1f}" if sign else f"{v:.1f}")
+    if scale == 1:
+        return f"{v:+.3f}" if sign else f"{v:.3f}"
+    return f"{v:+.1f}" if sign else f"{v:.1f}"
 
 
 def table(header, rows):
@@ -90,52 +101,58 @@ def table(header, rows):
 
 
 def compare_table(task_name, arms, base):
-    """Print each arm's mean metrics over the same scenes, then each arm's paired difference to `base` with its
-    standard error. arms: {name: per_scene dict, or a list of them (seeds: per-scene values averaged over seeds)}.
-    Returns {arm: {metric: (difference, standard error)}}."""
+    """Print each arm's mean metrics over the same scenes, then each arm's paired difference to
+    `base` with its standard error. arms: {name: per_scene dict, or a list of them (seeds: per-scene
+    values averaged over seeds)}. Returns {arm: {metric: (difference, standard error)}}."""
     metrics = SCENE_METRICS[task_name]
-    arms = {name: {k: np.stack([x[k] for x in v]) if isinstance(v, list) else v[k] for k, _, _ in metrics}
+    arms = {name: {k: np.stack([x[k] for x in v]) if isinstance(v, list) else v[k]
+                   for k, _, _ in metrics}
             for name, v in arms.items()}
-    rows = [[name] + [fmt(np.nanmean(m[k]) if np.isfinite(m[k]).any() else math.nan, s) for k, _, s in metrics]
+    rows = [[name] + [fmt(np.nanmean(m[k]) if np.isfinite(m[k]).any() else math.nan, s)
+                      for k, _, s in metrics]
             for name, m in arms.items()]
     out = {}
     for name, m in arms.items():
         if name != base:
             out[name] = {k: paired(m[k], arms[base][k]) for k, _, _ in metrics}
-            rows.append([f"{name} - {base}"] + [f"{fmt(out[name][k][0], s, True)} +- {fmt(out[name][k][1], s)}"
-                                                for k, _, s in metrics])
+            rows.append([f"{name} - {base}"]
+                        + [f"{fmt(out[name][k][0], s, True)} +- {fmt(out[name][k][1], s)}"
+                           for k, _, s in metrics])
     table(["arm"] + [name for _, name, _ in metrics], rows)
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. The claim rule
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def claim(task_name, diff):
-    """DESIGN section 9's rule for a paired difference {metric: (d, se)} of a trained arm against the best SFT
-    model: real above 3 standard errors on the main reward-independent metric (the first of SCENE_METRICS), with no
-    loss of more than one standard error on the guards (detection: count accuracy and F1@0.25; grounding: frame)."""
+    """DESIGN section 9's rule for a paired difference {metric: (d, se)} of a trained arm against
+    the best SFT model: real above 3 standard errors on the main reward-independent metric (the
+    first of SCENE_METRICS), with no loss of more than one standard error on the guards
+    (detection: count accuracy and F1@0.25; grounding: frame)."""
     main = SCENE_METRICS[task_name][0][0]
     d, se = diff[main]
     guards = {"detection": ("count", "f1_25"), "grounding": ("frame",), "spatial": ()}[task_name]
     lost = [k for k in guards if diff[k][0] < -diff[k][1]]
     if d > 3 * se and not lost:
-        return f"better: {main} {d:+.3f} +- {se:.3f} (> 3 standard errors), no guard metric lost more than 1"
+        return (f"better: {main} {d:+.3f} +- {se:.3f} (> 3 standard errors), "
+                "no guard metric lost more than 1")
     if d < -3 * se:
         return f"worse: {main} {d:+.3f} +- {se:.3f}"
-    return f"no claim: {main} {d:+.3f} +- {se:.3f}" + (f"; lost more than 1 standard error on {lost}" if lost else "")
+    return (f"no claim: {main} {d:+.3f} +- {se:.3f}"
+            + (f"; lost more than 1 standard error on {lost}" if lost else ""))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Plots
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def plot(path, panels, xlabel="step"):
-    """panels: [(title, {name: (xs, ys)})] -> a PNG of line plots stacked vertically, with axes, grid and legend
-    (None or non-finite y values are left out)."""
+    """panels: [(title, {name: (xs, ys)})] -> a PNG of line plots stacked vertically, with axes,
+    grid and legend (None or non-finite y values are left out)."""
     fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.8 * len(panels)), squeeze=False)
     for ax, (title, series) in zip(axes[:, 0], panels):
         for name, (xs, ys) in series.items():
@@ -154,14 +171,32 @@ def plot(path, panels, xlabel="step"):
 
 
 def training_curves(path, metrics_jsonl, primary, task, val_size, smooth=10):
-    """A GRPO run's curves.png from its metrics.jsonl: the training reward (and its mean over `smooth` steps) and
-    the validation metric `primary` over the steps."""
+    """A GRPO run's curves.png from its metrics.jsonl: the training reward (and its mean over
+    `smooth` steps) and the validation metric `primary` over the steps."""
     rows = [json.loads(x) for x in open(metrics_jsonl)]
     steps = [r for r in rows if "reward" in r]
     xs = [r["step"] for r in steps]
-    mean = [float(np.mean([r["reward"] for r in steps[max(0, i - smooth + 1):i + 1]])) for i in range(len(steps))]
+    mean = [float(np.mean([r["reward"] for r in steps[max(0, i - smooth + 1):i + 1]]))
+            for i in range(len(steps))]
     val = [r for r in rows if f"eval/{primary}" in r]
     plot(path, [(f"GRPO training reward ({task}, format + task terms)",
-                 {"reward": (xs, [r["reward"] for r in steps]), f"mean of {smooth} steps": (xs, mean)}),
+                 {"reward": (xs, [r["reward"] for r in steps]),
+                  f"mean of {smooth} steps": (xs, mean)}),
                 (f"validation {primary} ({val_size} scenes)",
                  {"GRPO": ([r["step"] for r in val], [r[f"eval/{primary}"] for r in val])})])
+
+
+def closing_report(task, per, start, grpo_dir, primary, val_size):
+    """The main command's closing table (train.report): the SFT start and the GRPO result on the
+    same test scenes, paired per scene, the claim rule's verdict for one run, grpo/curves.png and
+    grpo/report.json. per: {"SFT start": per_scene dict, "GRPO": per_scene dict}."""
+    n = len(next(iter(per["GRPO"].values())))
+    print(f"\n== {task}: the SFT start ({start}) vs GRPO ({grpo_dir / 'best'}), {n} unseen test "
+          f"scenes, paired per scene (mean +- standard error) ==")
+    diffs = compare_table(task, per, base="SFT start")
+    print(claim(task, diffs["GRPO"]) + " (one run, one seed)")
+    training_curves(grpo_dir / "curves.png", grpo_dir / "metrics.jsonl", primary, task, val_size)
+    means = {k: {m: float(np.nanmean(v)) for m, v in d.items()} for k, d in per.items()}
+    summary = {"test_size": n, "start": str(start), "diffs": diffs, "means": means}
+    (grpo_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {grpo_dir / 'curves.png'} and {grpo_dir / 'report.json'}")

@@ -1,20 +1,32 @@
 """data.py: what a training example is, and readers for the real data files.
 
 A Sample is frames (uint8 [S,H,W,3]) + camera poses + exact ground truth for one of three tasks:
-  detection   9-DoF boxes [cx,cy,cz,dx,dy,dz,a,b,c] with labels, in the FIRST frame's camera coordinates
-  grounding   a referring expression -> target frame k + box in camera k (and the box in the aligned world);
-              rows without a target frame (ScanRefer val) have target_frame None and only the world box
+  detection   9-DoF boxes [cx,cy,cz,dx,dy,dz,a,b,c] with labels, in the FIRST frame's camera
+              coordinates
+  grounding   a referring expression -> target frame k + box in camera k (and the box in the
+              aligned world); rows without a target frame (ScanRefer val) have target_frame None
+              and only the world box
   spatial     a VSI-Bench-style question with options (multiple choice) or a numeric answer
-Conventions (DESIGN.md section 3): R = Rz(a) @ Rx(b) @ Ry(c); OpenCV cameras (x right, y down, z forward);
-cam2global[k] is camera k -> raw world and E_k = axis_align @ cam2global[k] is camera k -> aligned world.
+Conventions (DESIGN.md section 3): R = Rz(a) @ Rx(b) @ Ry(c); OpenCV cameras (x right, y down,
+z forward); cam2global[k] is camera k -> raw world and E_k = axis_align @ cam2global[k] is
+camera k -> aligned world.
 
-Sections: 1. Sample + box geometry   2. real readers (VG-LLM JSON, VSI-Bench, ScanNet posed folders): checked
-when opened (file, task, every row, media headers), with a report of what was read (SHA-256, counts, skips);
+Sections: 1. Sample (task names, DataError, collate) and the data order (StepSampler: which
+   samples each rank reads at optimiser step k, a pure function of k, so resume is exact)
+2. real readers (VG-LLM JSON, VSI-Bench, ScanNet posed folders): checked when opened (file, task,
+   every row, media headers), with a report of what was read (SHA-256, counts, skips):
+   load_dataset, load_files (several files, parse_files for PATH:WEIGHT), describe (the report)
 3. export to VG-LLM's layout, drawing boxes.
-The synthetic world that makes Samples without any files is scenes.py, built on this file. This module imports
-nothing of ours but boxes.py (box geometry); the command line that shows and exports synthetic scenes is scenes.py's.
+The synthetic world that makes Samples without any files is scenes.py, built on this file. This
+module imports nothing of ours but boxes.py (box geometry); the command line that shows and
+exports synthetic scenes is scenes.py's.
 """
-import hashlib, json, math, os, re, sys
+import hashlib
+import json
+import math
+import os
+import re
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,15 +35,15 @@ from PIL import Image, ImageDraw
 
 from boxes import box_corners, box_to_world  # 9-DoF box geometry (boxes.py)
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. Sample and box geometry
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 1. Sample and the data order
+# --------------------------------------------------------------------------------------------------
 TASK_NAMES = ("detection", "grounding", "spatial")
 
 
 class DataError(ValueError):
-    """A bad input file or row: the message names the file (and row). train.py and eval.py print it as one line and
-    exit 1, like a bad flag (exit 2), without a traceback."""
+    """A bad input file or row: the message names the file (and row). train.py and eval.py print it
+    as one line and exit 1, like a bad flag (exit 2), without a traceback."""
 
 
 @dataclass
@@ -41,45 +53,92 @@ class Sample:
     frames: np.ndarray                       # uint8 [S,H,W,3]
     intrinsics: np.ndarray | None = None     # [3,3] pinhole K (None when unknown)
     cam2global: np.ndarray | None = None     # [S,4,4] camera -> raw world (None when unknown)
-    axis_align: np.ndarray = field(default_factory=lambda: np.eye(4))  # [4,4] raw world -> aligned world
-    boxes: list = field(default_factory=list)  # detection: [{"label", "bbox_3d"}] in first-frame camera coords
+    axis_align: np.ndarray = field(default_factory=lambda: np.eye(4))  # [4,4] raw -> aligned world
+    boxes: list = field(default_factory=list)  # detection: [{"label", "bbox_3d"}] in camera 0
     description: str = ""                    # grounding: referring expression
-    target_frame: int | None = None          # grounding: frame index; None: the row has none (ScanRefer val),
-    #                                          so no frame reward, no SFT target, not in frame accuracy
-    target_box: list = field(default_factory=list)  # grounding: 9 floats in camera target_frame (or [])
+    target_frame: int | None = None          # grounding: frame index; None: the row has none
+    #                                          (ScanRefer val), so no frame reward, no SFT target,
+    #                                          not in frame accuracy
+    target_box: list = field(default_factory=list)  # grounding: 9 floats in camera target_frame;
+    #                                                 [] when there is none
     world_box: list = field(default_factory=list)   # grounding: 9 floats in the aligned world
     question: str = ""                       # spatial: the question (no pre/post prompt)
-    options: list = field(default_factory=list)     # spatial: ["A. left", "B. right"] or [] for numbers
+    options: list = field(default_factory=list)  # spatial: ["A. left", "B. right"]; [] for numbers
     ground_truth: str = ""                   # spatial: option letter or number as a string
     question_type: str = ""                  # spatial: VSI-Bench question type
     meta: dict = field(default_factory=dict)  # free: scene objects, room, unique flag, ...
 
 
-# VSI-Bench's question types (route_planning, which the readers also accept, is not generated by scenes.py)
-SPATIAL_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation",
-                 "object_rel_distance", "object_rel_direction_easy", "object_rel_direction_medium",
-                 "object_rel_direction_hard", "obj_appearance_order")
+# VSI-Bench's question types (route_planning, which the readers also accept, scenes.py never makes)
+SPATIAL_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation",
+                 "room_size_estimation", "object_rel_distance", "object_rel_direction_easy",
+                 "object_rel_direction_medium", "object_rel_direction_hard",
+                 "obj_appearance_order")
 
 
 def collate(batch):
-    """Samples stay a list: frames differ in size across sources and model.py does the pixel work."""
+    """Samples stay a list: frames differ in size across sources; model.py does the pixel work."""
     return list(batch)
 
 
-# ----------------------------------------------------------------------------------------------------------
+class StepSampler:
+    """Batch sampler: for optimiser step k, this rank's sample indices. Epochs are permutations
+    seeded by (seed, epoch); the global batch is cut into per-rank slices, so each rank owns whole
+    prompts (and in GRPO all G completions of them). A pure function of k: resuming at step k gives
+    the same data.
+
+    mix = [(rows, weight)] per file of a --data mix (rows concatenated in that order): the stream is
+    cut into blocks of W = sum(weights) positions, each holding `weight` rows of each file in an
+    order shuffled by (seed, block), so every block has the proportions exactly; file f's rows come
+    from its own stream of epochs, permuted by (seed, f + 1, epoch). Still a pure function of k."""
+
+    def __init__(self, n, per_rank, rank, world, seed, start_step, shuffle=True, mix=None):
+        self.n, self.per_rank, self.rank, self.world = n, per_rank, rank, world
+        self.seed, self.step, self.shuffle, self.mix = seed, start_step, shuffle, mix
+
+    def _stream(self, pos, n, key):
+        """Row at position pos of endless epochs over n rows, each permuted by key + (epoch,)."""
+        epoch, i = divmod(pos, n)
+        return int(np.random.default_rng((*key, epoch)).permutation(n)[i]) if self.shuffle else i
+
+    def index(self, pos):
+        if self.mix is None:
+            return self._stream(pos, self.n, (self.seed,))
+        weights = [w for _, w in self.mix]
+        block, j = divmod(pos, sum(weights))  # 1. which block, which slot of it
+        files = np.repeat(np.arange(len(weights)), weights)
+        slots = np.random.default_rng((self.seed, block)).permutation(files)
+        f = int(slots[j])  # 2. the slot's file, and how many of its rows came before
+        k = block * weights[f] + int((slots[:j] == f).sum())
+        offset = sum(rows for rows, _ in self.mix[:f])
+        return offset + self._stream(k, self.mix[f][0], (self.seed, f + 1))  # 3. its k-th row
+
+    def indices(self, step):
+        first = (step * self.world + self.rank) * self.per_rank  # position in the endless stream
+        return [self.index(pos) for pos in range(first, first + self.per_rank)]
+
+    def __iter__(self):
+        while True:
+            yield self.indices(self.step)
+            self.step += 1
+
+
+# --------------------------------------------------------------------------------------------------
 # 2. Real data: VG-LLM JSON (ScanNet detection, ScanRefer), VSI-Bench, ScanNet posed-image folders
-#    Opening a file checks everything that can be checked without decoding pixels, so a bad file fails in
-#    seconds with its name and row, not hours into a run; RowDataset.report says exactly what was read.
-# ----------------------------------------------------------------------------------------------------------
-# VSI-Bench's numeric-answer question types (scored by MRA); the others are multiple choice (option letter).
-NUMERIC_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation", "room_size_estimation")
+#    Opening a file checks everything that can be checked without decoding pixels, so a bad file
+#    fails in seconds with its name and row, not hours into a run; RowDataset.report says exactly
+#    what was read.
+# --------------------------------------------------------------------------------------------------
+# VSI-Bench's numeric-answer types (scored by MRA); the others are multiple choice (option letter).
+NUMERIC_TYPES = ("object_counting", "object_abs_distance", "object_size_estimation",
+                 "room_size_estimation")
 
 
 def frame_indices(N, n):
-    """n of a video's N frames, uniformly: np.linspace(0, N - 1, n).astype(int), i.e. *floored*, as VG-LLM
-    samples (src/lmms_eval/models/vgllm.py; its training loader src/qwen_vl/data/data_qwen.py uses
-    linspace(..., dtype=int), the same floor). Rounding would pick other frames (15 of 32 for 100 frames).
-    All N frames when n is None or n >= N."""
+    """n of a video's N frames, uniformly: np.linspace(0, N - 1, n).astype(int), i.e. *floored*, as
+    VG-LLM samples (src/lmms_eval/models/vgllm.py; its training loader
+    src/qwen_vl/data/data_qwen.py uses linspace(..., dtype=int), the same floor). Rounding would
+    pick other frames (15 of 32 for 100 frames). All N frames when n is None or n >= N."""
     return np.arange(N) if n is None or n >= N else np.linspace(0, N - 1, n).astype(int)
 
 
@@ -89,11 +148,13 @@ def read_image(path):
 
 
 def image_size(path):
-    """(width, height) from the file's header; PIL decodes no pixels here, so checking a whole dataset is fast."""
+    """(width, height) from the file's header; PIL decodes no pixels here, so checking a whole
+    dataset is fast."""
     try:
         with Image.open(path) as im:
             return im.size
-    except (OSError, SyntaxError, ValueError) as e:   # missing, unreadable, or not an image (UnidentifiedImageError)
+    except (OSError, SyntaxError, ValueError) as e:
+        # missing, unreadable, or not an image (UnidentifiedImageError)
         raise ValueError(f"cannot read image {path}: {e}") from e
 
 
@@ -107,7 +168,8 @@ def _import_av(path):
     try:
         import av
     except ImportError as e:
-        raise ImportError(f"reading {path} needs PyAV: pip install av (or give a folder of frames)") from e
+        raise ImportError(f"reading {path} needs PyAV: pip install av "
+                          "(or give a folder of frames)") from e
     return av
 
 
@@ -118,7 +180,8 @@ def check_video(path):
         with av.open(path) as c:
             if not c.streams.video:
                 raise ValueError("no video stream")
-    except Exception as e:   # PyAV's errors (InvalidDataError, FileNotFoundError, ...) share no base but Exception
+    except Exception as e:
+        # PyAV's errors (InvalidDataError, FileNotFoundError, ...) share no base but Exception
         raise ValueError(f"cannot open video {path}: {e}") from e
 
 
@@ -136,8 +199,9 @@ def read_video(path, n):
 
 
 def _has_bool(x):
-    """JSON true/false are Python bools, which are ints: without this check `true` would read as 1."""
-    return isinstance(x, (bool, np.bool_)) or (isinstance(x, (list, tuple)) and any(map(_has_bool, x)))
+    """JSON true/false are Python bools, which are ints: unchecked, `true` would read as 1."""
+    return isinstance(x, (bool, np.bool_)) or \
+        (isinstance(x, (list, tuple)) and any(map(_has_bool, x)))
 
 
 def _matrix(x, shape, what):
@@ -150,8 +214,9 @@ def _matrix(x, shape, what):
 
 
 def frame_names(folder):
-    """The frame files of a ScanNet posed folder ({frame}.jpg; {frame}.png only when there are no jpgs,
-    because ScanNet keeps depth maps as {frame}.png beside the colour jpgs), in frame order."""
+    """The frame files of a ScanNet posed folder ({frame}.jpg; {frame}.png only when there are no
+    jpgs, because ScanNet keeps depth maps as {frame}.png beside the colour jpgs), in frame
+    order."""
     names = [f for f in os.listdir(folder) if re.fullmatch(r"\d+\.(jpg|jpeg|png)", f.lower())]
     if any(not f.lower().endswith(".png") for f in names):
         names = [f for f in names if not f.lower().endswith(".png")]
@@ -159,9 +224,10 @@ def frame_names(folder):
 
 
 def read_posed_folder(folder, n=None):
-    """ScanNet posed images: {frame:05d}.jpg (or .png) + {frame:05d}.txt (4x4 camera-to-world), optional
-    intrinsic.txt. Frames whose pose has inf/nan (ScanNet has some) are skipped before sampling.
-    Returns (frames [n,H,W,3], cam2global [n,4,4] or None, intrinsics [3,3] or None, file names)."""
+    """ScanNet posed images: {frame:05d}.jpg (or .png) + {frame:05d}.txt (4x4 camera-to-world),
+    optional intrinsic.txt. Frames whose pose has inf/nan (ScanNet has some) are skipped before
+    sampling. Returns (frames [n,H,W,3], cam2global [n,4,4] or None, intrinsics [3,3] or None,
+    file names)."""
     names = frame_names(folder)
     has_pose = any(os.path.exists(os.path.join(folder, f.split(".")[0] + ".txt")) for f in names)
     poses = {}
@@ -177,7 +243,8 @@ def read_posed_folder(folder, n=None):
     names = [names[i] for i in frame_indices(len(names), n)]
     frames = _stack([read_image(os.path.join(folder, f)) for f in names], folder)
     K = None
-    for kname in ("intrinsic.txt", "intrinsic_color.txt", os.path.join("intrinsic", "intrinsic_color.txt")):
+    for kname in ("intrinsic.txt", "intrinsic_color.txt",
+                  os.path.join("intrinsic", "intrinsic_color.txt")):
         if os.path.exists(os.path.join(folder, kname)):
             K = np.loadtxt(os.path.join(folder, kname))[:3, :3]
             break
@@ -185,16 +252,18 @@ def read_posed_folder(folder, n=None):
 
 
 def read_rows(path):
-    """-> (rows, SHA-256 of the file's bytes) of a JSON list, JSONL or parquet (pyarrow, imported lazily) file.
-    The bytes are read once, so the hash is of exactly what was parsed. File-level problems (missing, empty,
-    truncated, not JSON, not a list) raise a ValueError naming the file; a JSONL line that is not JSON becomes
-    a ValueError in its row's place (reported with its row number)."""
+    """-> (rows, SHA-256 of the file's bytes) of a JSON list, JSONL or parquet (pyarrow, imported
+    lazily) file. The bytes are read once, so the hash is of exactly what was parsed. File-level
+    problems (missing, empty, truncated, not JSON, not a list) raise a ValueError naming the file;
+    a JSONL line that is not JSON becomes a ValueError in its row's place (reported with its row
+    number)."""
     if path.endswith(".parquet"):
         try:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or use the JSON/JSONL)") from e
+            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow "
+                              "(or use the JSON/JSONL)") from e
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -207,7 +276,8 @@ def read_rows(path):
         try:
             return pq.read_table(pa.BufferReader(raw)).to_pylist(), sha
         except Exception as e:   # pyarrow.ArrowInvalid and friends
-            raise DataError(f"{path}: not a readable parquet file ({e}); truncated? re-download it") from e
+            raise DataError(f"{path}: not a readable parquet file ({e}); truncated? "
+                            "re-download it") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -223,10 +293,11 @@ def read_rows(path):
     try:
         rows = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); a truncated file fails like this: re-download or "
-                         "re-export it") from e
+        raise DataError(f"{path}: not valid JSON ({e}); a truncated file fails like this: "
+                        "re-download or re-export it") from e
     if not isinstance(rows, list):
-        what = f"an object with keys {sorted(rows)[:5]}" if isinstance(rows, dict) else type(rows).__name__
+        what = f"an object with keys {sorted(rows)[:5]}" if isinstance(rows, dict) else \
+            type(rows).__name__
         raise DataError(f"{path}: expected a JSON list of rows, got {what}")
     return rows, sha
 
@@ -237,7 +308,7 @@ TELLTALE = (("boxes", "detection"), ("gt_bbox", "grounding"), ("target", "ground
 
 
 def file_kind(rows):
-    """(task, field) that the file's rows look like, by majority over the rows; (None, None) if none."""
+    """(task, field) the file's rows look like, by majority over the rows; (None, None) if none."""
     votes = {}
     for row in rows:
         if isinstance(row, dict):
@@ -268,53 +339,69 @@ def _spec_vgllm(task, row, media_root, frames):
     paths = [os.path.join(media_root, p) for p in images]
     S = len(paths)
     keep = frame_indices(S, frames)
-    spec = {"task": task, "paths": [paths[i] for i in keep], "meta": dict(row.get("metadata") or {})}
-    # the scene, for eval.py --proposals: the metadata's, else the images' folder (scannet/posed_images/<scene>/)
+    spec = {"task": task, "paths": [paths[i] for i in keep],
+            "meta": dict(row.get("metadata") or {})}
+    # the scene, for eval.py --proposals: the metadata's, else the images' folder
+    # (scannet/posed_images/<scene>/)
     spec["meta"].setdefault("scene_id", os.path.basename(os.path.dirname(images[0])))
     c2g = row.get("cam2global")
     spec["cam2global"] = _matrix(c2g, (S, 4, 4), "cam2global")[keep] if c2g is not None else None
-    spec["axis_align"] = _matrix(row.get("axis_align_matrix", np.eye(4)), (4, 4), "axis_align_matrix")
+    spec["axis_align"] = _matrix(row.get("axis_align_matrix", np.eye(4)), (4, 4),
+                                 "axis_align_matrix")
     K = row.get("cam2img")   # 4x4 in VG-LLM's rows (3x3 accepted)
-    spec["intrinsics"] = None if K is None else _matrix(K, np.shape(K) if np.shape(K) == (3, 3) else (4, 4),
-                                                        "cam2img")[:3, :3]
+    spec["intrinsics"] = None if K is None else \
+        _matrix(K, np.shape(K) if np.shape(K) == (3, 3) else (4, 4), "cam2img")[:3, :3]
     if task == "detection":
-        if not isinstance(row["boxes"], list):
-            raise ValueError("'boxes' must be a list")
-        spec["boxes"] = []
-        for j, b in enumerate(row["boxes"]):
-            if not isinstance(b, dict):
-                raise ValueError(f"boxes[{j}] must be an object with 'label' and 'bbox_3d', got {b!r:.60}")
-            if not isinstance(b.get("label"), str) or not b["label"].strip():
-                raise ValueError(f"boxes[{j}].label must be a non-empty string, got {b.get('label')!r}")
-            spec["boxes"].append({"label": b["label"], "bbox_3d": _box9(b["bbox_3d"], f"boxes[{j}].bbox_3d")})
-        if keep[0] != 0:
-            raise ValueError("detection frames must keep the first frame")
+        _spec_detection(spec, row, keep)
     else:
-        text = row.get("description") or row.get("prompt") or row["conversations"][0]["value"]
-        m = re.search(r"Text: (.*)\n", text)
-        spec["description"] = row.get("description") or (m.group(1) if m else None)
-        if not spec["description"]:
-            raise ValueError("no description ('Text: ...' line in the prompt)")
-        spec["world_box"] = _box9(row["gt_bbox"], "gt_bbox")
-        target = row.get("target")
-        if target is not None:   # train rows: frame + box; val rows have no frame (target None)
-            if not isinstance(target, dict):
-                raise ValueError(f"'target' must be an object with 'frame' and 'bbox_3d', got {target!r:.60}")
-            f = target.get("frame")
-            if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < S:
-                raise ValueError(f"target frame must be an int in [0, {S}), got {f!r}")
-            k = int(np.argmin(np.abs(keep - f)))   # nearest kept frame when subsampling
-            spec["target_frame"], spec["target_box"] = k, _box9(target["bbox_3d"], "target.bbox_3d")
-            if keep[k] != f:   # the box must move to the kept frame's camera
-                if spec["cam2global"] is None:
-                    raise ValueError("subsampling a grounding row needs 'cam2global'")
-                E = spec["axis_align"] @ spec["cam2global"][k]
-                spec["target_box"] = box_to_world(spec["world_box"], np.linalg.inv(E))
-        elif spec["cam2global"] is None:
-            raise ValueError("a grounding row needs a 'target' or 'cam2global' (to score boxes)")
-        qt = spec["meta"].get("question_type")
-        spec["meta"]["unique"] = None if qt not in ("unique", "multiple") else qt == "unique"
+        _spec_grounding(spec, row, keep, S)
     return spec
+
+
+def _spec_detection(spec, row, keep):
+    """A detection row's boxes into spec (in place)."""
+    if not isinstance(row["boxes"], list):
+        raise ValueError("'boxes' must be a list")
+    spec["boxes"] = []
+    for j, b in enumerate(row["boxes"]):
+        if not isinstance(b, dict):
+            raise ValueError(f"boxes[{j}] must be an object with 'label' and 'bbox_3d', "
+                             f"got {b!r:.60}")
+        if not isinstance(b.get("label"), str) or not b["label"].strip():
+            raise ValueError(f"boxes[{j}].label must be a non-empty string, got {b.get('label')!r}")
+        spec["boxes"].append({"label": b["label"],
+                              "bbox_3d": _box9(b["bbox_3d"], f"boxes[{j}].bbox_3d")})
+    if keep[0] != 0:
+        raise ValueError("detection frames must keep the first frame")
+
+
+def _spec_grounding(spec, row, keep, S):
+    """A grounding row's description, world box and target (frame + box) into spec (in place)."""
+    text = row.get("description") or row.get("prompt") or row["conversations"][0]["value"]
+    m = re.search(r"Text: (.*)\n", text)
+    spec["description"] = row.get("description") or (m.group(1) if m else None)
+    if not spec["description"]:
+        raise ValueError("no description ('Text: ...' line in the prompt)")
+    spec["world_box"] = _box9(row["gt_bbox"], "gt_bbox")
+    target = row.get("target")
+    if target is not None:   # train rows: frame + box; val rows have no frame (target None)
+        if not isinstance(target, dict):
+            raise ValueError(f"'target' must be an object with 'frame' and 'bbox_3d', "
+                             f"got {target!r:.60}")
+        f = target.get("frame")
+        if isinstance(f, bool) or not isinstance(f, int) or not 0 <= f < S:
+            raise ValueError(f"target frame must be an int in [0, {S}), got {f!r}")
+        k = int(np.argmin(np.abs(keep - f)))   # nearest kept frame when subsampling
+        spec["target_frame"], spec["target_box"] = k, _box9(target["bbox_3d"], "target.bbox_3d")
+        if keep[k] != f:   # the box must move to the kept frame's camera
+            if spec["cam2global"] is None:
+                raise ValueError("subsampling a grounding row needs 'cam2global'")
+            E = spec["axis_align"] @ spec["cam2global"][k]
+            spec["target_box"] = box_to_world(spec["world_box"], np.linalg.inv(E))
+    elif spec["cam2global"] is None:
+        raise ValueError("a grounding row needs a 'target' or 'cam2global' (to score boxes)")
+    qt = spec["meta"].get("question_type")
+    spec["meta"]["unique"] = None if qt not in ("unique", "multiple") else qt == "unique"
 
 
 def _spec_vsi(row, media_root, frames):
@@ -332,7 +419,8 @@ def _spec_vsi(row, media_root, frames):
     if isinstance(options, str):   # list("A. left") would be 7 one-letter options
         raise ValueError(f"'options' must be a list of strings, got one string {options!r:.60}")
     options = [] if options is None else options
-    if not (isinstance(options, (list, tuple)) and all(isinstance(o, str) and o.strip() for o in options)):
+    if not (isinstance(options, (list, tuple))
+            and all(isinstance(o, str) and o.strip() for o in options)):
         raise ValueError(f"'options' must be a list of non-empty strings, got {options!r:.80}")
     if qt in NUMERIC_TYPES:
         if options:
@@ -354,21 +442,25 @@ def _spec_vsi(row, media_root, frames):
     if not isinstance(row.get("metadata") or {}, dict):
         raise ValueError(f"'metadata' must be an object, got {row['metadata']!r:.60}")
     return {"task": "spatial", "video": video if os.path.exists(video) else None, "folder": folder,
-            "frames": 32 if frames is None else frames, "question": str(row["question"]), "options": list(options),
-            "ground_truth": gt, "question_type": qt,
-            "axis_align": _matrix(row.get("axis_align_matrix", np.eye(4)), (4, 4), "axis_align_matrix"),
-            "meta": {"dataset": row["dataset"], "scene_name": row["scene_name"], **(row.get("metadata") or {})}}
+            "frames": 32 if frames is None else frames, "question": str(row["question"]),
+            "options": list(options), "ground_truth": gt, "question_type": qt,
+            "axis_align": _matrix(row.get("axis_align_matrix", np.eye(4)), (4, 4),
+                                  "axis_align_matrix"),
+            "meta": {"dataset": row["dataset"], "scene_name": row["scene_name"],
+                     **(row.get("metadata") or {})}}
 
 
 def _check_media(spec, seen):
-    """A row's media, checked without decoding pixels: image headers readable and of one size, the video
-    opens, the frame folder lists frames. `seen` caches per path (many rows share a scene's frames)."""
+    """A row's media, checked without decoding pixels: image headers readable and of one size, the
+    video opens, the frame folder lists frames. `seen` caches per path (many rows share a scene's
+    frames)."""
     def once(key, check):
         if key not in seen:
             try:
                 seen[key] = check(key)
             except (OSError, ValueError) as e:
-                seen[key] = e if isinstance(e, ValueError) else ValueError(f"cannot read {key}: {e}")
+                seen[key] = e if isinstance(e, ValueError) else \
+                    ValueError(f"cannot read {key}: {e}")
         if isinstance(seen[key], ValueError):
             raise seen[key]
         return seen[key]
@@ -377,8 +469,8 @@ def _check_media(spec, seen):
         sizes = [once(p, image_size) for p in spec["paths"]]
         for p, size in zip(spec["paths"], sizes):
             if size != sizes[0]:
-                raise ValueError(f"frames differ in size: {spec['paths'][0]} is {sizes[0][0]}x{sizes[0][1]}, "
-                                 f"{p} is {size[0]}x{size[1]}")
+                raise ValueError(f"frames differ in size: {spec['paths'][0]} is "
+                                 f"{sizes[0][0]}x{sizes[0][1]}, {p} is {size[0]}x{size[1]}")
     elif spec["video"]:
         once(spec["video"], check_video)
     elif not once(spec["folder"], frame_names):
@@ -386,12 +478,13 @@ def _check_media(spec, seen):
 
 
 class RowDataset(torch.utils.data.Dataset):
-    """Checked rows of one real data file. Opening it (1) reads the file once and hashes its bytes, (2) checks
-    that its rows have the shape of `task`, (3) checks every row: fields, values, and media without decoding
-    (image headers, video containers, frame folders), (4) decodes the first row's media in full, so a
-    systematic problem (a codec, a missing package) shows at once. Frames are decoded in __getitem__
-    (DataLoader workers welcome); a file damaged after opening still fails there with its file and row.
-    .report says what was read: path, SHA-256, rows, kept, rows per question type, skipped rows with reasons."""
+    """Checked rows of one real data file. Opening it (1) reads the file once and hashes its bytes,
+    (2) checks that its rows have the shape of `task`, (3) checks every row: fields, values, and
+    media without decoding (image headers, video containers, frame folders), (4) decodes the first
+    row's media in full, so a systematic problem (a codec, a missing package) shows at once. Frames
+    are decoded in __getitem__ (DataLoader workers welcome); a file damaged after opening still
+    fails there with its file and row. .report says what was read: path, SHA-256, rows, kept, rows
+    per question type, skipped rows with reasons."""
 
     def __init__(self, task, path, media_root=None, frames=None, skip_bad=False):
         if task not in TASK_NAMES:
@@ -402,8 +495,8 @@ class RowDataset(torch.utils.data.Dataset):
         rows, sha = read_rows(path)   # (1)
         kind, field = file_kind(rows)   # (2)
         if kind is not None and kind != task:
-            raise DataError(f"{path}: this looks like a {kind} file (its rows have {field!r}), not {task}: "
-                             f"check --task (or pass the {task} file)")
+            raise DataError(f"{path}: this looks like a {kind} file (its rows have {field!r}), "
+                            f"not {task}: check --task (or pass the {task} file)")
         self.path, self.specs, skipped, seen = path, [], [], {}
         for i, row in enumerate(rows):   # (3)
             try:
@@ -425,14 +518,17 @@ class RowDataset(torch.utils.data.Dataset):
         for sp in self.specs:
             t = str(sp.get("question_type") or sp["meta"].get("question_type") or task)
             by_type[t] = by_type.get(t, 0) + 1
-        self.report = {"path": os.path.abspath(path), "sha256": sha, "task": task, "rows": len(rows),
-                       "kept": len(self.specs), "skipped": len(skipped), "by_type": dict(sorted(by_type.items())),
+        self.report = {"path": os.path.abspath(path), "sha256": sha, "task": task,
+                       "rows": len(rows), "kept": len(self.specs), "skipped": len(skipped),
+                       "by_type": dict(sorted(by_type.items())),
                        "skipped_rows": skipped[:1000]}   # the first 1000 with their reasons
-        if task == "grounding":   # rows without a target frame: no frame reward, SFT target or frame accuracy
-            self.report["no_target_frame"] = sum(sp.get("target_frame") is None for sp in self.specs)
+        # rows without a target frame: no frame reward, SFT target or frame accuracy
+        if task == "grounding":
+            self.report["no_target_frame"] = sum(sp.get("target_frame") is None
+                                                 for sp in self.specs)
         if not self.specs:
-            why = f"; all {len(rows)} rows are bad, e.g. row {skipped[0]['row']}: {skipped[0]['reason']}" \
-                if skipped else ""
+            why = (f"; all {len(rows)} rows are bad, e.g. row {skipped[0]['row']}: "
+                   f"{skipped[0]['reason']}") if skipped else ""
             raise DataError(f"{path}: no usable rows{why}")
         if skipped:
             print(describe(self.report, max_skipped=3), file=sys.stderr)
@@ -451,30 +547,33 @@ class RowDataset(torch.utils.data.Dataset):
                 else:
                     frames, c2g, K, _ = read_posed_folder(sp["folder"], sp["frames"])
             else:
-                frames, c2g, K = _stack([read_image(p) for p in sp["paths"]], where), sp["cam2global"], \
-                    sp["intrinsics"]
+                frames = _stack([read_image(p) for p in sp["paths"]], where)
+                c2g, K = sp["cam2global"], sp["intrinsics"]
         except (OSError, ValueError) as e:
             raise DataError(f"{where}: cannot read media: {e}") from e
-        keys = ("boxes", "description", "target_frame", "target_box", "world_box", "question", "options",
-                "ground_truth", "question_type")
+        keys = ("boxes", "description", "target_frame", "target_box", "world_box", "question",
+                "options", "ground_truth", "question_type")
         return Sample(id=sp["id"], task=sp["task"], frames=frames, intrinsics=K, cam2global=c2g,
-                      axis_align=sp["axis_align"], meta=dict(sp["meta"]), **{k: sp[k] for k in keys if k in sp})
+                      axis_align=sp["axis_align"], meta=dict(sp["meta"]),
+                      **{k: sp[k] for k in keys if k in sp})
 
 
 def load_dataset(task, path, media_root=None, frames=None, skip_bad=False):
-    """A Dataset of Samples from a VG-LLM JSON (detection: scannet_det_*.json, grounding: scanrefer_*.json;
-    image paths relative to media_root) or VSI-Bench rows (spatial: JSON/JSONL/parquet; video at
-    {media_root}/{dataset}/{scene_name}.mp4 or a frame folder {dataset}/{scene_name}/). frames: uniformly
-    subsample a row's images to this many (None = all; 32 for videos). A bad file raises a ValueError naming
-    it; a bad row one naming the file and row; with skip_bad=True bad rows are skipped and listed, with
-    their row numbers and reasons, in .report (see RowDataset). An empty result is an error either way."""
+    """A Dataset of Samples from a VG-LLM JSON (detection: scannet_det_*.json, grounding:
+    scanrefer_*.json; image paths relative to media_root) or VSI-Bench rows (spatial:
+    JSON/JSONL/parquet; video at {media_root}/{dataset}/{scene_name}.mp4 or a frame folder
+    {dataset}/{scene_name}/). frames: uniformly subsample a row's images to this many (None = all;
+    32 for videos). A bad file raises a ValueError naming it; a bad row one naming the file and
+    row; with skip_bad=True bad rows are skipped and listed, with their row numbers and reasons, in
+    .report (see RowDataset). An empty result is an error either way."""
     return RowDataset(task, path, media_root, frames, skip_bad)
 
 
 def parse_files(items):
-    """Command-line files -> [(path, weight)]. Each item is PATH or PATH:WEIGHT with WEIGHT a whole number >= 1
-    (default 1), e.g. `--data a.json:2 b.json:1`. The weight is read only when the text after the last ':' is
-    a number, so a path that contains ':' still works (give such a path ending in ':<number>' a ':1')."""
+    """Command-line files -> [(path, weight)]. Each item is PATH or PATH:WEIGHT with WEIGHT a whole
+    number >= 1 (default 1), e.g. `--data a.json:2 b.json:1`. The weight is read only when the text
+    after the last ':' is a number, so a path that contains ':' still works (give such a path
+    ending in ':<number>' a ':1')."""
     out = []
     for item in items:
         path, sep, tail = item.rpartition(":")
@@ -487,94 +586,65 @@ def parse_files(items):
         elif w.is_integer() and w >= 1:   # (nan and inf are not integers)
             out.append((path, int(w)))
         else:
-            raise ValueError(f"{item}: the weight after ':' must be a whole number >= 1 (e.g. a.json:2 b.json:1), "
-                             f"got {tail!r}")
+            raise ValueError(f"{item}: the weight after ':' must be a whole number >= 1 "
+                             f"(e.g. a.json:2 b.json:1), got {tail!r}")
     return out
 
 
 def load_files(task, paths, media_root=None, frames=None, skip_bad=False):
-    """Several files as one dataset, their rows end to end in the order given -> (dataset, [report per file])."""
+    """Several files as one dataset, their rows end to end in the order given -> (dataset,
+    [report per file])."""
     parts = [load_dataset(task, p, media_root, frames, skip_bad) for p in paths]
-    return (parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)), [d.report for d in parts]
+    dataset = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    return dataset, [d.report for d in parts]
 
 
 def describe(report, max_skipped=10):
-    """A reader's report as log lines: file, SHA-256 and counts, then the first skipped rows with reasons."""
+    """A report as log lines: file, SHA-256, counts, then the first skipped rows with reasons."""
     if "sha256" not in report:   # not a file (e.g. the synthetic scenes): its parameters
         return "data: " + ", ".join(f"{k} {v}" for k, v in report.items())
     types = ", ".join(f"{t} {n}" for t, n in report["by_type"].items())
     unframed = report.get("no_target_frame") or 0
-    lines = [f"data: {report['path']} (sha256 {report['sha256'][:16]}): {report['rows']} rows, {report['kept']} "
-             f"used ({types})" + (f", {unframed} without a target frame (no frame reward, SFT target or "
-                                  f"frame accuracy)" if unframed else "")
-             + (f", {report['skipped']} skipped:" if report["skipped"] else "")]
-    lines += [f"  row {s['row']}: {s['reason']}" for s in report["skipped_rows"][:max_skipped]]
+    head = (f"data: {report['path']} (sha256 {report['sha256'][:16]}): {report['rows']} rows, "
+            f"{report['kept']} used ({types})")
+    if unframed:
+        head += (f", {unframed} without a target frame (no frame reward, SFT target or frame "
+                 "accuracy)")
+    if report["skipped"]:
+        head += f", {report['skipped']} skipped:"
+    lines = [head] + [f"  row {s['row']}: {s['reason']}"
+                      for s in report["skipped_rows"][:max_skipped]]
     if report["skipped"] > max_skipped:
-        lines.append(f"  ... and {report['skipped'] - max_skipped} more (the first 1000 are in the run's data report)")
+        lines.append(f"  ... and {report['skipped'] - max_skipped} more (the first 1000 are in the "
+                     f"run's data report)")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Export to VG-LLM / VSI-Bench layouts, drawing boxes, command line
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 3. Export to VG-LLM / VSI-Bench layouts, drawing boxes
+# --------------------------------------------------------------------------------------------------
 DET_TEXT = ("Detect the 3D bounding boxes in the camera coordinate system of the first frame.\n"
-            "Output a json list where each entry contains the object name in \"label\" and its 3D bounding box in "
-            "\"bbox_3d\".\nThe 3D bounding box format should be [x_center, y_center, z_center, x_size, y_size, "
-            "z_size, yaw, roll, pitch].")
-GROUND_TEXT = ("Localize the first clear frame in the video showing the object described in the text.\n"
-               "Text: {}\nOutput a JSON dictionary with the frame index in \"frame\" and its 3D bounding box in "
-               "\"bbox_3d\" in the frame's coordinates.\n")
+            "Output a json list where each entry contains the object name in \"label\" and its 3D "
+            "bounding box in \"bbox_3d\".\nThe 3D bounding box format should be [x_center, "
+            "y_center, z_center, x_size, y_size, z_size, yaw, roll, pitch].")
+GROUND_TEXT = ("Localize the first clear frame in the video showing the object described in the "
+               "text.\nText: {}\nOutput a JSON dictionary with the frame index in \"frame\" and "
+               "its 3D bounding box in \"bbox_3d\" in the frame's coordinates.\n")
 
 
 def export_vgllm(dataset, out_dir, image_format="png"):
-    """Write a dataset as VG-LLM JSON (detection.json, grounding.json) or VSI-Bench JSONL (spatial.jsonl) +
-    media/synthetic/{scene}/{k:05d}.{png|jpg} with {k:05d}.txt poses and intrinsic.txt (a ScanNet posed
-    folder). Image paths in rows are relative to out_dir/media. PNG keeps the round trip exact."""
+    """Write a dataset as VG-LLM JSON (detection.json, grounding.json) or VSI-Bench JSONL
+    (spatial.jsonl) + media/synthetic/{scene}/{k:05d}.{png|jpg} with {k:05d}.txt poses and
+    intrinsic.txt (a ScanNet posed folder). Image paths in rows are relative to out_dir/media. PNG
+    keeps the round trip exact."""
     if len(dataset) == 0:
         raise ValueError("nothing to export: the dataset is empty")
     rows = []
     for i in range(len(dataset)):
         s = dataset[i]
         scene = re.sub(r"[^A-Za-z0-9_.-]", "_", s.id)
-        folder = os.path.join(out_dir, "media", "synthetic", scene)
-        os.makedirs(folder, exist_ok=True)
-        images = []
-        for k, fr in enumerate(s.frames):
-            Image.fromarray(fr).save(os.path.join(folder, f"{k:05d}.{image_format}"), quality=95)
-            if s.cam2global is not None:
-                np.savetxt(os.path.join(folder, f"{k:05d}.txt"), s.cam2global[k])
-            images.append(f"synthetic/{scene}/{k:05d}.{image_format}")
-        if s.intrinsics is not None:
-            np.savetxt(os.path.join(folder, "intrinsic.txt"), s.intrinsics)
-        r2 = lambda box: [round(float(x), 2) for x in box]
-        meta = {"dataset": "synthetic", "scene": scene,   # + what the synthetic scene knows (objects, room, ...)
-                **{k: s.meta[k] for k in ("objects", "room", "label", "target") if k in s.meta}}
-        K4 = np.eye(4)
-        K4[:3, :3] = s.intrinsics if s.intrinsics is not None else np.eye(3)
-        cams = {"cam2img": K4.tolist() if s.intrinsics is not None else None,
-                "cam2global": s.cam2global.tolist(), "axis_align_matrix": s.axis_align.tolist()}
-        if s.task == "detection":
-            answer = "```json\n[\n\t" + ",\n\t".join(json.dumps({"label": b["label"], "bbox_3d": r2(b["bbox_3d"])})
-                                                     for b in s.boxes) + "\n]```"
-            rows.append({"id": s.id, "images": images, "conversations": [
-                {"from": "human", "value": "<image>\n" * len(images) + DET_TEXT}, {"from": "gpt", "value": answer}],
-                "boxes": s.boxes, **cams, "metadata": meta})
-        elif s.task == "grounding":
-            prompt = GROUND_TEXT.format(s.description)
-            target, answer = None, ""   # a val-style row: only the world box (gt_bbox), no answer to write
-            if s.target_frame is not None:
-                target = {"frame": s.target_frame, "bbox_3d": s.target_box}
-                answer = f"```json\n\t{json.dumps(dict(target, bbox_3d=r2(s.target_box)))}\n```"
-            tokens = "".join(f"Frame-{k}: <image>" for k in range(len(images)))
-            rows.append({"id": s.id, "images": images, "conversations": [
-                {"from": "human", "value": f"{tokens}\n{prompt}"}, {"from": "gpt", "value": answer}],
-                "metadata": {**meta, "question_type": "unique" if s.meta.get("unique") else "multiple",
-                             "object_id": s.meta.get("target")},
-                "target": target, "gt_bbox": s.world_box, "prompt": prompt, **cams})
-        else:
-            rows.append({"id": s.id, "dataset": "synthetic", "scene_name": scene, "question_type": s.question_type,
-                         "question": s.question, "options": s.options, "ground_truth": s.ground_truth,
-                         "axis_align_matrix": s.axis_align.tolist(), "metadata": meta})
+        images = _export_media(s, out_dir, scene, image_format)
+        rows.append(_export_row(s, scene, images))
     path = os.path.join(out_dir, "spatial.jsonl" if s.task == "spatial" else f"{s.task}.json")
     with open(path, "w") as f:
         if s.task == "spatial":
@@ -584,16 +654,70 @@ def export_vgllm(dataset, out_dir, image_format="png"):
     return path
 
 
+def _export_media(s, out_dir, scene, image_format):
+    """A sample's frames as the posed folder out_dir/media/synthetic/{scene}/ -> the image paths
+    relative to out_dir/media."""
+    folder = os.path.join(out_dir, "media", "synthetic", scene)
+    os.makedirs(folder, exist_ok=True)
+    images = []
+    for k, fr in enumerate(s.frames):
+        Image.fromarray(fr).save(os.path.join(folder, f"{k:05d}.{image_format}"), quality=95)
+        if s.cam2global is not None:
+            np.savetxt(os.path.join(folder, f"{k:05d}.txt"), s.cam2global[k])
+        images.append(f"synthetic/{scene}/{k:05d}.{image_format}")
+    if s.intrinsics is not None:
+        np.savetxt(os.path.join(folder, "intrinsic.txt"), s.intrinsics)
+    return images
+
+
+def _round2(box):
+    return [round(float(x), 2) for x in box]
+
+
+def _export_row(s, scene, images):
+    """A sample as a row of VG-LLM's JSON (detection, grounding) or VSI-Bench's JSONL (spatial)."""
+    meta = {"dataset": "synthetic", "scene": scene,   # + what the scene knows (objects, room, ...)
+            **{k: s.meta[k] for k in ("objects", "room", "label", "target") if k in s.meta}}
+    K4 = np.eye(4)
+    K4[:3, :3] = s.intrinsics if s.intrinsics is not None else np.eye(3)
+    cams = {"cam2img": K4.tolist() if s.intrinsics is not None else None,
+            "cam2global": s.cam2global.tolist(), "axis_align_matrix": s.axis_align.tolist()}
+    if s.task == "detection":
+        dets = [json.dumps({"label": b["label"], "bbox_3d": _round2(b["bbox_3d"])})
+                for b in s.boxes]
+        answer = "```json\n[\n\t" + ",\n\t".join(dets) + "\n]```"
+        human = "<image>\n" * len(images) + DET_TEXT
+        return {"id": s.id, "images": images, "conversations": [
+            {"from": "human", "value": human}, {"from": "gpt", "value": answer}],
+            "boxes": s.boxes, **cams, "metadata": meta}
+    if s.task == "grounding":
+        prompt = GROUND_TEXT.format(s.description)
+        target, answer = None, ""   # a val-style row: only the world box (gt_bbox), no answer
+        if s.target_frame is not None:
+            target = {"frame": s.target_frame, "bbox_3d": s.target_box}
+            answer = f"```json\n\t{json.dumps(dict(target, bbox_3d=_round2(s.target_box)))}\n```"
+        tokens = "".join(f"Frame-{k}: <image>" for k in range(len(images)))
+        return {"id": s.id, "images": images, "conversations": [
+            {"from": "human", "value": f"{tokens}\n{prompt}"}, {"from": "gpt", "value": answer}],
+            "metadata": {**meta, "question_type": "unique" if s.meta.get("unique") else "multiple",
+                         "object_id": s.meta.get("target")},
+            "target": target, "gt_bbox": s.world_box, "prompt": prompt, **cams}
+    return {"id": s.id, "dataset": "synthetic", "scene_name": scene,
+            "question_type": s.question_type, "question": s.question, "options": s.options,
+            "ground_truth": s.ground_truth, "axis_align_matrix": s.axis_align.tolist(),
+            "metadata": meta}
+
+
 EDGES = [(i, i | b) for i in range(8) for b in (1, 2, 4) if not i & b]
 
 
-def draw_boxes(frames, intrinsics, cam2global, boxes, pred_boxes=(), box_frame=0, axis_align=None, scale=4,
-               colors=((60, 255, 60), (255, 60, 255))):
-    """Frames side by side (upscaled) with projected 3D box edges: ground truth in colors[0], predictions in
-    colors[1]. Boxes ({"label","bbox_3d"} or 9-lists) live in camera `box_frame` or, with box_frame="world",
-    in the aligned world (E_k = axis_align @ cam2global[k]); both groups share that frame, so move grounding
-    predictions (camera f_pred) to the world first (box_to_world(box, axis_align @ cam2global[f_pred])).
-    Returns a PIL image."""
+def draw_boxes(frames, intrinsics, cam2global, boxes, pred_boxes=(), box_frame=0, axis_align=None,
+               scale=4, colors=((60, 255, 60), (255, 60, 255))):
+    """Frames side by side (upscaled) with projected 3D box edges: ground truth in colors[0],
+    predictions in colors[1]. Boxes ({"label","bbox_3d"} or 9-lists) live in camera `box_frame`
+    or, with box_frame="world", in the aligned world (E_k = axis_align @ cam2global[k]); both
+    groups share that frame, so move grounding predictions (camera f_pred) to the world first
+    (box_to_world(box, axis_align @ cam2global[f_pred])). Returns a PIL image."""
     S, H, W = frames.shape[:3]
     canvas = Image.new("RGB", (S * W * scale, H * scale))
     A = np.eye(4) if axis_align is None else np.asarray(axis_align)
@@ -604,22 +728,29 @@ def draw_boxes(frames, intrinsics, cam2global, boxes, pred_boxes=(), box_frame=0
             if box_frame == "world":
                 T = np.linalg.inv(A @ cam2global[k])
             else:   # camera box_frame -> camera k (the axis alignment cancels)
-                T = np.eye(4) if cam2global is None else np.linalg.inv(cam2global[k]) @ cam2global[box_frame]
+                T = np.eye(4) if cam2global is None else \
+                    np.linalg.inv(cam2global[k]) @ cam2global[box_frame]
             for group, color in ((boxes, colors[0]), (pred_boxes, colors[1])):
                 for b in group:
-                    label, box = (b.get("label", ""), b["bbox_3d"]) if isinstance(b, dict) else ("", b)
-                    c = box_corners(box) @ T[:3, :3].T + T[:3, 3]            # corners in camera k
-                    for i, j in EDGES:
-                        p, q = c[i], c[j]
-                        if p[2] < 0.05 and q[2] < 0.05:
-                            continue
-                        if p[2] < 0.05 or q[2] < 0.05:   # clip the edge at the near plane
-                            t = (0.05 - p[2]) / (q[2] - p[2])
-                            p, q = (p + t * (q - p), q) if p[2] < 0.05 else (p, p + t * (q - p))
-                        uv = [tuple((intrinsics @ x)[:2] / x[2] * scale) for x in (p, q)]
-                        draw.line(uv, fill=color, width=1)
-                    if label and np.all(c[:, 2] > 0.05):
-                        uv = (c @ intrinsics.T)[:, :2] / c[:, 2:] * scale
-                        draw.text((uv[:, 0].min(), uv[:, 1].min() - 10), label, fill=color)
+                    _draw_box(draw, b, T, intrinsics, scale, color)
         canvas.paste(panel, (k * W * scale, 0))
     return canvas
+
+
+def _draw_box(draw, b, T, intrinsics, scale, color):
+    """One box ({"label","bbox_3d"} or a 9-list), moved into the camera by T: its 12 edges, clipped
+    at the near plane z = 0.05, and its label when the whole box is in front of that plane."""
+    label, box = (b.get("label", ""), b["bbox_3d"]) if isinstance(b, dict) else ("", b)
+    c = box_corners(box) @ T[:3, :3].T + T[:3, 3]            # corners in the camera
+    for i, j in EDGES:
+        p, q = c[i], c[j]
+        if p[2] < 0.05 and q[2] < 0.05:
+            continue
+        if p[2] < 0.05 or q[2] < 0.05:   # clip the edge at the near plane
+            t = (0.05 - p[2]) / (q[2] - p[2])
+            p, q = (p + t * (q - p), q) if p[2] < 0.05 else (p, p + t * (q - p))
+        uv = [tuple((intrinsics @ x)[:2] / x[2] * scale) for x in (p, q)]
+        draw.line(uv, fill=color, width=1)
+    if label and np.all(c[:, 2] > 0.05):
+        uv = (c @ intrinsics.T)[:, :2] / c[:, 2:] * scale
+        draw.text((uv[:, 0].min(), uv[:, 1].min() - 10), label, fill=color)

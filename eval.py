@@ -1,19 +1,29 @@
 """eval.py: greedy decoding over an eval set and the official metrics of the three tasks.
 
+What is in it:
+  1. metrics: detection_metrics, grounding_metrics, spatial_metrics (per-sample records -> numbers)
+  2. evaluate(): greedy decoding over a dataset, sharded over ranks -> {"metrics", "records"}
+  3. the command line, `python eval.py --ckpt DIR --task T`: get_args, main, run, print_table, viz
+Paired comparisons of trained models (per-scene metrics, standard errors, the claim rule, plots) are
+in compare.py; the published protocol (the public evaluators' quirks) and ScanRefer's proposal
+refinement are in published.py.
+
 The metrics follow the public evaluators so numbers compare with the papers:
   - ScanNet detection: VG-LLM's evaluator (TP/FP/FN summed per class over the set, per-class P/R/F1,
     averaged over fixed 8/20/31-class lists),
   - ScanRefer: Acc@0.25 / Acc@0.5 (share of samples with IoU >= threshold; failures count as 0),
-  - VSI-Bench: mean score per question type, the three relative-direction types merged, overall mean.
+  - VSI-Bench: mean score per question type, the three relative-direction types merged, overall
+    mean.
 Rates and scores are reported x100, as the papers print them; mean IoUs and mean box counts are raw.
 The per-sample records come from rft3d.py (TASKS[task].record); this file only aggregates them.
 
---protocol ours (default) scores with the same self-consistent rules as the training rewards; --protocol published
-reproduces the public evaluators' quirks (VG-LLM's ScanRefer angle conversion, VSI-Bench's unstripped first
-token, every detection line counted; see rft3d.py) so numbers compare with the papers' tables.
---proposals FILE (grounding): ScanRefer "with proposal refinement": each predicted box, moved to the world, is
-replaced by the detector proposal of its scene with the highest IoU to it, then scored; raw and refined
-Acc@0.25/0.5 are reported side by side.
+--protocol ours (default) scores with the same self-consistent rules as the training rewards;
+--protocol published reproduces the public evaluators' quirks (VG-LLM's ScanRefer angle conversion,
+VSI-Bench's unstripped first token, every detection line counted; see rft3d.py) so numbers compare
+with the papers' tables.
+--proposals FILE (grounding): ScanRefer "with proposal refinement": each predicted box, moved to the
+world, is replaced by the detector proposal of its scene with the highest IoU to it, then scored;
+raw and refined Acc@0.25/0.5 are reported side by side.
 """
 import argparse
 import hashlib
@@ -36,7 +46,9 @@ import published  # the public evaluators' quirks and ScanRefer proposal refinem
 from boxes import box_to_world
 from rewards import parse_detections, parse_grounding
 
-# --- metrics ---
+# --------------------------------------------------------------------------------------------------
+# 1. Metrics: per-sample records -> the numbers the papers print
+# --------------------------------------------------------------------------------------------------
 
 # VG-LLM's fixed ScanNet class lists (src/lmms_eval/tasks/threedod/utils.py: cate8, cate20, cate31).
 # The 31-list really has "lamp" twice and the typo "towl": kept as is, so our averages compare with
@@ -44,15 +56,16 @@ from rewards import parse_detections, parse_grounding
 CLASS_LISTS = {
     8: ["chair", "cabinet", "table", "bin", "couch", "bed", "bathtub", "toilet"],
     20: ["chair", "pillow", "cabinet", "table", "lamp", "couch", "desk", "stand", "bed", "backpack",
-         "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave", "monitor",
-         "computer"],
+         "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave",
+         "monitor", "computer"],
     31: ["chair", "pillow", "cabinet", "table", "lamp", "couch", "desk", "stand", "bed", "backpack",
-         "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave", "monitor",
-         "computer", "window", "shelf", "curtain", "plant", "stairs", "picture", "book", "bottle", "lamp",
-         "towl", "sink"],
+         "bathtub", "ottoman", "dresser", "bin", "toilet", "refrigerator", "stove", "microwave",
+         "monitor", "computer", "window", "shelf", "curtain", "plant", "stairs", "picture", "book",
+         "bottle", "lamp", "towl", "sink"],
 }
 DET_THRESHOLDS = ("0.25", "0.5")
-REL_DIRECTION = ("object_rel_direction_easy", "object_rel_direction_medium", "object_rel_direction_hard")
+REL_DIRECTION = ("object_rel_direction_easy", "object_rel_direction_medium",
+                 "object_rel_direction_hard")
 
 
 def _mean(xs):
@@ -73,9 +86,10 @@ def precision_recall_f1(tp, fp, fn):
 
 
 def detection_metrics(records):
-    """records: {"counts": {"0.25": {label: [tp, fp, fn]}, "0.5": {...}}, "n_pred", "n_gt", "iou_gt",
-    "parsed"} per sample. Returns flat keys "{precision|recall|f1}@{thr}/{cate8|cate20|cate31|micro}",
-    "per_class" ({thr: {label: {tp, fp, fn, precision, recall, f1}}}) and sample statistics."""
+    """records: {"counts": {"0.25": {label: [tp, fp, fn]}, "0.5": {...}}, "n_pred", "n_gt",
+    "iou_gt", "parsed"} per sample. Returns flat keys
+    "{precision|recall|f1}@{thr}/{cate8|cate20|cate31|micro}", "per_class"
+    ({thr: {label: {tp, fp, fn, precision, recall, f1}}}) and sample statistics."""
     out = {"n": len(records), "per_class": {}}
     for thr in DET_THRESHOLDS:
         # 1. TP/FP/FN summed per class over the whole set (not averaged per sample)
@@ -91,14 +105,17 @@ def detection_metrics(records):
             per_class[label] = {"tp": tp, "fp": fp, "fn": fn,
                                 "precision": 100 * p, "recall": 100 * rc, "f1": 100 * f1}
         out["per_class"][thr] = per_class
-        # 3. averages over the fixed lists: a class absent from the set counts 0, duplicates count twice
+        # 3. averages over the fixed lists: a class absent from the set counts 0, duplicates twice
         for n, names in CLASS_LISTS.items():
             for m in ("precision", "recall", "f1"):
-                out[f"{m}@{thr}/cate{n}"] = _mean(per_class.get(name, {}).get(m, 0.0) for name in names)
+                out[f"{m}@{thr}/cate{n}"] = _mean(per_class.get(name, {}).get(m, 0.0)
+                                                  for name in names)
         # 4. micro: all labels pooled (labels outside the lists count too)
         p, rc, f1 = precision_recall_f1(*(sum(c[i] for c in sums.values()) for i in range(3)))
-        out[f"precision@{thr}/micro"], out[f"recall@{thr}/micro"], out[f"f1@{thr}/micro"] = 100 * p, 100 * rc, 100 * f1
-    # 5. per-sample statistics: box counts (GRPO may learn to drop boxes), count accuracy, parse rate
+        out[f"precision@{thr}/micro"], out[f"recall@{thr}/micro"], out[f"f1@{thr}/micro"] = (
+            100 * p, 100 * rc, 100 * f1)
+    # 5. per-sample statistics: box counts (GRPO may learn to drop boxes), count accuracy,
+    #    parse rate
     out["n_pred"] = _mean(_finite(r.get("n_pred")) for r in records)
     out["n_gt"] = _mean(_finite(r.get("n_gt")) for r in records)
     out["count_acc"] = 100 * _mean(float(r.get("n_pred") == r.get("n_gt")) for r in records)
@@ -108,17 +125,19 @@ def detection_metrics(records):
 
 
 def grounding_metrics(records):
-    """records: {"iou", "frame_pred", "frame_gt", "unique", "parsed"} (+ "iou_refined", "proposal" with
-    --proposals). Acc@t = share with IoU >= t (ScanRefer / VG-LLM use >=); a failed sample has IoU 0. Split by
-    unique/multiple where the record says (unique is a bool; None = unknown, left out of both splits).
-    With refined IoUs the same keys again with the suffix "/refined", and the share of boxes replaced.
-    frame_acc = share of exact frames over the n_frame rows that have a target frame (frame_gt not None;
-    ScanRefer val rows have none); absent when no row has one (0 of 0 is no accuracy, not 0%)."""
+    """records: {"iou", "frame_pred", "frame_gt", "unique", "parsed"} (+ "iou_refined", "proposal"
+    with --proposals). Acc@t = share with IoU >= t (ScanRefer / VG-LLM use >=); a failed sample
+    has IoU 0. Split by unique/multiple where the record says (unique is a bool; None = unknown,
+    left out of both splits). With refined IoUs the same keys again with the suffix "/refined",
+    and the share of boxes replaced. frame_acc = share of exact frames over the n_frame rows that
+    have a target frame (frame_gt not None; ScanRefer val rows have none); absent when no row has
+    one (0 of 0 is no accuracy, not 0%)."""
     out = {"n": len(records)}
     splits = {"": list(range(len(records))),
               "/unique": [i for i, r in enumerate(records) if r.get("unique") is True],
               "/multiple": [i for i, r in enumerate(records) if r.get("unique") is False]}
-    columns = {"": "iou", "/refined": "iou_refined"} if any("iou_refined" in r for r in records) else {"": "iou"}
+    columns = ({"": "iou", "/refined": "iou_refined"} if any("iou_refined" in r for r in records)
+               else {"": "iou"})
     for suffix, key in columns.items():
         ious = [_finite(r.get(key)) for r in records]
         out["iou" + suffix] = _mean(ious)
@@ -140,10 +159,10 @@ def grounding_metrics(records):
 
 
 def spatial_metrics(records):
-    """records: {"question_type", "score", "parsed"}. VSI-Bench: mean score per question type; the three
-    object_rel_direction_{easy,medium,hard} means averaged into one "object_rel_direction" (over the
-    sub-types present: VSI-Bench's own code assumes all three); overall = unweighted mean of the task
-    scores present (8 on the full benchmark). All x100."""
+    """records: {"question_type", "score", "parsed"}. VSI-Bench: mean score per question type; the
+    three object_rel_direction_{easy,medium,hard} means averaged into one "object_rel_direction"
+    (over the sub-types present: VSI-Bench's own code assumes all three); overall = unweighted mean
+    of the task scores present (8 on the full benchmark). All x100."""
     by_type = defaultdict(list)
     for r in records:
         by_type[str(r.get("question_type"))].append(_finite(r.get("score")))
@@ -159,10 +178,13 @@ def spatial_metrics(records):
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluation: greedy decoding over a dataset, sharded over ranks, per-sample records -> metrics above
+# 2. evaluate(): greedy decoding over a dataset, sharded over ranks, per-sample records -> metrics
+# --------------------------------------------------------------------------------------------------
 
-METRICS = {"detection": detection_metrics, "grounding": grounding_metrics, "spatial": spatial_metrics}
-PRIMARY_METRIC = {"detection": "f1@0.25/micro", "grounding": "acc@0.25", "spatial": "overall"}  # best-checkpoint choice
+METRICS = {"detection": detection_metrics, "grounding": grounding_metrics,
+           "spatial": spatial_metrics}
+# the metric that picks the best checkpoint
+PRIMARY_METRIC = {"detection": "f1@0.25/micro", "grounding": "acc@0.25", "spatial": "overall"}
 
 
 @torch.no_grad()
@@ -171,10 +193,9 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     """-> {"metrics": dict, "records": list} over the whole dataset, on every rank.
 
     Each rank decodes a strided shard; shards are padded to equal length (the padding is dropped) so
-    every rank runs the same number of generate calls, which FSDP needs (synced_gpus). protocol: "ours" or
-    "published" (rft3d.py). proposals (grounding): {scene: [9-number world boxes]} from load_proposals."""
-    import rft3d
-
+    every rank runs the same number of generate calls, which FSDP needs (synced_gpus). protocol:
+    "ours" or "published" (rft3d.py). proposals (grounding): {scene: [9-number world boxes]} from
+    load_proposals."""
     task = rft3d.TASKS[task_name]
     if proposals is not None and task_name != "grounding":
         raise ValueError("proposals refine grounding boxes only")
@@ -182,27 +203,33 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = list(range(rank, len(dataset), world))
     n_real, per_rank = len(shard), -(-len(dataset) // world)
-    shard += (shard[-1:] or [0]) * (per_rank - len(shard))  # pad with a repeat (dropped below), even if empty
+    # pad with a repeat (dropped below), even if empty
+    shard += (shard[-1:] or [0]) * (per_rank - len(shard))
     was_training = model.training
     model.eval()
     records = []
-    for start in tqdm(range(0, per_rank, batch_size), desc=f"eval {task_name}", disable=not progress or rank != 0):
+    for start in tqdm(range(0, per_rank, batch_size), desc=f"eval {task_name}",
+                      disable=not progress or rank != 0):
         idx = shard[start:start + batch_size]
         samples = [dataset[i] for i in idx]
-        missing = sorted({published.scene_of(s) for s in samples} - set(proposals)) if proposals is not None else []
+        missing = (sorted({published.scene_of(s) for s in samples} - set(proposals))
+                   if proposals is not None else [])
         if missing:   # before decoding anything: a wrong proposals file fails in the first batch
-            raise data.DataError(f"--proposals: no proposals for scene {missing[0]!r} (the file has {len(proposals)} "
-                             f"scenes, e.g. {sorted(proposals)[:3]})")
+            raise data.DataError(f"--proposals: no proposals for scene {missing[0]!r} (the file "
+                                 f"has {len(proposals)} scenes, e.g. {sorted(proposals)[:3]})")
         encodings = model.encode([s.frames for s in samples])  # once per sample
-        batch = model.prompt_batch(tokenizer, [task.prompt(s, think=think) for s in samples], encodings)
-        completion = model.generate(batch, encodings, max_new_tokens=max_new_tokens, do_sample=False,
-                                    synced_gpus=synced_gpus)
+        batch = model.prompt_batch(tokenizer, [task.prompt(s, think=think) for s in samples],
+                                   encodings)
+        completion = model.generate(batch, encodings, max_new_tokens=max_new_tokens,
+                                    do_sample=False, synced_gpus=synced_gpus)
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
         for j, (i, s, text) in enumerate(zip(idx, samples, texts)):
             if start + j < n_real:  # not padding
-                rec = {"index": i, "id": s.id, "completion": text, **task.record(s, text, protocol=protocol)}
+                rec = {"index": i, "id": s.id, "completion": text,
+                       **task.record(s, text, protocol=protocol)}
                 if proposals is not None:
-                    rec["iou_refined"], rec["proposal"] = published.refine(rec["box_world"], s.world_box, proposals[published.scene_of(s)])
+                    rec["iou_refined"], rec["proposal"] = published.refine(
+                        rec["box_world"], s.world_box, proposals[published.scene_of(s)])
                 records.append(rec)
     model.train(was_training)
     if dist.is_initialized():
@@ -210,6 +237,11 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
         dist.all_gather_object(gathered, records)
         records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
     return {"metrics": METRICS[task_name](records), "records": records}
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. The command line: arguments, the run, its table and pictures
+# --------------------------------------------------------------------------------------------------
 
 
 def print_table(task_name, metrics):
@@ -221,8 +253,8 @@ def print_table(task_name, metrics):
     for thr, rows in metrics.get("per_class", {}).items():
         print(f"\n  per class @ IoU {thr:<6}" + "".join(f"{c:>10}" for c in cols))
         for label, row in sorted(rows.items()):
-            print(f"  {label:<22}" + "".join(f"{row[c]:10d}" if isinstance(row[c], int) else f"{row[c]:10.2f}"
-                                            for c in cols))
+            print(f"  {label:<22}" + "".join(f"{row[c]:10d}" if isinstance(row[c], int)
+                                            else f"{row[c]:10.2f}" for c in cols))
 
 
 def viz(sample, completion):
@@ -234,46 +266,60 @@ def viz(sample, completion):
         pred, parsed = [], parse_grounding(completion)
         if parsed is not None and 0 <= parsed[0] < len(sample.frames):
             pred = [box_to_world(parsed[1], sample.axis_align @ sample.cam2global[parsed[0]])]
-        return data.draw_boxes(sample.frames, sample.intrinsics, sample.cam2global, [sample.world_box], pred,
-                               box_frame="world", axis_align=sample.axis_align)
-    return data.draw_boxes(sample.frames, None, None, [])  # spatial: the frames, the answer is in the JSONL
+        return data.draw_boxes(sample.frames, sample.intrinsics, sample.cam2global,
+                               [sample.world_box], pred, box_frame="world",
+                               axis_align=sample.axis_align)
+    # spatial: the frames, the answer is in the JSONL
+    return data.draw_boxes(sample.frames, None, None, [])
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description="Greedy evaluation with the official metrics (DESIGN section 4).")
+    p = argparse.ArgumentParser(
+        description="Greedy evaluation with the official metrics (DESIGN section 4).")
     p.add_argument("--ckpt", required=True, help="model dir: our save or a VG-LLM checkpoint")
     p.add_argument("--task", choices=sorted(METRICS), default="detection", help="which task")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
-                   help="VG-LLM JSON / VSI-Bench file(s), evaluated end to end (a train-style ':weight' suffix is "
-                        "ignored here); default: synthetic test scenes")
+                   help="VG-LLM JSON / VSI-Bench file(s), evaluated end to end (a train-style "
+                        "':weight' suffix is ignored here); default: synthetic test scenes")
     p.add_argument("--media-root", default=None, help="root of the image/video paths in --data")
-    p.add_argument("--test-size", "--n", type=int, default=400, help="synthetic test scenes (seed 2: never trained "
-                   "on); --n is its old name, which torchrun's own parser refuses as ambiguous")
+    p.add_argument("--test-size", "--n", type=int, default=400,
+                   help="synthetic test scenes (seed 2: never trained on); --n is its old name, "
+                        "which torchrun's own parser refuses as ambiguous")
     p.add_argument("--frames", type=int, default=4, help="frames per video / scene")
     p.add_argument("--image-size", type=int, default=56, help="synthetic frame size")
-    p.add_argument("--pitch", type=float, default=0.0, help="synthetic: camera pitch in degrees (as in training)")
-    p.add_argument("--max-objects", type=int, default=1, help="synthetic: objects per scene, at most (as in training)")
-    p.add_argument("--spelling", choices=["canonical", "random"], default="canonical", help="synthetic: box spellings")
+    p.add_argument("--pitch", type=float, default=0.0,
+                   help="synthetic: camera pitch in degrees (as in training)")
+    p.add_argument("--max-objects", type=int, default=1,
+                   help="synthetic: objects per scene, at most (as in training)")
+    p.add_argument("--spelling", choices=["canonical", "random"], default="canonical",
+                   help="synthetic: box spellings")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
-    p.add_argument("--no-think", action="store_true", help="prompt without the think/answer instruction (VG-LLM checkpoints)")
-    p.add_argument("--out", default=None, help="where predictions.jsonl / metrics.json go (default: <ckpt>/eval-<task>)")
-    p.add_argument("--viz", type=int, default=0, help="write PNGs of predicted vs ground-truth boxes for N samples")
+    p.add_argument("--no-think", action="store_true",
+                   help="prompt without the think/answer instruction (VG-LLM checkpoints)")
+    p.add_argument("--out", default=None,
+                   help="where predictions.jsonl / metrics.json go (default: <ckpt>/eval-<task>)")
+    p.add_argument("--viz", type=int, default=0,
+                   help="write PNGs of predicted vs ground-truth boxes for N samples")
     p.add_argument("--bf16", action="store_true", help="load in bf16 (GPU)")
     p.add_argument("--protocol", choices=["ours", "published"], default="ours",
-                   help="ours: self-consistent, the training rewards' rules (the README's tables); published: the "
-                        "public evaluators' quirks, to compare with the papers' tables (rft3d.py)")
+                   help="ours: self-consistent, the training rewards' rules (the README's "
+                        "tables); published: the public evaluators' quirks, to compare with the "
+                        "papers' tables (rft3d.py)")
     p.add_argument("--proposals", default=None, metavar="FILE",
-                   help="grounding: JSON {scene: [[cx,cy,cz,dx,dy,dz(,a,b,c)], ...]} of detector boxes in the aligned "
-                        "world; each prediction is replaced by the proposal with the highest IoU to it (raw and "
-                        "refined Acc@0.25/0.5 side by side)")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad rows of --data (listed with reasons)")
+                   help="grounding: JSON {scene: [[cx,cy,cz,dx,dy,dz(,a,b,c)], ...]} of detector "
+                        "boxes in the aligned world; each prediction is replaced by the proposal "
+                        "with the highest IoU to it (raw and refined Acc@0.25/0.5 side by side)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip bad rows of --data (listed with reasons)")
     args = p.parse_args(argv)
-    for name in ("test_size", "frames", "image_size", "batch_size", "max_new_tokens"):  # explicit 0s are errors, not defaults
+    # explicit 0s are errors, not defaults
+    for name in ("test_size", "frames", "image_size", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
     if not (Path(args.ckpt) / "config.json").is_file():
-        p.error(f"--ckpt {args.ckpt}: no config.json there (expected a model directory: our save or a VG-LLM one)")
+        p.error(f"--ckpt {args.ckpt}: no config.json there (expected a model directory: our save "
+                "or a VG-LLM one)")
     if args.proposals and args.task != "grounding":
         p.error("--proposals refines grounding boxes: use it with --task grounding")
     try:
@@ -288,7 +334,8 @@ def main(argv=None):
     rank, _, device = grpo.setup_distributed()  # each rank bound to its own GPU, as in train.py
     try:
         run(args, rank, device)
-    except (data.DataError, checkpoints.CheckpointError) as e:  # a bad file or row: named, one line, no traceback
+    except (data.DataError, checkpoints.CheckpointError) as e:
+        # a bad file or row: named, one line, no traceback
         raise SystemExit(f"eval.py: error: {e}") from None
     finally:
         if dist.is_initialized():
@@ -296,25 +343,30 @@ def main(argv=None):
 
 
 def run(args, rank, device):
-    # 1. What is read (data files, proposals), checked before the model loads; printed and stored in metrics.json
+    # 1. What is read (data files, proposals), checked before the model loads; printed and stored
+    #    in metrics.json
     if args.data:
-        dataset, reports = data.load_files(args.task, args.files, media_root=args.media_root, frames=args.frames,
-                                           skip_bad=args.skip_bad)
+        dataset, reports = data.load_files(args.task, args.files, media_root=args.media_root,
+                                           frames=args.frames, skip_bad=args.skip_bad)
     else:
-        world = dict(frames=args.frames, size=args.image_size, pitch=args.pitch, max_objects=args.max_objects,
-                     spelling=args.spelling)
+        world = dict(frames=args.frames, size=args.image_size, pitch=args.pitch,
+                     max_objects=args.max_objects, spelling=args.spelling)
         dataset = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **world)
-        reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2, "n": args.test_size, **world}]
+        reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2,
+                    "n": args.test_size, **world}]
     proposals, info = None, {"protocol": args.protocol, "data": reports}
     if args.proposals:
         proposals = published.load_proposals(args.proposals)
         with open(args.proposals, "rb") as f:
-            info["proposals"] = {"path": os.path.abspath(args.proposals), "sha256": hashlib.sha256(f.read()).hexdigest(),
-                                 "scenes": len(proposals), "boxes": sum(map(len, proposals.values()))}
+            info["proposals"] = {"path": os.path.abspath(args.proposals),
+                                 "sha256": hashlib.sha256(f.read()).hexdigest(),
+                                 "scenes": len(proposals),
+                                 "boxes": sum(map(len, proposals.values()))}
     if rank == 0:
         for r in reports:
             print(data.describe(r))
-        print(f"protocol: {args.protocol}" + (f"; proposals: {json.dumps(info['proposals'])}" if proposals else ""))
+        print(f"protocol: {args.protocol}"
+              + (f"; proposals: {json.dumps(info['proposals'])}" if proposals else ""))
     # 2. The model, greedy decoding, the metrics
     dtype = torch.bfloat16 if args.bf16 else None
     cfg = checkpoints.read_json(Path(args.ckpt) / "config.json")
@@ -322,10 +374,11 @@ def run(args, rank, device):
     net, tok = load(args.ckpt, dtype)
     net.to(device)
     if not args.data and rank == 0 and net.config["image_width"] != args.image_size:
-        print(f"--image-size {args.image_size}: this model resizes every frame to {net.config['image_width']} px wide "
-              "(its config's image_width)")
-    out = evaluate(net, tok, args.task, dataset, args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task],
-                   args.batch_size, think=not args.no_think, progress=True, protocol=args.protocol,
+        print(f"--image-size {args.image_size}: this model resizes every frame to "
+              f"{net.config['image_width']} px wide (its config's image_width)")
+    out = evaluate(net, tok, args.task, dataset,
+                   args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task], args.batch_size,
+                   think=not args.no_think, progress=True, protocol=args.protocol,
                    proposals=proposals)
     if rank == 0:
         out_dir = Path(args.out or Path(args.ckpt) / f"eval-{args.task}")
@@ -334,8 +387,8 @@ def run(args, rank, device):
             for r in out["records"]:
                 f.write(json.dumps(r) + "\n")
         (out_dir / "metrics.json").write_text(json.dumps({**out["metrics"], **info}, indent=1))
-        print(f"{args.task}: {len(out['records'])} samples from {' '.join(args.data or ['synthetic test scenes'])}, "
-              f"protocol {args.protocol}")
+        print(f"{args.task}: {len(out['records'])} samples from "
+              f"{' '.join(args.data or ['synthetic test scenes'])}, protocol {args.protocol}")
         print_table(args.task, out["metrics"])
         if proposals is not None:
             m = out["metrics"]
@@ -345,7 +398,8 @@ def run(args, rank, device):
                 print(f"  {'Acc@' + t:<12}{m['acc@' + t]:10.2f}{m['acc@' + t + '/refined']:10.2f}")
         for r in out["records"][: args.viz]:
             viz(dataset[r["index"]], r["completion"]).save(out_dir / f"viz-{r['index']:05d}.png")
-        print(f"wrote {out_dir}/predictions.jsonl, metrics.json" + (f" and {args.viz} PNGs" if args.viz else ""))
+        print(f"wrote {out_dir}/predictions.jsonl, metrics.json"
+              + (f" and {args.viz} PNGs" if args.viz else ""))
 
 
 if __name__ == "__main__":

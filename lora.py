@@ -1,6 +1,11 @@
-"""lora.py: LoRA adapters on the LLM's linear layers, an option of train.py (--lora-rank; 3D-RFT used LoRA for spatial
-reasoning). Not needed to understand 3D-RFT. Who calls it: train.py (apply_lora), checkpoints.py (saves merge the
-adapters into the weights). It imports nothing of rft3d: it walks model.qwen's decoder layers.
+"""lora.py: LoRA adapters on the LLM's linear layers, an option of train.py (--lora-rank; 3D-RFT
+used LoRA for spatial reasoning). Not needed to understand 3D-RFT.
+
+Contents: LoRALinear (one wrapped linear), apply_lora (wrap the decoder layers' linears),
+merge_lora (fold the adapters back into plain linears).
+
+Who calls it: train.py (apply_lora), checkpoints.py (saves merge the adapters into the weights).
+It imports nothing of rft3d: it walks model.qwen's decoder layers.
 """
 import math
 
@@ -11,7 +16,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / rank) * x A^T B^T, with B = 0 at the start (an exact no-op) and base frozen."""
+    """y = base(x) + (alpha / rank) * x A^T B^T; B = 0 at first (an exact no-op), base frozen."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
@@ -31,7 +36,7 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model, rank, alpha, targets=LORA_TARGETS):
-    """Freeze the whole LLM and wrap its target linears with LoRA. The geometry merger stays trainable."""
+    """Freeze the whole LLM, LoRA-wrap its target linears; the geometry merger stays trainable."""
     model.qwen.requires_grad_(False)
     for layer in model.qwen.model.language_model.layers:
         for parent in (layer.self_attn, layer.mlp):
@@ -42,7 +47,7 @@ def apply_lora(model, rank, alpha, targets=LORA_TARGETS):
 
 
 def merge_lora(model):
-    """Fold every LoRA update into its base linear in place (the LLM stays frozen); returns the model."""
+    """Fold every LoRA update into its base linear in place (the LLM stays frozen) -> the model."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, LoRALinear):

@@ -1,22 +1,24 @@
-"""model.py: VG-LLM (Qwen2.5-VL + VGGT-1B geometry features) for rft3d, from scratch around transformers.
+"""model.py: VG-LLM (Qwen2.5-VL + VGGT-1B geometry features), from scratch around transformers.
 
 What flows through this file (DESIGN.md section 5):
 
     frames uint8 [S,H,W,3] --preprocess--> Qwen patches + VGGT pixels
-        --encode (frozen, no grad, once per sample)--> Encoding(vision embeds per frame, VGGT layer -2 patch tokens)
-        --image_embeds (trainable merger, THE fusion point)--> per-frame [T_i, d] = vision + merger(geometry)
-        --forward / generate--> scattered into the <|image_pad|> positions of Qwen2.5-VL through transformers'
-                                `mm_encoder_outputs` seam, with image_grid_thw + mm_token_type_ids for 3D M-RoPE.
+      --encode (frozen, no grad, once per sample)--> Encoding (vision embeds per frame,
+                                                     VGGT layer -2 patch tokens)
+      --image_embeds (trainable merger, THE fusion point)--> [T_i, d] = vision + merger(geometry)
+      --forward / generate--> into the <|image_pad|> positions of Qwen2.5-VL through transformers'
+          `mm_encoder_outputs` seam, with image_grid_thw + mm_token_type_ids for 3D M-RoPE.
 
 Sections:
-    1. configs (tiny / real)            5. VGLLM: encode, fusion, prompts, forward (chunked log-probs), generate
-    2. tiny tokenizer                      (the decode loop itself is machinery: decoding.py)
-    3. frame preprocessing              6. the policy's distribution: suppressed tokens, chunked log-probs
-    4. geometry merger                  (LoRA on the LLM linears, an option: lora.py)
+    1. configs (tiny / real)     5. VGLLM: encode, fusion, prompts, forward (chunked log-probs),
+    2. tiny tokenizer               generate (the decode loop itself is machinery: decoding.py)
+    3. frame preprocessing       6. the policy's distribution: suppressed tokens, chunked log-probs
+    4. geometry merger           (LoRA on the LLM linears, an option: lora.py)
 
-Beside it: vggt.py is the geometry encoder (VGGT's aggregator; this file uses only its documented interface,
-features [S, h*w, out_dim] + grid (h, w), so a fork can swap it), and checkpoints.py moves weights in and out
-(our saves, a Qwen2.5-VL dir + VGGT file, a VG-LLM dir). Nothing else of rft3d is imported here.
+Beside it: vggt.py, the geometry encoder (VGGT's aggregator; used only through its documented
+interface, features [S, h*w, out_dim] + grid (h, w), so a fork can swap it); checkpoints.py moves
+weights in and out (our saves, a Qwen2.5-VL dir + VGGT file, a VG-LLM dir). Of rft3d, only vggt.py
+and decoding.py (the decode loop) are imported here.
 """
 import inspect
 from dataclasses import dataclass
@@ -34,8 +36,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 import decoding  # the fast decode loop behind VGLLM.generate (machinery)
 from vggt import VGGT_1B, VGGTAggregator  # the geometry encoder (vggt.py)
 
-# transformers 5.17 has no `mm_encoder_outputs` argument and silently drops unknown forward kwargs: the fused image
-# embeddings would be ignored without an error. 5.18 is the first release with the seam (checked: 5.17 no, 5.18 yes).
+# transformers 5.17 has no `mm_encoder_outputs` and silently drops unknown forward kwargs (the fused
+# image embeddings would be ignored, no error); 5.18 is the first release with it (checked both).
 if "mm_encoder_outputs" not in inspect.signature(Qwen2_5_VLModel.forward).parameters:
     import transformers
     raise ImportError("model.py needs transformers >= 5.18 (Qwen2.5-VL's mm_encoder_outputs), "
@@ -45,127 +47,146 @@ IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = "You are a helpful assistant."  # Qwen2.5-VL's and VG-LLM's default system turn
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # Qwen2.5-VL image normalisation (OpenAI CLIP)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SUPPRESSED_LOGIT = -1e9  # the logit of a never-sampled token (VGLLM.suppressed_ids): probability exactly 0
+SUPPRESSED_LOGIT = -1e9  # never-sampled tokens' logit (VGLLM.suppressed_ids): probability exactly 0
 
-# -----------------------------------------------------------------------------------------------------------
-# 1. Configs: a plain JSON-able dict {"qwen": Qwen2_5_VLConfig.to_dict(), "vggt": hyperparameters or None, ...}
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 1. Configs, JSON-able: {"qwen": Qwen2_5_VLConfig.to_dict(), "vggt": hyperparameters or None, ...}
+# --------------------------------------------------------------------------------------------------
 
-# Qwen's special tokens in Qwen's order; the tiny tokenizer gives them ids 0..13 (real Qwen: 151643..151656).
-TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_FIRST_SPECIAL_ID = 151643  # <|endoftext|> in the real Qwen2.5 vocabulary; specials are contiguous after it
+# The special tokens in Qwen's order: ids 0..13 in the tiny tokenizer (real Qwen: 151643..151656).
+TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>",
+                       "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+                       "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+                       "<|image_pad|>", "<|video_pad|>"]
+QWEN_FIRST_SPECIAL_ID = 151643  # real Qwen2.5's <|endoftext|>; the specials are contiguous after it
 
 
 def _token_fields(first_special_id, suppress_end):
-    """Token ids for a vocabulary whose Qwen special tokens are contiguous from `first_special_id` in Qwen's order.
-    Sampling suppresses every id in [first_special_id, suppress_end) but EOS: the special tokens and, for the real
-    vocabulary, the unused embedding rows past the tokenizer (151665..151935)."""
+    """Token ids of a vocabulary with Qwen's special tokens contiguous from `first_special_id`, in
+    Qwen's order. Sampling suppresses all ids in [first_special_id, suppress_end) but EOS: the
+    specials and (real vocabulary) the unused embedding rows past the tokenizer (151665..151935)."""
     ids = {tok: first_special_id + i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
     eos = ids["<|im_end|>"]
     return dict(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"],
                 suppress_token_ids=[i for i in range(first_special_id, suppress_end) if i != eos],
-                qwen_ids=dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                              vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
+                qwen_ids=dict(image_token_id=ids["<|image_pad|>"],
+                              video_token_id=ids["<|video_pad|>"],
+                              vision_start_token_id=ids["<|vision_start|>"],
+                              vision_end_token_id=ids["<|vision_end|>"]))
 
 
 def _make_config(text, vision, tokens, vggt, merger_hidden, image_width, tie=False):
     text = dict(text, bos_token_id=tokens["pad_token_id"], eos_token_id=tokens["eos_token_id"])
-    qwen = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie, **tokens["qwen_ids"])
+    qwen = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tie,
+                            **tokens["qwen_ids"])
     return {"qwen": qwen.to_dict(), "vggt": vggt, "merger_hidden": merger_hidden if vggt else None,
-            "image_width": image_width, "reference_frame": "first", "eos_token_id": tokens["eos_token_id"],
-            "pad_token_id": tokens["pad_token_id"], "suppress_token_ids": tokens["suppress_token_ids"]}
+            "image_width": image_width, "reference_frame": "first",
+            "eos_token_id": tokens["eos_token_id"], "pad_token_id": tokens["pad_token_id"],
+            "suppress_token_ids": tokens["suppress_token_ids"]}
 
 
 def tiny_config(vocab_size, vggt=True, patch_size=7, image_size=56):
-    """DESIGN section 8's toy size: text hidden 128 x 4 layers, vision depth 2 x 128, a 2-layer 64-wide VGGT.
-    Patches of 7 px (Qwen and VGGT alike): a 56 px frame is an 8 x 8 grid, 16 image tokens after the 2x2 merge.
-    image_size: the frame width the model sees (preprocess resizes every frame to it; 112 px: 64 tokens a frame).
-    With 14 px patches it would be 4 tokens of 28 x 28 px each, too coarse to place 10 px objects (measured:
-    detection F1@0.25 10.6 vs 14.9 after 600 SFT steps, README "Learning")."""
+    """DESIGN section 8's toy size: text hidden 128 x 4 layers, vision depth 2 x 128, a 2-layer
+    64-wide VGGT. 7 px patches (Qwen and VGGT alike): a 56 px frame is an 8 x 8 grid, 16 image
+    tokens after the 2x2 merge. image_size: the frame width the model sees (preprocess resizes to
+    it; 112 px: 64 tokens a frame). 14 px patches: 4 tokens of 28 x 28 px, too coarse to place 10 px
+    objects (measured: detection F1@0.25 10.6 vs 14.9 after 600 SFT steps, README "Learning")."""
     text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
-    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128, window_size=112,
-                  fullatt_block_indexes=[1], tokens_per_second=2, patch_size=patch_size)
-    tiny_vggt = dict(img_size=56, patch_size=patch_size, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
-                     num_register_tokens=4, patch_embed_depth=2, patch_embed_heads=4)
-    return _make_config(text, vision, _token_fields(0, len(TINY_SPECIAL_TOKENS)), tiny_vggt if vggt else None,
-                        merger_hidden=128, image_width=image_size)
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "mrope_section": [4, 6, 6]})
+    vision = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128,
+                  window_size=112, fullatt_block_indexes=[1], tokens_per_second=2,
+                  patch_size=patch_size)
+    tiny_vggt = dict(img_size=56, patch_size=patch_size, embed_dim=64, depth=2, num_heads=4,
+                     mlp_ratio=4.0, num_register_tokens=4, patch_embed_depth=2, patch_embed_heads=4)
+    return _make_config(text, vision, _token_fields(0, len(TINY_SPECIAL_TOKENS)),
+                        tiny_vggt if vggt else None, merger_hidden=128, image_width=image_size)
 
 
 def real_config(name, vggt=True):
-    """Qwen2.5-VL-3B / 7B-Instruct (their config.json) + VGGT-1B, VG-LLM's merger (hidden 4096) and 518 px frames."""
+    """Qwen2.5-VL-3B/7B-Instruct (config.json) + VGGT-1B, VG-LLM's merger (hidden 4096), 518 px."""
     sizes = {"qwen2.5-vl-3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                                   num_attention_heads=16, num_key_value_heads=2, vocab_size=151936, tie=True),
+                                   num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
+                                   tie=True),
              "qwen2.5-vl-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                   num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, tie=False)}
+                                   num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                   tie=False)}
     if name not in sizes:
         raise ValueError(f"unknown model {name!r}; choose from {sorted(sizes)}")
     text = dict(sizes[name])
     tie = text.pop("tie")
     text.update(max_position_embeddings=128000, rms_norm_eps=1e-6,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
-    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=text["hidden_size"],
-                  window_size=112, fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                  out_hidden_size=text["hidden_size"], window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
     return _make_config(text, vision, _token_fields(QWEN_FIRST_SPECIAL_ID, text["vocab_size"]),
-                        dict(VGGT_1B) if vggt else None, merger_hidden=4096, image_width=518, tie=tie)
+                        dict(VGGT_1B) if vggt else None, merger_hidden=4096, image_width=518,
+                        tie=tie)
 
 
 def check_tokenizer(config, tokenizer):
     """The config's token ids must be the tokenizer's, or image tokens land in the wrong places."""
     q = config["qwen"]
     want = {"<|image_pad|>": q["image_token_id"], "<|video_pad|>": q["video_token_id"],
-            "<|vision_start|>": q["vision_start_token_id"], "<|vision_end|>": q["vision_end_token_id"],
-            "<|im_end|>": config["eos_token_id"], "<|endoftext|>": config["pad_token_id"]}
+            "<|vision_start|>": q["vision_start_token_id"],
+            "<|vision_end|>": q["vision_end_token_id"], "<|im_end|>": config["eos_token_id"],
+            "<|endoftext|>": config["pad_token_id"]}
     got = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in want}
     if got != want or tokenizer.pad_token_id != config["pad_token_id"]:
-        raise ValueError(f"tokenizer and model config disagree on special token ids: config {want}, tokenizer {got} "
-                         f"(pad_token_id {tokenizer.pad_token_id})")
+        raise ValueError("tokenizer and model config disagree on special token ids: "
+                         f"config {want}, tokenizer {got} (pad_token_id {tokenizer.pad_token_id})")
     if len(tokenizer) > q["text_config"]["vocab_size"]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {q['text_config']['vocab_size']}")
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only "
+                         f"{q['text_config']['vocab_size']}")
 
-# -----------------------------------------------------------------------------------------------------------
-# 2. Tiny tokenizer: byte-level BPE trained offline on the task corpus, Qwen's special tokens and chat template
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 2. Tiny tokenizer: byte-level BPE trained offline on the task corpus, Qwen's specials and template
+# --------------------------------------------------------------------------------------------------
 
 CHAT_TEMPLATE = ("{% for message in messages %}"
                  "{% if loop.first and message['role'] != 'system' %}"
                  "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
-                 "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+                 "{{ '<|im_start|>' + message['role'] + '\\n' "
+                 "+ message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
 def build_tiny_tokenizer(corpus, vocab_size=1024):
-    """Byte-level BPE where every digit, '-', '.', bracket and brace is its own token (split off before BPE), so
-    numbers are spelled digit by digit while frequent JSON fragments and labels between them merge into one token.
-    Special tokens get ids 0..13 in Qwen's order; pad (<|endoftext|>) != eos (<|im_end|>)."""
+    """Byte-level BPE with every digit, '-', '.', bracket and brace split off as its own token
+    first: numbers are spelled digit by digit, frequent JSON fragments and labels between them merge
+    into one token. Special ids 0..13 in Qwen's order; pad (<|endoftext|>) != eos (<|im_end|>)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[0-9\-.\[\]{}]"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL_TOKENS,
+                                  show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(corpus), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=TINY_SPECIAL_TOKENS, padding_side="left",
-                                   chat_template=CHAT_TEMPLATE)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>",
+                                   additional_special_tokens=TINY_SPECIAL_TOKENS,
+                                   padding_side="left", chat_template=CHAT_TEMPLATE)
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 3. Frame preprocessing (VG-LLM's, in numpy/torch: transformers' Qwen processors need torchvision)
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def preprocess(frames, config):
-    """frames uint8 [S,H,W,3] -> dict(pixel_values [S*gh*gw, 3*2*14*14], image_grid_thw [S,3], vggt_images [S,3,H',W']).
+    """frames uint8 [S,H,W,3] -> dict(pixel_values [S*gh*gw, 3*2*14*14], image_grid_thw [S,3],
+    vggt_images [S,3,H',W']).
 
-    VG-LLM: resize (PIL bicubic) to `image_width` wide and a height that is a multiple of 14 (centre-crop taller
-    frames to a square); VGGT sees exactly these pixels. Qwen sees the same pixels cropped at the bottom/right to an
-    even patch grid (518x392 -> 504x392: 36x28 patches -> 252 tokens), CLIP-normalised, cut into 14x14 patches with
-    the still frame repeated for the temporal patch of 2, in the order Qwen's 2x2 patch merger expects."""
+    VG-LLM: resize (PIL bicubic) to `image_width` wide, the height a multiple of 14 (taller frames
+    centre-cropped to a square); VGGT sees exactly these pixels. Qwen sees them cropped at the
+    bottom/right to an even patch grid (518x392 -> 504x392: 36x28 patches -> 252 tokens),
+    CLIP-normalised, cut into 14x14 patches, the still frame repeated for the temporal patch of 2,
+    in the order Qwen's 2x2 patch merger expects."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [S,H,W,3], got {frames.dtype} {frames.shape}")
@@ -175,25 +196,27 @@ def preprocess(frames, config):
     width = config["image_width"]
     height = round(H * (width / W) / p) * p
     if (height, width) != (H, W):
-        resize = lambda f: np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC))
+        resize = lambda f: np.asarray(Image.fromarray(f).resize((width, height),
+                                                                Image.Resampling.BICUBIC))
         frames = np.stack([resize(f) for f in frames])
     if height > width:  # VG-LLM's "crop" mode: portrait frames are centre-cropped to width x width
         top = (height - width) // 2
         frames, height = frames[:, top:top + width], width
-    vggt_images = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0  # [S,3,H',W']
+    vggt_images = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0
     gh, gw = (height // p) // m * m, (width // p) // m * m  # even patch grid
     x = vggt_images[:, :, :gh * p, :gw * p]
     x = (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-    # [S, 3, gh/m, m, p, gw/m, m, p] -> [S, gh/m, gw/m, m, m, 3, p, p]: raster over 2x2 blocks, inner (dy, dx)
+    # [S,3,gh/m,m,p,gw/m,m,p] -> [S,gh/m,gw/m,m,m,3,p,p]: raster over 2x2 blocks, inner (dy, dx)
     x = x.reshape(S, 3, gh // m, m, p, gw // m, m, p).permute(0, 2, 5, 3, 6, 1, 4, 7)
-    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, tp, -1, -1)  # the still frame twice: [.., 3, tp, p, p]
+    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, tp, -1, -1)  # the frame twice: [..,3,tp,p,p]
     pixel_values = x.reshape(S * gh * gw, 3 * tp * p * p)
     image_grid_thw = torch.tensor([[1, gh, gw]] * S, dtype=torch.long)
-    return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw, "vggt_images": vggt_images}
+    return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
+            "vggt_images": vggt_images}
 
-# -----------------------------------------------------------------------------------------------------------
-# 4. Geometry merger (VG-LLM's `merger.*`): RMSNorm -> 2x2 grouping as Qwen's patch merger -> MLP to d_model
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 4. Geometry merger (VG-LLM's `merger.*`): RMSNorm -> 2x2 grouping as Qwen's patch merger -> MLP
+# --------------------------------------------------------------------------------------------------
 
 
 class RMSNorm(nn.Module):
@@ -203,12 +226,13 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        rms = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * (x32 * rms).to(x.dtype)
 
 
 def group_2x2(x, h, w, m=2):
-    """[S, h*w, C] raster-ordered patch features -> [S * (h//m) * (w//m), m*m*C]: odd grids cropped to even,
-    merged tokens in raster order over the merged grid, each concatenating its m x m patches in (dy, dx) order."""
+    """[S, h*w, C] raster-ordered patch features -> [S*(h//m)*(w//m), m*m*C]: odd grids cropped to
+    even; merged tokens in raster order, each its m x m patches concatenated in (dy, dx) order."""
     S, _, C = x.shape
     hm, wm = h // m, w // m
     x = x.view(S, h, w, C)[:, :hm * m, :wm * m]
@@ -220,33 +244,34 @@ class GeometryMerger(nn.Module):
         super().__init__()
         self.merge = merge
         self.ln_q = RMSNorm(in_dim, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(merge * merge * in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
-        for layer in (self.mlp[0], self.mlp[2]):  # transformers' init for Qwen linears (initializer_range 0.02)
+        self.mlp = nn.Sequential(nn.Linear(merge * merge * in_dim, hidden), nn.GELU(),
+                                 nn.Linear(hidden, out_dim))
+        for layer in (self.mlp[0], self.mlp[2]):  # transformers' Qwen init (initializer_range 0.02)
             nn.init.normal_(layer.weight, std=0.02)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x, h, w):  # x [S, h*w, 2C] -> [S * (h//2) * (w//2), d_model]
         return self.mlp(group_2x2(self.ln_q(x), h, w, self.merge))
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 5. VGLLM
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Encoding:
-    """One sample's frozen encoder outputs, computed once and reused for G samples, reference and policy passes."""
+    """One sample's frozen encoder outputs, reused for G samples, reference and policy passes."""
     image_embeds: tuple  # per frame [T_i, d]: Qwen vision tower (+ its frozen 2x2 merger)
-    geometry: torch.Tensor | None  # [S, h*w, 2C]: VGGT layer -2 patch tokens, or None without the geometry branch
+    geometry: torch.Tensor | None  # [S, h*w, 2C]: VGGT layer -2 patch tokens; None: no geometry
     geometry_hw: tuple | None  # VGGT patch grid (h, w)
     image_grid_thw: torch.Tensor  # [S, 3] long: Qwen patch grid per frame (1, gh, gw)
     n_tokens_per_image: list  # T_i = gh * gw / 4
 
     def to(self, device):
         move = lambda t: None if t is None else t.to(device)
-        return Encoding(tuple(t.to(device) for t in self.image_embeds), move(self.geometry), self.geometry_hw,
-                        self.image_grid_thw.to(device), list(self.n_tokens_per_image))
-
+        return Encoding(tuple(t.to(device) for t in self.image_embeds), move(self.geometry),
+                        self.geometry_hw, self.image_grid_thw.to(device),
+                        list(self.n_tokens_per_image))
 
 
 class VGLLM(nn.Module):
@@ -254,7 +279,7 @@ class VGLLM(nn.Module):
         super().__init__()
         self.config = config
         self.qwen = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**config["qwen"]))
-        if self.tied:  # Qwen2.5-VL-3B shares input and output embeddings (not tied by transformers on meta)
+        if self.tied:  # 3B shares input and output embeddings (not tied by transformers on meta)
             self.qwen.lm_head.weight = self.qwen.model.language_model.embed_tokens.weight
         self.vggt = self.merger = None
         if config.get("vggt"):
@@ -263,7 +288,7 @@ class VGLLM(nn.Module):
             self.merger = GeometryMerger(self.vggt.out_dim, config["merger_hidden"], d_model,
                                          config["qwen"]["vision_config"]["spatial_merge_size"])
             self.vggt.requires_grad_(False)
-        self.qwen.model.visual.requires_grad_(False)  # frozen: Qwen vision tower and its merger, VGGT
+        self.qwen.model.visual.requires_grad_(False)  # frozen: Qwen's vision tower + merger, VGGT
         self.train()
 
     def train(self, mode=True):  # frozen encoders stay in eval mode
@@ -285,25 +310,28 @@ class VGLLM(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def param_groups(self):
-        """(llm_params, merger_params) for separate learning rates (VG-LLM: 5e-6 LLM, 1e-5 merger)."""
+        """(llm_params, merger_params) for two learning rates (VG-LLM: 5e-6 LLM, 1e-5 merger)."""
         llm = [p for p in self.qwen.parameters() if p.requires_grad]
-        merger = [p for p in self.merger.parameters() if p.requires_grad] if self.merger is not None else []
+        merger = ([p for p in self.merger.parameters() if p.requires_grad]
+                  if self.merger is not None else [])
         return llm, merger
 
     def enable_gradient_checkpointing(self):
-        self.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.qwen.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    # 5a. frozen encoders, once per sample -----------------------------------------------------------------
+    # 5a. frozen encoders, once per sample ---------------------------------------------------------
 
     @torch.no_grad()
     def encode(self, frames):
-        """frames: list (one per sample) of uint8 [S,H,W,3] -> list of Encoding. Vision tower over all frames of all
-        samples in one call; VGGT per sample (all its frames together, the reference frame first)."""
+        """frames: list (one per sample) of uint8 [S,H,W,3] -> list of Encoding. Vision tower over
+        all frames of all samples in one call; VGGT per sample (all its frames together, the
+        reference frame first: the last one under VG-LLM's option reference_frame="last")."""
         visual = self.qwen.model.visual
         inputs = [preprocess(f, self.config) for f in frames]
         pixels = torch.cat([x["pixel_values"] for x in inputs]).to(self.device, visual.dtype)
         grids = torch.cat([x["image_grid_thw"] for x in inputs]).to(self.device)
-        vision = self.qwen.model.get_image_features(pixels, grids).pooler_output  # tuple of [T_i, d]
+        vision = self.qwen.model.get_image_features(pixels, grids).pooler_output  # ([T_i, d], ...)
         merge = self.config["qwen"]["vision_config"]["spatial_merge_size"]
         encodings, i = [], 0
         for x in inputs:
@@ -312,56 +340,60 @@ class VGLLM(nn.Module):
             geometry = hw = None
             if self.vggt is not None:
                 images = x["vggt_images"].to(self.device)  # [S, 3, H', W']
-                flip = self.config.get("reference_frame", "first") == "last"  # VG-LLM's option: last frame as reference
-                geometry, hw = self.vggt.features(images.flip(0) if flip else images)  # [S, h*w, 2C], (h, w)
-                geometry = geometry.flip(0) if flip else geometry
+                flip = self.config.get("reference_frame", "first") == "last"
+                geometry, hw = self.vggt.features(images.flip(0) if flip else images)
+                geometry = geometry.flip(0) if flip else geometry  # [S, h*w, 2C]; hw = (h, w)
             n_tokens = (grid.prod(-1) // merge ** 2).tolist()
             encodings.append(Encoding(tuple(vision[i:i + S]), geometry, hw, grid, n_tokens))
             i += S
         return encodings
 
-    # 5b. THE fusion point ---------------------------------------------------------------------------------
+    # 5b. THE fusion point -------------------------------------------------------------------------
 
     def image_embeds(self, encodings):
-        """Per-image fused embeddings (vision + merger(geometry)), in batch-row order. The merger is trainable, the
-        encoder outputs are constants. An Encoding repeated G times is merged once and reused (same values and
-        gradients as G separate encodings, less work)."""
+        """Per-image fused embeddings (vision + merger(geometry)), in batch-row order. The merger is
+        trainable, the encoder outputs are constants. An Encoding repeated G times is merged once
+        and reused (same values and gradients as G separate encodings, less work)."""
         fused, out = {}, []
         dtype = self.qwen.lm_head.weight.dtype
         for enc in encodings:
             if id(enc) not in fused:
                 embeds = tuple(e.to(dtype) for e in enc.image_embeds)
                 if self.merger is not None and enc.geometry is not None:
-                    geometry = self.merger(enc.geometry.to(self.merger.ln_q.weight.dtype), *enc.geometry_hw)
-                    embeds = tuple(e + g.to(dtype) for e, g in zip(embeds, geometry.split(enc.n_tokens_per_image)))
+                    geometry = self.merger(enc.geometry.to(self.merger.ln_q.weight.dtype),
+                                           *enc.geometry_hw)
+                    embeds = tuple(e + g.to(dtype)
+                                   for e, g in zip(embeds, geometry.split(enc.n_tokens_per_image)))
                 fused[id(enc)] = embeds
             out.extend(fused[id(enc)])
         return tuple(out)
 
     def mm_inputs(self, image_grid_thw, encodings):
-        """Keyword arguments of transformers' seam: precomputed per-image embeddings instead of pixel_values."""
+        """Kwargs of transformers' seam: precomputed per-image embeddings, not pixel_values."""
         if not encodings:
             return {}
         if image_grid_thw is None:
             image_grid_thw = torch.cat([e.image_grid_thw for e in encodings])
         embeds = BaseModelOutputWithPooling(pooler_output=self.image_embeds(encodings))
-        return {"image_grid_thw": image_grid_thw.to(self.device), "mm_encoder_outputs": {"image": embeds}}
+        return {"image_grid_thw": image_grid_thw.to(self.device),
+                "mm_encoder_outputs": {"image": embeds}}
 
-    # 5c. prompts ------------------------------------------------------------------------------------------
+    # 5c. prompts ----------------------------------------------------------------------------------
 
     def prompt_batch(self, tokenizer, prompts, encodings):
-        """Chat-templated, left-padded prompts with each "<image>" expanded to <|vision_start|> <|image_pad|> x T_i
-        <|vision_end|>. Nothing is ever truncated. Returns input_ids, attention_mask, mm_token_type_ids [B,P] and
-        image_grid_thw [N_images,3] (CPU tensors)."""
+        """Chat-templated, left-padded prompts with each "<image>" expanded to <|vision_start|>
+        <|image_pad|> x T_i <|vision_end|>. Nothing is ever truncated. Returns input_ids,
+        attention_mask, mm_token_type_ids [B,P] and image_grid_thw [N_images,3] (CPU tensors)."""
         check_tokenizer(self.config, tokenizer)
         q = self.config["qwen"]
-        start, pad_img, end = q["vision_start_token_id"], q["image_token_id"], q["vision_end_token_id"]
+        start, pad_img, end = (q["vision_start_token_id"], q["image_token_id"],
+                               q["vision_end_token_id"])
         rows = []
         for b, (text, enc) in enumerate(zip(prompts, encodings, strict=True)):
             n = text.count(IMAGE_PLACEHOLDER)
             if n != len(enc.n_tokens_per_image):
-                raise ValueError(f"prompt {b} has {n} {IMAGE_PLACEHOLDER} placeholders but its sample has "
-                                 f"{len(enc.n_tokens_per_image)} frames")
+                raise ValueError(f"prompt {b} has {n} {IMAGE_PLACEHOLDER} placeholders but its "
+                                 f"sample has {len(enc.n_tokens_per_image)} frames")
             chat = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
                                                   {"role": "user", "content": text}],
                                                  tokenize=False, add_generation_prompt=True)
@@ -383,79 +415,82 @@ class VGLLM(nn.Module):
             input_ids[b, P - len(ids):] = torch.tensor(ids)
             attention_mask[b, P - len(ids):] = 1
             mm_token_type_ids[b, P - len(ids):] = torch.tensor(types)
-        image_grid_thw = torch.cat([e.image_grid_thw.cpu() for e in encodings]) if encodings else None
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
-                "image_grid_thw": image_grid_thw}
+        image_grid_thw = (torch.cat([e.image_grid_thw.cpu() for e in encodings])
+                          if encodings else None)
+        return {"input_ids": input_ids, "attention_mask": attention_mask,
+                "mm_token_type_ids": mm_token_type_ids, "image_grid_thw": image_grid_thw}
 
-    # 5d. per-token log-probs (one call of the root module: FSDP2 wraps the root) ---------------------------
+    # 5d. per-token log-probs (one call of the root module: FSDP2 wraps the root) ------------------
 
-    def forward(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, encodings, temperature=1.0,
-                return_entropy=False, chunk_size=512, first_position=0):
-        """logp [B, L-1] with logp[b,t] = log softmax(logits[b,t] / temperature)[input_ids[b,t+1]] (+ entropy
-        [B, L-1] of the same tempered distribution, no grad). Positions t < first_position are skipped (left 0):
-        pass the prompt length - 1 to avoid computing prompt log-probs nobody uses."""
-        out = self.qwen.model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                              use_cache=False, **self.mm_inputs(image_grid_thw, encodings))
-        hidden = out.last_hidden_state[:, first_position:-1]  # the positions that predict a next token
-        # Score the distribution generate() samples from: the same temperature and the same suppressed tokens.
-        logp, entropy = token_logprobs(hidden, self.qwen.lm_head, input_ids[:, first_position + 1:], temperature,
-                                       chunk_size, return_entropy, self.suppressed_ids(hidden.device))
+    def forward(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, encodings,
+                temperature=1.0, return_entropy=False, chunk_size=512, first_position=0):
+        """logp [B, L-1]: logp[b,t] = log softmax(logits[b,t] / temperature)[input_ids[b,t+1]]
+        (+ entropy [B, L-1] of that tempered distribution, no grad). Positions t < first_position
+        are skipped (left 0): pass the prompt length - 1 to skip prompt log-probs nobody uses."""
+        out = self.qwen.model(input_ids=input_ids, attention_mask=attention_mask,
+                              mm_token_type_ids=mm_token_type_ids, use_cache=False,
+                              **self.mm_inputs(image_grid_thw, encodings))
+        hidden = out.last_hidden_state[:, first_position:-1]  # positions that predict a token
+        # Score the distribution generate() samples: the same temperature and suppressed tokens.
+        logp, entropy = token_logprobs(hidden, self.qwen.lm_head, input_ids[:, first_position + 1:],
+                                       temperature, chunk_size, return_entropy,
+                                       self.suppressed_ids(hidden.device))
         if first_position > 0:
             logp = F.pad(logp, (first_position, 0))
             entropy = F.pad(entropy, (first_position, 0)) if return_entropy else None
         return (logp, entropy) if return_entropy else logp
 
-    # 5e. the policy's distribution and sampling from it ----------------------------------------------------------
+    # 5e. the policy's distribution and sampling from it -------------------------------------------
 
     def suppressed_ids(self, device=None):
-        """[n] long: the tokens that are never sampled (vision and special tokens but EOS, unused vocabulary rows).
-        generate() and forward() both pass them to policy_logits, which sets their logits to SUPPRESSED_LOGIT: one
-        definition, so the sampler and the scorer are one distribution. Built once per call, not per token."""
+        """[n] long: the never-sampled tokens (vision and special tokens but EOS, unused vocabulary
+        rows). generate() and forward() both pass them to policy_logits, which sets their logits to
+        SUPPRESSED_LOGIT: one definition, one distribution. Built once per call, not per token."""
         return torch.tensor(self.config["suppress_token_ids"], dtype=torch.long, device=device)
 
     def policy_logits(self, hidden, temperature=1.0, suppress=None):
-        """hidden [N, d] -> [N, V] float32: policy_logits below with this model's head; what decoding.py samples."""
+        """[N, d] -> [N, V] float32: policy_logits with this head; what decoding.py samples."""
         return policy_logits(hidden, self.qwen.lm_head, temperature, suppress)
 
     @torch.no_grad()
-    def generate(self, batch, encodings, max_new_tokens, temperature=1.0, do_sample=True, synced_gpus=False,
-                 return_logprobs=False):
-        """Completion ids [B, C] sampled from policy_logits at `temperature` (greedy with do_sample=False), new
-        tokens only, padding after the first EOS. For GRPO's groups repeat the batch rows and the encodings list G
-        times: nothing is re-encoded and each distinct prompt is prefilled once. The loop itself (shared prefill,
-        static KV cache, CUDA graphs) is machinery: decoding.py. A method, so FSDP can gather the root's weights
-        for it (train.py registers it)."""
-        return decoding.generate(self, batch, encodings, max_new_tokens, temperature, do_sample, synced_gpus,
-                                 return_logprobs)
+    def generate(self, batch, encodings, max_new_tokens, temperature=1.0, do_sample=True,
+                 synced_gpus=False, return_logprobs=False):
+        """Completion ids [B, C] sampled from policy_logits at `temperature` (do_sample=False:
+        greedy), new tokens only, padding after the first EOS. For GRPO's groups repeat the batch
+        rows and the encodings list G times: nothing is re-encoded, each distinct prompt prefilled
+        once. The loop (shared prefill, static KV cache, CUDA graphs) is machinery: decoding.py. A
+        method, so FSDP gathers the root's weights for it (train.py registers it)."""
+        return decoding.generate(self, batch, encodings, max_new_tokens, temperature, do_sample,
+                                 synced_gpus, return_logprobs)
 
-# -----------------------------------------------------------------------------------------------------------
-# 6. The policy's distribution: tempered logits without the suppressed tokens, sampling, and chunked per-token
-#    log-probs ([B, L, V] logits, V = 151k, never exist at once, in forward or backward)
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 6. The policy's distribution (what decoding.py samples): tempered logits without the suppressed
+#    tokens; chunked per-token log-probs ([B, L, V] logits, V = 151k, never all at once, fwd or bwd)
+# --------------------------------------------------------------------------------------------------
 
 
 def policy_logits(hidden, lm_head, temperature, suppress):
     """hidden [N, d] -> [N, V] float32 logits / temperature, SUPPRESSED_LOGIT at the `suppress` ids
-    (VGLLM.suppressed_ids): THE distribution, sampled by generate() and scored by token_logprobs(). A fill, not an
-    added bias: a suppressed logit is a constant, so no gradient flows into it. In place where autograd allows it (the
-    matmul's backward needs its inputs, not its output): each extra [N, V] float32 copy would cost as much memory as
-    the logits themselves."""
+    (VGLLM.suppressed_ids): THE distribution, sampled by generate() and scored by token_logprobs().
+    A fill, not an added bias: a suppressed logit is a constant, so no gradient flows into it. In
+    place where autograd allows it (the matmul's backward needs its inputs, not its output): each
+    extra [N, V] float32 copy would cost as much memory as the logits themselves."""
     z = lm_head(hidden).float().div_(temperature)
     return z if suppress is None else z.index_fill_(1, suppress, SUPPRESSED_LOGIT)
 
 
+def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, return_entropy=False,
+                   suppress=None):
+    """hidden [B, L, d], targets [B, L] -> (logp, entropy or None) [B, L] of softmax(policy_logits).
 
-def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, return_entropy=False, suppress=None):
-    """hidden [B, L, d], targets [B, L] -> (logp [B, L], entropy [B, L] or None) of softmax(policy_logits).
+    suppress: the ids sampling never draws (VGLLM.suppressed_ids); scoring removes them from the
+    softmax exactly as the sampler does (both via policy_logits), else pi_theta would differ from
+    the sampler by their probability mass. SUPPRESSED_LOGIT is finite (large negative, not -inf):
+    a masked position with a suppressed target (padding after EOS) has a finite logp, 0*logp = 0.
 
-    suppress: token ids that sampling never draws (VGLLM.suppressed_ids), so scoring removes them from the softmax
-    exactly as the sampler does (both through policy_logits); otherwise pi_theta would differ from the sampler by their
-    probability mass. SUPPRESSED_LOGIT is a large finite negative number rather than -inf, so a masked position whose
-    target is one of them (padding after EOS) has a finite logp and 0 * logp stays 0.
-
-    Tokens are processed chunk_size at a time, each chunk under torch.utils.checkpoint: backward recomputes that
-    chunk's logits instead of keeping them, so only one chunk's [chunk_size, V] logits are alive at a time. The price
-    is one extra lm_head matmul per chunk in backward (~2*d*V flops per token, small next to the LLM itself)."""
+    chunk_size tokens at a time, each chunk under torch.utils.checkpoint: backward recomputes its
+    logits instead of keeping them, so only one chunk's [chunk_size, V] logits are alive at once.
+    Cost: one more lm_head matmul a chunk in backward (~2*d*V flops/token, small beside the LLM)."""
     B, L, d = hidden.shape
     h, y = hidden.reshape(B * L, d), targets.reshape(B * L)
 
@@ -472,11 +507,13 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, re
     logps, entropies = [], []
     for s in range(0, B * L, chunk_size):
         if torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad):
-            logp, entropy = checkpoint(chunk, h[s:s + chunk_size], y[s:s + chunk_size], use_reentrant=False)
+            logp, entropy = checkpoint(chunk, h[s:s + chunk_size], y[s:s + chunk_size],
+                                       use_reentrant=False)
         else:
             logp, entropy = chunk(h[s:s + chunk_size], y[s:s + chunk_size])
         logps.append(logp)
         entropies.append(entropy)
     logp = torch.cat(logps).view(B, L) if logps else hidden.new_zeros(B, L, dtype=torch.float32)
-    entropy = (torch.cat(entropies).view(B, L) if logps else torch.zeros_like(logp)) if return_entropy else None
+    entropy = ((torch.cat(entropies).view(B, L) if logps else torch.zeros_like(logp))
+               if return_entropy else None)
     return logp, entropy

@@ -1,4 +1,5 @@
-"""rewards.py: the verifiable rewards of 3D-RFT as pure functions (numpy, json, re, math; boxes.py for the IoU).
+"""rewards.py: the verifiable rewards of 3D-RFT as pure functions (numpy, json, re, math; boxes.py
+for the IoU).
 
 A reward *is* the task's evaluation metric, so everything here follows the official evaluators
 (VG-LLM's ScanNet detection and ScanRefer code, VSI-Bench's scoring) and DESIGN.md sections 3-4:
@@ -7,8 +8,9 @@ A reward *is* the task's evaluation metric, so everything here follows the offic
   2. matching     VG-LLM's greedy per-label matching -> TP/FP/FN -> F1
   3. VSI-Bench    option-letter exact match and mean relative accuracy (MRA)
   4. rewards      total = format (0/1) + task reward, one function per task
-Boxes are 9 floats [cx, cy, cz, dx, dy, dz, a, b, c], R = Rz(a) @ Rx(b) @ Ry(c) (intrinsic ZXY); their exact 3D
-IoU (one box clipped by the 6 half-spaces of the other, the volume of the convex result) is boxes.iou_3d.
+Boxes are 9 floats [cx, cy, cz, dx, dy, dz, a, b, c], R = Rz(a) @ Rx(b) @ Ry(c) (intrinsic ZXY);
+their exact 3D IoU (one box clipped by the 6 half-spaces of the other, the volume of the convex
+result) is boxes.iou_3d.
 
 Every reward is a total function of the model text: any string in (1 MB, nested or truncated JSON,
 NaN, huge numbers, wrong types), finite floats out, never an exception. Model text is parsed with
@@ -20,21 +22,22 @@ import re
 
 import numpy as np
 
-from boxes import box9, box_to_world, iou_3d, iou_prepared, prepare  # 9-DoF boxes and their exact IoU (boxes.py)
+from boxes import box9, box_to_world, iou_3d, iou_prepared, prepare  # 9-DoF boxes, exact IoU
 
-MAX_BOXES = 100       # predicted boxes considered per completion; later ones are ignored (bounds the cost)
-FRAME_WINDOW = 5.0    # the paper's R_frame = max(0, 1 - |f_pred - f_gt| / tau) has tau = 5 ...
-FRAME_WINDOW_FRAMES = 32  # ... on 32-frame videos; "scaled" (default) uses tau = 5 S / 32 for S frames
-FRAME_WINDOWS = ("scaled", "fixed")  # grounding_reward(frame_window=...): tau = 5 S / 32, or the paper's 5
-MATCH_IOU = 0.25      # VG-LLM's detection threshold (strict >)
+MAX_BOXES = 100  # predicted boxes considered per completion; later ones ignored (bounds the cost)
+FRAME_WINDOW = 5.0  # the paper's R_frame = max(0, 1 - |f_pred - f_gt| / tau) has tau = 5 ...
+FRAME_WINDOW_FRAMES = 32  # ... on 32-frame videos; "scaled" (default): tau = 5 S / 32 for S frames
+FRAME_WINDOWS = ("scaled", "fixed")  # grounding_reward's frame_window: 5 S / 32, or the paper's 5
+MATCH_IOU = 0.25  # VG-LLM's detection threshold (strict >)
 _MRA_T = np.linspace(0.5, 0.95, 10)  # VSI-Bench: confidence thresholds 0.50, 0.55, ..., 0.95
 
-# ----------------------------------------------------------------------------------------------------
-# 1. Parsing. Only str.find / str.count here: a regex with lazy groups is quadratic on adversarial text.
+# --------------------------------------------------------------------------------------------------
+# 1. Parsing. Only str.find / str.count here: a regex with lazy groups is quadratic on adversarial
+#    text.
 
 
 def _strip_fence(s):
-    """Content of the first ```json ... ``` fence if there is one (unterminated: to the end), else s."""
+    """Content of the first ```json ... ``` fence if any (unterminated: to the end), else s."""
     s = s.strip()
     i = s.find("```")
     if i < 0:
@@ -50,7 +53,7 @@ def _strip_fence(s):
 
 
 def parse_answer(text):
-    """Content of the first <answer>...</answer> block with a ```json fence removed; None if absent."""
+    """Content of the first <answer>...</answer> block, a ```json fence removed; None if absent."""
     if not isinstance(text, str):
         return None
     i = text.find("<answer>")
@@ -60,7 +63,8 @@ def parse_answer(text):
 
 def answer_text(text):
     """What the task reward parses: the <answer> block, or the whole text when there is none.
-    (DESIGN 4: only the format reward demands the tags; VG-LLM checkpoints answer with a bare ```json.)"""
+    (DESIGN 4: only the format reward demands the tags; VG-LLM checkpoints answer with a bare
+    ```json.)"""
     if not isinstance(text, str):
         return ""
     ans = parse_answer(text)
@@ -68,7 +72,9 @@ def answer_text(text):
 
 
 def load_json(s):
-    try:  # json raises ValueError on bad text, RecursionError on deep nesting, ValueError on 5000-digit ints
+    # json raises ValueError on bad text, RecursionError on deep nesting, ValueError on 5000-digit
+    # ints
+    try:
         return json.loads(s)
     except Exception:
         return None
@@ -84,8 +90,9 @@ def _detection(e):
 
 def parse_detections(text, max_boxes=MAX_BOXES):
     """Valid {"label", "bbox_3d"} entries of the answer (invalid ones skipped), at most max_boxes.
-    When the answer is not valid JSON (e.g. truncated at max_new_tokens) fall back to VG-LLM's evaluator:
-    one box per line, each line parsed on its own (trailing commas stripped), so complete lines count."""
+    When the answer is not valid JSON (e.g. truncated at max_new_tokens) fall back to VG-LLM's
+    evaluator: one box per line, each line parsed on its own (trailing commas stripped), so complete
+    lines count."""
     s = answer_text(text)
     data = load_json(s)
     if isinstance(data, dict):
@@ -112,7 +119,7 @@ def _grounding(obj):
     if not isinstance(obj, dict):
         return None
     frame, box = obj.get("frame"), box9(obj.get("bbox_3d"))
-    if isinstance(frame, bool) or not isinstance(frame, int) or box is None:  # VG-LLM: frame must be an int
+    if isinstance(frame, bool) or not isinstance(frame, int) or box is None:  # VG-LLM: an int frame
         return None
     return frame, box
 
@@ -123,7 +130,7 @@ def parse_grounding(text):
     s = answer_text(text)
     obj = load_json(s)
     if obj is None:
-        line = next((l for l in s.split("\n") if "bbox_3d" in l), "")
+        line = next((ln for ln in s.split("\n") if "bbox_3d" in ln), "")
         obj = load_json(line.strip().strip(","))
     return _grounding(obj)
 
@@ -133,14 +140,15 @@ def parse_spatial(text):
     return answer_text(text) or None
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 2. Matching (VG-LLM's evaluator): per label, predictions in output order; each takes the *unused*
-#    ground-truth box of its label with the highest IoU (> 0; the first on ties); a true positive iff
-#    that IoU > threshold (strict), and then the box is used; otherwise a false positive.
+#    ground-truth box of its label with the highest IoU (> 0; the first on ties); a true positive
+#    iff that IoU > threshold (strict), and then the box is used; otherwise a false positive.
 
 
 def _match(pred, gt, thr):
-    """-> (per-label {label: [tp, fp, fn]}, best IoU per prediction (any same-label GT), matched IoUs)."""
+    """-> (per-label {label: [tp, fp, fn]}, best IoU per prediction (any same-label GT), matched
+    IoUs)."""
     gts = {}
     for g in gt:
         gts.setdefault(g["label"], []).append(prepare(g["bbox_3d"]))
@@ -169,24 +177,27 @@ def _match(pred, gt, thr):
 
 
 def match_by_label(pred, gt, iou_threshold=MATCH_IOU):
-    """{label: [tp, fp, fn]} for pred / gt lists of {"label", "bbox_3d"} (the per-sample eval record)."""
+    """{label: [tp, fp, fn]} for pred / gt lists of {"label", "bbox_3d"} (the per-sample eval
+    record)."""
     return _match(pred, gt, iou_threshold)[0]
 
 
 def gt_iou(pred, gt, parsed=True):
-    """Mean over ground-truth boxes of the IoU of the prediction matched to each, one to one (the same greedy
-    matching at any overlap > 0; an unmatched box counts 0). Duplicates earn nothing and a missed object costs
-    its whole share. A scene without ground truth: 1.0 for an answer that says "nothing" (no predictions
-    and parsed, i.e. a JSON list such as []: vacuously perfect, as F1 is), 0.0 for predicted boxes or for
-    an answer that did not parse (parsed=False; see answered_list)."""
+    """Mean over ground-truth boxes of the IoU of the prediction matched to each, one to one (the
+    same greedy matching at any overlap > 0; an unmatched box counts 0). Duplicates earn nothing and
+    a missed object costs its whole share. A scene without ground truth: 1.0 for an answer that says
+    "nothing" (no predictions and parsed, i.e. a JSON list such as []: vacuously perfect, as F1 is),
+    0.0 for predicted boxes or for an answer that did not parse (parsed=False; see
+    answered_list)."""
     if not gt:
         return float(not pred and bool(parsed))
     return sum(_match(pred, gt, 0.0)[2]) / len(gt)
 
 
 def answered_list(text, pred):
-    """True iff a detection answer parsed: it has valid boxes (pred, from parse_detections) or is a JSON
-    list, [] included ("nothing here" must be said: unparseable text is not an empty answer)."""
+    """True iff a detection answer parsed: it has valid boxes (pred, from parse_detections) or is a
+    JSON list, [] included ("nothing here" must be said: unparseable text is not an empty
+    answer)."""
     return bool(pred) or isinstance(load_json(answer_text(text)), list)
 
 
@@ -201,9 +212,9 @@ def f1_score(tp, fp, fn):
     return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
 
 
-# ----------------------------------------------------------------------------------------------------
-# 3. VSI-Bench scoring: the first space-separated token with trailing '.' removed. We strip the answer
-#    first (VSI-Bench's split(' ') would read a leading space as an empty answer).
+# --------------------------------------------------------------------------------------------------
+# 3. VSI-Bench scoring: the first space-separated token with trailing '.' removed. We strip the
+#    answer first (VSI-Bench's split(' ') would read a leading space as an empty answer).
 
 
 def _first_token(pred):
@@ -218,9 +229,10 @@ def choice_accuracy(pred, gt_letter):
 
 
 def mra(pred, gt):
-    """Mean relative accuracy: mean over t in {0.50, ..., 0.95} of [|p - g| / g <= 1 - t], p = float()
-    of the first token. Unparseable, nan or inf -> 0; g <= 0 -> 0 (VSI-Bench ground truths are positive;
-    its own code divides by zero at g = 0). The float comparison is VSI-Bench's, boundary quirks included."""
+    """Mean relative accuracy: mean over t in {0.50, ..., 0.95} of [|p - g| / g <= 1 - t],
+    p = float() of the first token. Unparseable, nan or inf -> 0; g <= 0 -> 0 (VSI-Bench ground
+    truths are positive; its own code divides by zero at g = 0). The float comparison is
+    VSI-Bench's, boundary quirks included."""
     try:
         p = float(_first_token(pred)) if isinstance(pred, str) else float(pred)
         g = float(gt)
@@ -231,7 +243,7 @@ def mra(pred, gt):
     return float(np.mean(abs(p - g) / g <= 1 - _MRA_T))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # 4. Rewards. total = format + task reward; the task reward is 0 when nothing parses.
 
 
@@ -246,10 +258,11 @@ def _tagged(text):
 
 
 def format_reward(text, task, n_frames=None):
-    """1.0 iff the text has the think/answer format and the answer parses (strict JSON) for the task:
-    detection = a JSON list whose every entry is a valid box (an empty list is a valid answer);
-    grounding = {"frame": int, "bbox_3d": 9 finite numbers}, the frame in [0, n_frames) when n_frames is
-    given (a frame outside the video is no answer); spatial = a non-empty answer."""
+    """1.0 iff the text has the think/answer format and the answer parses (strict JSON) for the
+    task: detection = a JSON list whose every entry is a valid box (an empty list is a valid
+    answer); grounding = {"frame": int, "bbox_3d": 9 finite numbers}, the frame in [0, n_frames)
+    when n_frames is given (a frame outside the video is no answer); spatial = a non-empty
+    answer."""
     if not isinstance(text, str) or not _tagged(text):
         return 0.0
     ans = parse_answer(text)
@@ -266,22 +279,26 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
     """R = format + R_IoU + R_F1 (F1 at IoU > 0.25 with VG-LLM's matching).
     iou_mode "paper":  R_IoU = mean over predicted boxes of the best IoU with a same-label GT box
                        (0 without predictions). Dropping uncertain boxes raises it.
-    iou_mode "robust": R_IoU = sum of the IoUs of the matched (true-positive) pairs of that same matching
-                       / max(#pred, #gt) (0 when both are empty). One-to-one, so duplicates earn nothing,
-                       and the denominator is at least #gt, so predicting fewer boxes cannot pay.
-    iou_mode "gt":     R_IoU = gt_iou: the mean over ground-truth boxes of their one-to-one IoU at any overlap
-                       (the quantity eval reports as iou_gt). A missed object costs its whole share whatever
-                       else is predicted; extra boxes cost only through F1. On a scene without objects 1 for
-                       a parsed empty answer, 0 for boxes or unparseable text (as F1).
+    iou_mode "robust": R_IoU = sum of the IoUs of the matched (true-positive) pairs of that same
+                       matching / max(#pred, #gt) (0 when both are empty). One-to-one, so
+                       duplicates earn nothing, and the denominator is at least #gt, so predicting
+                       fewer boxes cannot pay.
+    iou_mode "gt":     R_IoU = gt_iou: the mean over ground-truth boxes of their one-to-one IoU at
+                       any overlap (the quantity eval reports as iou_gt). A missed object costs its
+                       whole share whatever else is predicted; extra boxes cost only through F1. On
+                       a scene without objects 1 for a parsed empty answer, 0 for boxes or
+                       unparseable text (as F1).
     At most MAX_BOXES predictions are considered."""
     if iou_mode not in ("paper", "robust", "gt"):
         raise ValueError(f"iou_mode must be 'paper', 'robust' or 'gt', got {iou_mode!r}")
     fmt = format_reward(text, "detection")
     pred = parse_detections(text)
-    gt = [{"label": g.get("label"), "bbox_3d": g.get("bbox_3d")} for g in (gt_boxes or [])]  # all count
+    # all ground-truth boxes count
+    gt = [{"label": g.get("label"), "bbox_3d": g.get("bbox_3d")} for g in (gt_boxes or [])]
     counts, best, matched = _match(pred, gt, MATCH_IOU)
     tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
-    # "Nothing here" must be said (a JSON list, [] included): unparseable text earns no F1 on an empty scene
+    # "Nothing here" must be said (a JSON list, [] included): unparseable text earns no F1 on an
+    # empty scene
     parsed = answered_list(text, pred)
     f1 = f1_score(tp, fp, fn) if parsed else 0.0
     if iou_mode == "paper":
@@ -290,67 +307,58 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
         iou = sum(matched) / max(len(pred), len(gt)) if (pred or gt) else 0.0
     else:
         iou = gt_iou(pred, gt, parsed)
-    return {"total": fmt + iou + f1, "format": fmt, "iou": iou, "f1": f1, "n_pred": float(len(pred))}
+    return {"total": fmt + iou + f1, "format": fmt, "iou": iou, "f1": f1,
+            "n_pred": float(len(pred))}
 
 
-def frame_reward(f_pred, f_gt, n_frames=None, frame_window="scaled"):
-    """R_frame = max(0, 1 - |f_pred - f_gt| / tau).
-    frame_window "scaled" (default): tau = 5 S / 32 for a video of S = n_frames frames, the paper's window as
-    the same share of the video (32 frames: exactly the paper's tau = 5; 4 frames: tau = 0.625, so only the
-    exact frame pays); "fixed": the paper's tau = 5 whatever S (n_frames not needed).
-    f_gt None (a row without a target frame, e.g. ScanRefer val) -> 0.0: no frame is right, none earns."""
-    _check_frame_window(frame_window)
-    if f_gt is None:
-        return 0.0
-    tau = _frame_tau(n_frames, frame_window)
+def frame_reward(f_pred, f_gt, tau):
+    """R_frame = max(0, 1 - |f_pred - f_gt| / tau) for a frame window tau (grounding_reward)."""
     return max(0.0, 1.0 - min(abs(f_pred - f_gt), 10**6) / tau)  # min(): a 10**400 frame index
-
-
-def _check_frame_window(frame_window):
-    if frame_window not in FRAME_WINDOWS:
-        raise ValueError(f"frame_window must be one of {FRAME_WINDOWS}, got {frame_window!r}")
-
-
-def _frame_tau(n_frames, frame_window):
-    """The frame window tau for a video of n_frames frames (None: unknown, only "fixed" can do without it)."""
-    _check_frame_window(frame_window)
-    if frame_window == "fixed":
-        return FRAME_WINDOW
-    if n_frames is None or n_frames < 1:
-        raise ValueError(f"frame_window='scaled' needs the video's frame count (n_frames or cam2global), got "
-                         f"{n_frames!r}; or use frame_window='fixed'")
-    return FRAME_WINDOW * n_frames / FRAME_WINDOW_FRAMES
 
 
 def grounding_reward(text, gt_box, gt_frame, cam2global, axis_align=None, frame_window="scaled",
                      n_frames=None):
-    """R = format + R_frame + R_IoU for an integer frame f_pred of the video.
-    R_frame = frame_reward: max(0, 1 - |f_pred - f_gt| / tau), tau = 5 S / 32 with frame_window "scaled"
-    (the default) or the paper's 5 with "fixed". gt_frame None = the row has no target frame: R_frame = 0 for
-    every answer (the "frame" part is 0.0); format and IoU are scored as usual, so the best total is 2, not 3.
+    """R = format + R_frame + R_IoU for an integer frame f_pred of the video of S frames.
+    R_frame = frame_reward: max(0, 1 - |f_pred - f_gt| / tau). frame_window "scaled" (default):
+    tau = 5 S / 32, the paper's window as the same share of the video (32 frames: exactly the
+    paper's tau = 5; 4 frames: tau = 0.625, so only the exact frame pays); "fixed": the paper's
+    tau = 5 whatever S (S not needed). gt_frame None = the row has no target frame (e.g. ScanRefer
+    val): no frame is right, so R_frame = 0 for every answer (the "frame" part is 0.0); format and
+    IoU are scored as usual, so the best total is 2, not 3.
     R_IoU = IoU of the predicted box, moved from camera frame f_pred to the aligned world by
     E = axis_align @ cam2global[f_pred], with the world GT box (0 without poses).
-    S = n_frames, else len(cam2global) (both given: they must agree). A frame outside the video's S frames is
-    not an answer: no format, frame or IoU credit. Without poses and n_frames S is unknown: the range is not
-    checked and "scaled" raises a ValueError (rft3d always passes the sample's frame count). A gt_frame
-    outside [0, S) is a ValueError (a data error, e.g. an old -1 "no frame" sentinel: use None)."""
-    _check_frame_window(frame_window)
+    S = n_frames, else len(cam2global) (both given: they must agree). A frame outside the video's
+    S frames is not an answer: no format, frame or IoU credit. Without poses and n_frames S is
+    unknown: the range is not checked and "scaled" raises a ValueError (rft3d always passes the
+    sample's frame count). A gt_frame outside [0, S) is a ValueError (a data error, e.g. an old -1
+    "no frame" sentinel: use None). Setup and data errors raise at once, whatever the text."""
+    if frame_window not in FRAME_WINDOWS:
+        raise ValueError(f"frame_window must be one of {FRAME_WINDOWS}, got {frame_window!r}")
     if cam2global is not None:
         if n_frames is not None and n_frames != len(cam2global):
             raise ValueError(f"n_frames {n_frames} != len(cam2global) {len(cam2global)}")
         n_frames = len(cam2global)
+    in_video = lambda f: n_frames is None or 0 <= f < n_frames  # S unknown: not checked
+    tau = None  # R_frame's window; stays None without a target frame (R_frame = 0)
     if gt_frame is not None:
-        if isinstance(gt_frame, bool) or not isinstance(gt_frame, (int, np.integer)) or gt_frame < 0 or \
-                (n_frames is not None and gt_frame >= n_frames):
-            raise ValueError(f"gt_frame must be a frame index in [0, {n_frames}) or None, got {gt_frame!r}")
+        if isinstance(gt_frame, bool) or not isinstance(gt_frame, (int, np.integer)) \
+                or gt_frame < 0 or not in_video(gt_frame):
+            raise ValueError(f"gt_frame must be a frame index in [0, {n_frames}) or None, "
+                             f"got {gt_frame!r}")
         gt_frame = int(gt_frame)
-        _frame_tau(n_frames, frame_window)  # "scaled" without a frame count: a setup error, raise at once
+        if frame_window == "fixed":
+            tau = FRAME_WINDOW
+        elif n_frames is None:
+            raise ValueError("frame_window='scaled' needs the video's frame count (n_frames or "
+                             f"cam2global), got {n_frames!r}; or use frame_window='fixed'")
+        else:
+            tau = FRAME_WINDOW * n_frames / FRAME_WINDOW_FRAMES
     fmt = format_reward(text, "grounding", n_frames)
     parsed = parse_grounding(text)
-    if parsed is None or (n_frames is not None and not 0 <= parsed[0] < n_frames):
+    if parsed is None or not in_video(parsed[0]):
         return {"total": fmt, "format": fmt, "frame": 0.0, "iou": 0.0}
     f, box = parsed
-    frame = frame_reward(f, gt_frame, n_frames, frame_window)
+    frame = 0.0 if tau is None else frame_reward(f, gt_frame, tau)
     iou = 0.0
     if cam2global is not None:  # (f is a frame of the video here)
         A = np.eye(4) if axis_align is None else np.asarray(axis_align, dtype=float)

@@ -1,18 +1,21 @@
-"""rft3d.py: the task layer of 3D-RFT. For each task: sample -> prompt, sample -> SFT target, completion -> reward
-(the task's own metric, computed by rewards.py) and completion -> per-sample eval record (aggregated by eval.py).
+"""rft3d.py: the task layer of 3D-RFT. For each task: sample -> prompt, sample -> SFT target,
+completion -> reward (the task's own metric, computed by rewards.py) and completion -> per-sample
+eval record (aggregated by eval.py).
 
-Prompts are VG-LLM's training templates word for word (DESIGN.md section 3; its checkpoints were trained on
-them): detection = "<image>\\n" per frame + the instruction; grounding = "Frame-k: <image>" per frame + the
-instruction; spatial = VSI-Bench's pre/post prompts. With think=True one sentence of ours asks for the
-<think>...</think><answer>...</answer> format that the format reward checks.
+Prompts are VG-LLM's training templates word for word (DESIGN.md section 3; its checkpoints were
+trained on them): detection = "<image>\\n" per frame + the instruction; grounding =
+"Frame-k: <image>" per frame + the instruction; spatial = VSI-Bench's pre/post prompts. With
+think=True one sentence of ours asks for the <think>...</think><answer>...</answer> format that the
+format reward checks.
 
-Eval records take a protocol: "ours" (default; self-consistent, the same rules as the training rewards) or
-"published", which reproduces three quirks of the public evaluators so numbers compare with the papers' tables
-(published.py, one function or constant each). Training rewards are always "ours".
+Eval records take a protocol: "ours" (default; self-consistent, the same rules as the training
+rewards) or "published", which reproduces three quirks of the public evaluators so numbers compare
+with the papers' tables (published.py, one function or constant each). Training rewards are always
+"ours".
 
-Adding a fourth task: write its four functions (prompt, target, reward, record) below, make samples with
-task="yourtask" (scenes.py for synthetic ones, a reader in data.py for files), and add one line to TASKS at the
-bottom of this file. Nothing else dispatches on tasks.
+Adding a fourth task: write its four functions (prompt, target, reward, record) below, make samples
+with task="yourtask" (scenes.py for synthetic ones, a reader in data.py for files), and add one line
+to TASKS at the bottom of this file. Nothing else dispatches on tasks.
 """
 import json
 import math
@@ -23,10 +26,11 @@ import numpy as np
 import boxes
 import published  # the public evaluators' quirks, for --protocol published (machinery)
 import rewards
-from data import DET_TEXT, GROUND_TEXT, Sample  # the VG-LLM instruction texts live next to the exporter
+from data import DET_TEXT, GROUND_TEXT, Sample  # VG-LLM's instruction texts live by the exporter
 
 IMAGE_PLACEHOLDER = "<image>"
-THINK = ("First think briefly inside <think> </think>, then give the final answer inside <answer> </answer>.")
+THINK = ("First think briefly inside <think> </think>, then give the final answer inside "
+         "<answer> </answer>.")
 VSI_PRE = "These are frames of a video."
 VSI_MC = "Answer with the option's letter from the given choices directly."
 VSI_NUM = "Please answer the question using a single word or phrase."
@@ -36,11 +40,12 @@ class Task(NamedTuple):
     prompt: Callable    # (sample, think: bool) -> user text with one "<image>" per frame
     target: Callable    # sample -> "<think>...</think><answer>...</answer>" (SFT)
     reward: Callable    # (sample, completion, **opts) -> {"total": float, components...}
-    record: Callable    # (sample, completion, protocol="ours") -> JSON-serialisable per-sample eval record
+    record: Callable    # (sample, completion, protocol="ours") -> JSON-serialisable eval record
 
 
 def _num(x):
-    """A number at 2 decimals, never "-0.00" (one spelling per value keeps the target easy to learn)."""
+    """A number at 2 decimals, never "-0.00" (one spelling per value keeps the target easy to
+    learn)."""
     s = f"{float(x):.2f}"
     return "0.00" if s == "-0.00" else s
 
@@ -57,16 +62,17 @@ def _sft(think, answer):
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
-# ---- 1. detection: 9-DoF boxes in the first frame's camera coordinates, reward = format + IoU + F1 ----------
+# ---- 1. detection: 9-DoF boxes in frame 0's camera coordinates, reward = format + IoU + F1 -------
 def detection_prompt(s: Sample, think=False):
     return _with_think(f"{IMAGE_PLACEHOLDER}\n" * len(s.frames) + DET_TEXT, think)
 
 
 def detection_target(s: Sample):
     labels = [b["label"] for b in s.boxes]
-    seen = f"I see {len(labels)} object{'s' if len(labels) != 1 else ''}: {', '.join(labels)}." if labels \
-        else "I see no objects."
-    listed = ", ".join(f'{{"label": {json.dumps(b["label"])}, "bbox_3d": {_box(b["bbox_3d"])}}}' for b in s.boxes)
+    seen = (f"I see {len(labels)} object{'s' if len(labels) != 1 else ''}: {', '.join(labels)}."
+            if labels else "I see no objects.")
+    listed = ", ".join(f'{{"label": {json.dumps(b["label"])}, "bbox_3d": {_box(b["bbox_3d"])}}}'
+                       for b in s.boxes)
     return _sft(seen, f"[{listed}]")
 
 
@@ -76,44 +82,50 @@ def detection_reward(s: Sample, completion, iou_mode="paper", **_):
 
 def detection_record(s: Sample, completion, protocol="ours"):
     published.check(protocol)
-    pred = rewards.parse_detections(completion, published.MAX_BOXES if protocol == "published" else rewards.MAX_BOXES)
-    # parsed = the answer is a JSON list (an empty list is a valid "nothing here"); load_json is total
+    max_boxes = published.MAX_BOXES if protocol == "published" else rewards.MAX_BOXES
+    pred = rewards.parse_detections(completion, max_boxes)
+    # parsed = the answer is a JSON list (an empty list is a valid "nothing here"); load_json is
+    # total
     parsed = rewards.answered_list(completion, pred)
-    # iou_gt on a scene without objects: 1 for a parsed [] (as per-scene F1), 0 for boxes or no answer
+    # iou_gt on a scene without objects: 1 for a parsed [] (as per-scene F1), 0 for boxes or no
+    # answer
     return {"counts": {str(t): rewards.match_by_label(pred, s.boxes, t) for t in (0.25, 0.5)},
-            "n_pred": len(pred), "n_gt": len(s.boxes), "iou_gt": rewards.gt_iou(pred, s.boxes, parsed),
-            "parsed": parsed}
+            "n_pred": len(pred), "n_gt": len(s.boxes),
+            "iou_gt": rewards.gt_iou(pred, s.boxes, parsed), "parsed": parsed}
 
 
-# ---- 2. grounding: frame index + box in that frame's camera, reward = format + frame + IoU (world) --------
+# ---- 2. grounding: frame index + box in its camera, reward = format + frame + IoU (world) --------
 def grounding_prompt(s: Sample, think=False):
     frames = "".join(f"Frame-{k}: {IMAGE_PLACEHOLDER}" for k in range(len(s.frames)))
     return _with_think(f"{frames}\n" + GROUND_TEXT.format(s.description), think)
 
 
 def grounding_target(s: Sample):
-    """The SFT answer: the target frame and the box in its camera. A row without a target frame (ScanRefer
-    val) has no answer to imitate: a ValueError naming the sample (grounding SFT needs rows with frames)."""
+    """The SFT answer: the target frame and the box in its camera. A row without a target frame
+    (ScanRefer val) has no answer to imitate: a ValueError naming the sample (grounding SFT needs
+    rows with frames)."""
     if s.target_frame is None:
         raise ValueError(f"sample {s.id}: grounding SFT needs a target frame and this row has none "
-                         "(ScanRefer val rows have only the world box): train on rows with a 'target'")
+                         "(ScanRefer val rows have only the world box): train on rows with a "
+                         "'target'")
     what = f"the {s.meta['label']}" if s.meta.get("label") else "the object"
     answer = f'{{"frame": {int(s.target_frame)}, "bbox_3d": {_box(s.target_box)}}}'
     return _sft(f"The target is {what}, seen best in frame {int(s.target_frame)}.", answer)
 
 
 def grounding_reward(s: Sample, completion, frame_window="scaled", **_):
-    """rewards.grounding_reward with the sample's frame count S = len(s.frames). frame_window (from the
-    trainer's reward_opts): "scaled" (default) tau = 5 S / 32, or "fixed", the paper's tau = 5.
+    """rewards.grounding_reward with the sample's frame count S = len(s.frames). frame_window (from
+    the trainer's reward_opts): "scaled" (default) tau = 5 S / 32, or "fixed", the paper's tau = 5.
     A row without a target frame gets no frame credit (the "frame" part is 0.0)."""
-    return rewards.grounding_reward(completion, s.world_box, s.target_frame, s.cam2global, s.axis_align,
-                                    frame_window=frame_window, n_frames=len(s.frames))
+    return rewards.grounding_reward(completion, s.world_box, s.target_frame, s.cam2global,
+                                    s.axis_align, frame_window=frame_window, n_frames=len(s.frames))
 
 
 def grounding_record(s: Sample, completion, protocol="ours"):
-    """IoU in the aligned world (section 3), frames (frame_gt None when the row has no target frame: eval
-    leaves it out of frame accuracy), unique flag, and box_world: the predicted box moved to the world (None
-    when it cannot be), which eval.py --proposals replaces by a detector proposal."""
+    """IoU in the aligned world (section 3), frames (frame_gt None when the row has no target
+    frame: eval leaves it out of frame accuracy), unique flag, and box_world: the predicted box
+    moved to the world (None when it cannot be), which eval.py --proposals replaces by a detector
+    proposal."""
     published.check(protocol)
     to_world = published.box_to_world if protocol == "published" else boxes.box_to_world
     parsed, iou, world = rewards.parse_grounding(completion), 0.0, None
@@ -128,7 +140,7 @@ def grounding_record(s: Sample, completion, protocol="ours"):
             "unique": s.meta.get("unique"), "parsed": parsed is not None, "box_world": world}
 
 
-# ---- 3. spatial (VSI-Bench): option letter (exact match) or number (MRA), reward = format + score ------------
+# ---- 3. spatial (VSI-Bench): option letter (exact) or number (MRA), reward = format + score ------
 def spatial_prompt(s: Sample, think=False):
     text = IMAGE_PLACEHOLDER * len(s.frames) + f"{VSI_PRE}\n{s.question}"
     if s.options:   # multiple choice
@@ -140,7 +152,8 @@ def spatial_prompt(s: Sample, think=False):
 
 def spatial_target(s: Sample):
     labels = [o["label"] for o in s.meta.get("objects", [])]
-    seen = f"I see {len(labels)} objects: {', '.join(labels)}." if labels else "I look at the frames."
+    seen = (f"I see {len(labels)} objects: {', '.join(labels)}." if labels
+            else "I look at the frames.")
     return _sft(seen, s.ground_truth)
 
 
@@ -150,22 +163,23 @@ def spatial_reward(s: Sample, completion, **_):
 
 def spatial_record(s: Sample, completion, protocol="ours"):
     published.check(protocol)
-    if protocol == "published":   # VSI-Bench: exact match of the letter, or MRA of float(first token)
+    if protocol == "published":  # VSI-Bench: exact letter match, or MRA of float(first token)
         token = published.first_token(completion)
-        score = float(token.lower() == str(s.ground_truth).lower()) if s.options else rewards.mra(token, s.ground_truth)
+        score = (float(token.lower() == str(s.ground_truth).lower()) if s.options
+                 else rewards.mra(token, s.ground_truth))
     else:
         score = spatial_reward(s, completion)["accuracy"]
     return {"question_type": s.question_type, "score": float(score),
             "parsed": rewards.parse_spatial(completion) is not None}
 
 
-# ---- the task table: a fourth task is one more line here ----------------------------------------------------
+# ---- the task table: a fourth task is one more line here -----------------------------------------
 TASKS = {
     "detection": Task(detection_prompt, detection_target, detection_reward, detection_record),
     "grounding": Task(grounding_prompt, grounding_target, grounding_reward, grounding_record),
     "spatial": Task(spatial_prompt, spatial_target, spatial_reward, spatial_record),
 }
 
-# Completion length caps for generation: room for the think sentence and the longest synthetic answer in
-# the tiny tokenizer (3 boxes); raise --max-new-tokens for real scenes with many objects.
+# Completion length caps for generation: room for the think sentence and the longest synthetic
+# answer in the tiny tokenizer (3 boxes); raise --max-new-tokens for real scenes with many objects.
 MAX_NEW_TOKENS = {"detection": 256, "grounding": 96, "spatial": 48}

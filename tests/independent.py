@@ -1,5 +1,5 @@
-"""Independent geometry for the tests (not data.py's or rewards.py's): rotations by Rodrigues' formula, box corners,
-2D convex hulls. Tests check our code against these, never against itself."""
+"""Independent geometry for the tests (not data.py's or rewards.py's): rotations by Rodrigues'
+formula, box corners, 2D convex hulls. Tests check our code against these, never against itself."""
 import math
 
 import numpy as np
@@ -21,8 +21,8 @@ def corners(box):
 
 
 def hull(points):
-    """Convex hull (counter-clockwise in image coordinates with y down: we just need consistency) by the
-    monotone chain."""
+    """Convex hull (counter-clockwise in image coordinates with y down: we just need
+    consistency) by the monotone chain."""
     pts = sorted(map(tuple, points))
     cross = lambda o, a, b: (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
     lo, up = [], []
@@ -46,12 +46,13 @@ def signed_dist_inside(poly, p):
 
 def scene_of(s):
     """The scene as scenes.render wants it, with camera -> aligned-world poses E_k."""
-    return {"objects": s.meta["objects"], "room": s.meta["room"], "c2w": s.axis_align @ s.cam2global}
+    return {"objects": s.meta["objects"], "room": s.meta["room"],
+            "c2w": s.axis_align @ s.cam2global}
 
 
 def same_box(a, b, tol=1e-6):
-    """The same solid: the same 8 corners as a set (a box has several spellings: turns by 90 degrees about an axis
-    with sizes swapped, half turns, ...)."""
+    """The same solid: the same 8 corners as a set (a box has several spellings: turns by 90 degrees
+    about an axis with sizes swapped, half turns, ...)."""
     ca, cb = corners(a), corners(b)
     d = np.linalg.norm(ca[:, None] - cb[None], axis=-1)  # [8, 8]
     return bool(d.min(1).max() <= tol and d.min(0).max() <= tol)

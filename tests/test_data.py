@@ -1,5 +1,6 @@
-"""data.py: box geometry against an independent derivation; the real-data readers read small fixtures in each layout
-(written here), round-trip our exporter, and reject bad rows with file + row in the message."""
+"""data.py: box geometry against an independent derivation; the real-data readers read
+small fixtures in each layout (written here), round-trip our exporter, and reject bad rows
+with file + row in the message."""
 import hashlib
 import json
 import math
@@ -18,7 +19,7 @@ import scenes
 from independent import R_zxy, same_box
 
 
-# ---- Euler angles ---------------------------------------------------------------------------------------------
+# ---- Euler angles --------------------------------------------------------------------------------
 def test_euler_round_trip():
     rng = np.random.default_rng(0)
     for _ in range(500):
@@ -32,18 +33,21 @@ def test_euler_round_trip():
 
 
 
-# ---- export -> real readers ----------------------------------------------------------------------------------
+# ---- export -> real readers ----------------------------------------------------------------------
 def assert_same(a, b):
     assert a.id == b.id and a.task == b.task
     assert np.array_equal(a.frames, b.frames)
-    assert np.allclose(a.cam2global, b.cam2global, atol=1e-9) and np.allclose(a.axis_align, b.axis_align)
+    assert (np.allclose(a.cam2global, b.cam2global, atol=1e-9)
+            and np.allclose(a.axis_align, b.axis_align))
     assert np.allclose(a.intrinsics, b.intrinsics)
-    for k in ("description", "target_frame", "question", "options", "ground_truth", "question_type"):
+    for k in ("description", "target_frame", "question", "options", "ground_truth",
+              "question_type"):
         assert getattr(a, k) == getattr(b, k), k
     assert len(a.boxes) == len(b.boxes)
     for x, y in zip(a.boxes, b.boxes):
         assert x["label"] == y["label"] and np.allclose(x["bbox_3d"], y["bbox_3d"])
-    assert np.allclose(a.target_box or [0], b.target_box or [0]) and np.allclose(a.world_box or [0], b.world_box or [0])
+    assert (np.allclose(a.target_box or [0], b.target_box or [0])
+            and np.allclose(a.world_box or [0], b.world_box or [0]))
 
 
 @pytest.mark.parametrize("task", data.TASK_NAMES)
@@ -58,11 +62,13 @@ def test_export_round_trip(task, tmp_path):
         assert back[0].meta["unique"] == ds[0].meta["unique"]
     if task != "spatial":
         row = json.load(open(path))[0]
-        assert row["conversations"][0]["value"].count("<image>") == 4 and row["conversations"][1]["from"] == "gpt"
+        assert (row["conversations"][0]["value"].count("<image>") == 4
+                and row["conversations"][1]["from"] == "gpt")
 
 
 def test_export_round_trip_of_a_grounding_row_without_a_target_frame(tmp_path):
-    """A row without a target frame (ScanRefer val) is exported with "target": null, read back without one."""
+    """A row without a target frame (ScanRefer val) is exported with "target": null, read back
+    without one."""
     ds = list(scenes.SyntheticDataset("grounding", 2, seed=2))
     ds[1].target_frame, ds[1].target_box = None, []
     path = data.export_vgllm(ds, str(tmp_path))
@@ -83,19 +89,21 @@ def test_main_export_and_show(tmp_path):
 
 def test_draw_boxes_two_colours():
     s = scenes.SyntheticDataset("detection", 1, seed=0)[0]
-    pred = [dict(b, bbox_3d=list(np.add(b["bbox_3d"], [0.2, 0, 0, 0, 0, 0, 0, 0, 0]))) for b in s.boxes]
+    pred = [dict(b, bbox_3d=list(np.add(b["bbox_3d"], [0.2, 0, 0, 0, 0, 0, 0, 0, 0])))
+            for b in s.boxes]
     im = np.asarray(data.draw_boxes(s.frames, s.intrinsics, s.cam2global, s.boxes, pred))
     assert im.shape == (56 * 4, 4 * 56 * 4, 3)
     for col in ((60, 255, 60), (255, 60, 255)):
         assert (im == col).all(-1).sum() > 50
 
 
-# ---- fixtures in the real layouts, written here -------------------------------------------------------------
+# ---- fixtures in the real layouts, written here --------------------------------------------------
 def write_images(root, rel_paths, size=(40, 30), seed=0):
     rng = np.random.default_rng(seed)
     for p in rel_paths:
         os.makedirs(os.path.dirname(os.path.join(root, p)), exist_ok=True)
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(os.path.join(root, p))
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            os.path.join(root, p))
 
 
 def pose(t):
@@ -111,18 +119,24 @@ def test_vgllm_detection_fixture(tmp_path):
     write_images(media, imgs)
     row = {"conversations": [{"from": "human", "value": "<image>\n" * 4 + data.DET_TEXT},
                              {"from": "gpt", "value": "```json\n[]```"}],
-           "images": imgs, "boxes": [{"bbox_3d": [0.1, 0.2, 2.0, 0.5, 0.5, 0.9, 0.1, -0.2, 0.3], "label": "chair"}],
+           "images": imgs,
+           "boxes": [{"bbox_3d": [0.1, 0.2, 2.0, 0.5, 0.5, 0.9, 0.1, -0.2, 0.3], "label": "chair"}],
            "cam2img": [[577.0, 0, 319.5, 0], [0, 578.0, 239.5, 0], [0, 0, 1, 0], [0, 0, 0, 1]],
-           "cam2global": [pose(k).tolist() for k in range(4)], "axis_align_matrix": np.eye(4).tolist()}
+           "cam2global": [pose(k).tolist() for k in range(4)],
+           "axis_align_matrix": np.eye(4).tolist()}
     path = tmp_path / "scannet_det_val_4frames.json"
-    path.write_text(json.dumps([row, {k: v for k, v in row.items() if k not in ("cam2global", "cam2img")}]))
+    path.write_text(
+        json.dumps([row, {k: v for k, v in row.items() if k not in ("cam2global", "cam2img")}]))
     ds = data.load_dataset("detection", str(path), media_root=str(media))
     s = ds[0]
-    assert s.frames.shape == (4, 30, 40, 3) and s.boxes[0]["label"] == "chair" and s.intrinsics[0, 0] == 577
+    assert (s.frames.shape == (4, 30, 40, 3) and s.boxes[0]["label"] == "chair"
+            and s.intrinsics[0, 0] == 577)
     assert np.allclose(s.cam2global[1], pose(1)) and ds[1].cam2global is None
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=data.collate)
-    assert [np.array_equal(a.frames, b.frames) for a, b in zip(next(iter(loader)), ds)] == [True, True]
-    s2 = data.load_dataset("detection", str(path), media_root=str(media), frames=2)[0]   # linspace(0, 3, 2)
+    assert [np.array_equal(a.frames, b.frames)
+            for a, b in zip(next(iter(loader)), ds)] == [True, True]
+    # linspace(0, 3, 2)
+    s2 = data.load_dataset("detection", str(path), media_root=str(media), frames=2)[0]
     assert len(s2.frames) == 2 and np.allclose(s2.cam2global[1], pose(3))
 
 
@@ -136,9 +150,11 @@ def test_scanrefer_fixture(tmp_path):
     world = [1.0, 2.0, 0.5, 0.6, 0.4, 1.0, 0, 0, 0]
     tokens = "".join(f"Frame-{k}: <image>" for k in range(6))
     prompt = data.GROUND_TEXT.format("This is a brown chair. it is next to the table.")
-    base = {"images": imgs, "gt_bbox": world, "prompt": prompt, "cam2global": [pose(k).tolist() for k in range(6)],
+    base = {"images": imgs, "gt_bbox": world, "prompt": prompt,
+            "cam2global": [pose(k).tolist() for k in range(6)],
             "axis_align_matrix": A.tolist(), "cam2img": np.eye(4).tolist(),
-            "conversations": [{"value": f"{tokens}\n{prompt}", "from": "human"}, {"value": "", "from": "gpt"}]}
+            "conversations": [{"value": f"{tokens}\n{prompt}", "from": "human"},
+                              {"value": "", "from": "gpt"}]}
     target_box = boxes.box_to_world(world, np.linalg.inv(A @ pose(4)))
     rows = [dict(base, metadata={"dataset": "scanrefer", "question_type": "multiple", "ann_id": "0",
                                  "object_id": "7"}, target={"frame": 4, "bbox_3d": target_box}),
@@ -149,11 +165,15 @@ def test_scanrefer_fixture(tmp_path):
     ds = data.load_dataset("grounding", str(path), media_root=str(media))
     s, v = ds[0], ds[1]
     assert s.description == "This is a brown chair. it is next to the table."
-    assert ds.report["no_target_frame"] == 1 and "1 without a target frame" in data.describe(ds.report)
-    assert s.target_frame == 4 and np.allclose(s.target_box, target_box) and s.meta["unique"] is False
+    assert (ds.report["no_target_frame"] == 1
+            and "1 without a target frame" in data.describe(ds.report))
+    assert (s.target_frame == 4 and np.allclose(s.target_box, target_box)
+            and s.meta["unique"] is False)
     assert v.target_frame is None and v.meta["unique"] is True and np.allclose(v.world_box, world)
-    sub = data.load_dataset("grounding", str(path), media_root=str(media), frames=3)[0]   # frames 0, 2(.5->2), 5
-    assert sub.target_frame == 2 and len(sub.frames) == 3   # frame 4 -> the nearest kept frame (index 5)
+    # frames 0, 2(.5->2), 5
+    sub = data.load_dataset("grounding", str(path), media_root=str(media), frames=3)[0]
+    # frame 4 -> the nearest kept frame (index 5)
+    assert sub.target_frame == 2 and len(sub.frames) == 3
     E = A @ sub.cam2global[2]
     assert same_box(boxes.box_to_world(sub.target_box, E), world)
 
@@ -161,7 +181,8 @@ def test_scanrefer_fixture(tmp_path):
 def test_scannet_posed_folder_skips_bad_poses(tmp_path):
     folder = tmp_path / "scene0000_00"
     write_images(folder, [f"{k:05d}.jpg" for k in range(0, 100, 10)])
-    write_images(folder, [f"{k:05d}.png" for k in range(0, 100, 10)], size=(8, 6))   # depth maps: ignored
+    # depth maps: ignored
+    write_images(folder, [f"{k:05d}.png" for k in range(0, 100, 10)], size=(8, 6))
     for k in range(0, 100, 10):
         m = pose(k / 100)
         if k == 30:
@@ -170,7 +191,8 @@ def test_scannet_posed_folder_skips_bad_poses(tmp_path):
     np.savetxt(folder / "intrinsic.txt", np.diag([500.0, 500.0, 1.0, 1.0]))
     frames, c2g, K, names = data.read_posed_folder(str(folder), 4)
     valid = [f"{k:05d}.jpg" for k in range(0, 100, 10) if k != 30]   # 9 frames
-    assert names == [valid[i] for i in (0, 2, 5, 8)]   # linspace(0, 8, 4) = 0, 2.67, 5.33, 8, floored (VG-LLM)
+    # linspace(0, 8, 4) = 0, 2.67, 5.33, 8, floored (VG-LLM)
+    assert names == [valid[i] for i in (0, 2, 5, 8)]
     assert frames.shape == (4, 30, 40, 3) and np.all(np.isfinite(c2g)) and K[0, 0] == 500
     assert np.allclose(c2g[1], pose(0.2))
 
@@ -179,22 +201,29 @@ def test_scannet_posed_folder_skips_bad_poses(tmp_path):
 def test_vsibench_fixture(tmp_path, fmt):
     folder = tmp_path / "media" / "scannet" / "scene0011_00"
     write_images(folder, [f"{k:05d}.png" for k in range(20)])
-    rows = [{"id": 1, "dataset": "scannet", "scene_name": "scene0011_00", "question_type": "object_counting",
-             "question": "How many chair(s) are in this room?", "options": None, "ground_truth": "4"},
-            {"id": 2, "dataset": "scannet", "scene_name": "scene0011_00", "question_type": "object_rel_direction_easy",
-             "question": "If I am standing by the sofa and facing the tv, is the lamp to the left or the right of the tv?",
+    rows = [{"id": 1, "dataset": "scannet", "scene_name": "scene0011_00",
+             "question_type": "object_counting",
+             "question": "How many chair(s) are in this room?", "options": None,
+             "ground_truth": "4"},
+            {"id": 2, "dataset": "scannet", "scene_name": "scene0011_00",
+             "question_type": "object_rel_direction_easy",
+             "question": "If I am standing by the sofa and facing the tv, is the lamp to the left "
+                         "or the right of the tv?",
              "options": ["A. left", "B. right"], "ground_truth": "B"}]
     path = tmp_path / f"vsibench.{fmt}"
     path.write_text("\n".join(map(json.dumps, rows)) if fmt == "jsonl" else json.dumps(rows))
     ds = data.load_dataset("spatial", str(path), frames=8)
     a, b = ds[0], ds[1]
-    assert a.frames.shape == (8, 30, 40, 3) and a.ground_truth == "4" and a.options == [] and a.id == "1"
+    assert (a.frames.shape == (8, 30, 40, 3) and a.ground_truth == "4" and a.options == []
+            and a.id == "1")
     assert b.options == ["A. left", "B. right"] and b.question_type == "object_rel_direction_easy"
     assert a.cam2global is None
 
 
-VSI_ROW = {"id": 7, "dataset": "arkitscenes", "scene_name": "41069025", "question_type": "room_size_estimation",
-           "question": "What is the size of this room (in square meters)?", "options": None, "ground_truth": "23.6"}
+VSI_ROW = {"id": 7, "dataset": "arkitscenes", "scene_name": "41069025",
+           "question_type": "room_size_estimation",
+           "question": "What is the size of this room (in square meters)?", "options": None,
+           "ground_truth": "23.6"}
 
 
 def test_vsibench_parquet(tmp_path):
@@ -202,7 +231,8 @@ def test_vsibench_parquet(tmp_path):
     import pyarrow.parquet as pq
     write_images(tmp_path / "arkitscenes" / "41069025", [f"{k:05d}.jpg" for k in range(5)])
     pq.write_table(pa.Table.from_pylist([VSI_ROW]), tmp_path / "test.parquet")
-    s = data.load_dataset("spatial", str(tmp_path / "test.parquet"), media_root=str(tmp_path), frames=3)[0]
+    s = data.load_dataset("spatial", str(tmp_path / "test.parquet"), media_root=str(tmp_path),
+                          frames=3)[0]
     assert s.ground_truth == "23.6" and s.options == [] and len(s.frames) == 3
 
 
@@ -212,32 +242,38 @@ def test_vsibench_video(tmp_path):
     with av.open(str(tmp_path / "arkitscenes" / "41069025.mp4"), "w") as c:
         st = c.add_stream("mpeg4", rate=10)
         st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
-        for i in range(30):   # frame i is a flat grey of level 8 * i: the sampled indices can be read back
+        # frame i is a flat grey of level 8 * i: the sampled indices can be read back
+        for i in range(30):
             fr = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 8 * i, np.uint8), format="rgb24")
             c.mux(st.encode(fr))
         c.mux(st.encode())
     (tmp_path / "vsi.json").write_text(json.dumps([VSI_ROW]))
-    s = data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path), frames=4)[0]
+    s = data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path),
+                          frames=4)[0]
     assert s.frames.shape == (4, 48, 64, 3)
     levels = s.frames.reshape(4, -1).mean(1) / 8
-    assert np.allclose(levels, [0, 9, 19, 29], atol=0.4)   # linspace(0, 29, 4) = 0, 9.67, 19.33, 29, floored
-    (tmp_path / "arkitscenes" / "41069025.mp4").write_bytes(b"not a video" * 100)   # found when opened
+    # linspace(0, 29, 4) = 0, 9.67, 19.33, 29, floored
+    assert np.allclose(levels, [0, 9, 19, 29], atol=0.4)
+    # found when opened
+    (tmp_path / "arkitscenes" / "41069025.mp4").write_bytes(b"not a video" * 100)
     with pytest.raises(ValueError, match=r"vsi.json: row 0: .*cannot open video .*41069025.mp4"):
         data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path), frames=4)
 
 
-# ---- bad files and bad rows: errors name the file (and row); skip_bad lists rows with reasons -------------------
+# ---- bad files and bad rows: errors name the file (and row); skip_bad lists rows with reasons ----
 GOOD_BOX = [0.0, 0.0, 2.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_bad_rows_raise_with_file_and_row_or_are_counted(tmp_path):
     media = tmp_path / "media"
     write_images(media, ["a/00000.jpg"])
-    good = {"images": ["a/00000.jpg"], "boxes": [{"label": "chair", "bbox_3d": GOOD_BOX}], "conversations": []}
+    good = {"images": ["a/00000.jpg"], "boxes": [{"label": "chair", "bbox_3d": GOOD_BOX}],
+            "conversations": []}
     rows = [good, dict(good, boxes=[{"label": "chair", "bbox_3d": [0] * 8}]),   # 8 numbers
             {k: v for k, v in good.items() if k != "boxes"},                     # no boxes
             dict(good, images=["a/missing.jpg"]),                                # missing file
-            dict(good, cam2global=[[[1.0] * 4] * 3]), "not a row", good]         # wrong-shaped pose, a string
+            # wrong-shaped pose, a string
+            dict(good, cam2global=[[[1.0] * 4] * 3]), "not a row", good]
     path = tmp_path / "det.json"
     path.write_text(json.dumps(rows))
     for bad, what in ((1, "9 finite numbers"), (2, "boxes"), (3, "missing.jpg")):
@@ -255,13 +291,18 @@ def test_bad_rows_raise_with_file_and_row_or_are_counted(tmp_path):
     (media / "a" / "00000.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"det.json: row 0: cannot read"):
         ds[0]
-    # JSONL: a line that is not JSON; VSI: a missing video; nothing left is an error even with skip_bad
+    # JSONL: a line that is not JSON; VSI: a missing video; nothing left
+    # is an error even with skip_bad
     p = tmp_path / "vsi.jsonl"
-    p.write_text('{"id": 0}\nnot json\n' + json.dumps({"dataset": "arkitscenes", "scene_name": "41069025",
-                 "question_type": "room_size_estimation", "question": "q", "ground_truth": "20"}) + "\n")
+    p.write_text('{"id": 0}\nnot json\n'
+                 + json.dumps({"dataset": "arkitscenes", "scene_name": "41069025",
+                               "question_type": "room_size_estimation", "question": "q",
+                               "ground_truth": "20"})
+                 + "\n")
     with pytest.raises(ValueError, match=r"vsi.jsonl: row 0: .*dataset"):
         data.load_dataset("spatial", str(p), media_root=str(tmp_path))
-    with pytest.raises(ValueError, match=r"vsi.jsonl: no usable rows; all 3 rows are bad, e.g. row 0: .*dataset"):
+    with pytest.raises(ValueError, match=r"vsi.jsonl: no usable rows; all 3 rows are bad, "
+                                         r"e.g. row 0: .*dataset"):
         data.load_dataset("spatial", str(p), media_root=str(tmp_path), skip_bad=True)
     p.write_text(p.read_text().splitlines()[-1])
     with pytest.raises(ValueError, match=r"vsi.jsonl: row 0: .*arkitscenes/41069025.mp4"):
@@ -275,7 +316,8 @@ def test_missing_optional_packages_give_clear_errors(tmp_path, monkeypatch):
     os.makedirs(tmp_path / "arkitscenes")
     (tmp_path / "arkitscenes" / "41069025.mp4").write_bytes(b"")
     (tmp_path / "vsi.json").write_text(json.dumps([VSI_ROW]))
-    with pytest.raises(ImportError, match="pip install av"):   # when the file is opened, not at step 1
+    # when the file is opened, not at step 1
+    with pytest.raises(ImportError, match="pip install av"):
         data.load_dataset("spatial", str(tmp_path / "vsi.json"), media_root=str(tmp_path))
     (tmp_path / "x.parquet").write_bytes(b"")
     with pytest.raises(ImportError, match="pip install pyarrow"):
@@ -286,7 +328,8 @@ def test_file_level_errors_name_the_file(tmp_path):
     ds = scenes.SyntheticDataset("detection", 3, seed=4)
     path = data.export_vgllm(ds, str(tmp_path))
     text = open(path).read()
-    cases = {"": "the file is empty", "  \n": "the file is empty", text[: len(text) // 2]: "not valid JSON",
+    cases = {"": "the file is empty", "  \n": "the file is empty",
+             text[: len(text) // 2]: "not valid JSON",
              '{"rows": []}': "expected a JSON list of rows, got an object", "[]": "no usable rows",
              "\xff\xfe[]": "not UTF-8"}
     for content, what in cases.items():
@@ -295,7 +338,8 @@ def test_file_level_errors_name_the_file(tmp_path):
         with pytest.raises(ValueError, match=re.escape(path) + ": " + re.escape(what)) as e:
             data.load_dataset("detection", path)
         assert type(e.value) is data.DataError   # not a bare JSONDecodeError
-    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "nope.json")) + ": cannot read the file"):
+    with pytest.raises(ValueError,
+                       match=re.escape(str(tmp_path / "nope.json")) + ": cannot read the file"):
         data.load_dataset("detection", str(tmp_path / "nope.json"))
 
 
@@ -304,13 +348,15 @@ def test_task_is_checked_against_the_file(task, tmp_path):
     path = data.export_vgllm(scenes.SyntheticDataset(task, 2, seed=4), str(tmp_path))
     for other in data.TASK_NAMES:
         if other != task:
-            with pytest.raises(ValueError, match=rf"{re.escape(path)}: this looks like a {task} file .* not {other}"):
+            with pytest.raises(ValueError, match=rf"{re.escape(path)}: this looks like a {task} "
+                                                 rf"file .* not {other}"):
                 data.load_dataset(other, path)
 
 
 def _vsi_rows(tmp_path):
     write_images(tmp_path / "media" / "scannet" / "s0", ["00000.jpg", "00001.jpg"])
-    mc = {"id": 1, "dataset": "scannet", "scene_name": "s0", "question_type": "object_rel_direction_easy",
+    mc = {"id": 1, "dataset": "scannet", "scene_name": "s0",
+          "question_type": "object_rel_direction_easy",
           "question": "left or right?", "options": ["A. left", "B. right"], "ground_truth": "B"}
     num = {"id": 2, "dataset": "scannet", "scene_name": "s0", "question_type": "object_counting",
            "question": "How many chairs?", "options": None, "ground_truth": "4"}
@@ -319,45 +365,59 @@ def _vsi_rows(tmp_path):
 
 def _grounding_row(tmp_path):
     write_images(tmp_path / "media", [f"scannet/posed_images/s0/{k:05d}.jpg" for k in range(3)])
-    return {"images": [f"scannet/posed_images/s0/{k:05d}.jpg" for k in range(3)], "gt_bbox": GOOD_BOX,
-            "prompt": data.GROUND_TEXT.format("the chair"), "cam2global": [pose(k).tolist() for k in range(3)],
+    return {"images": [f"scannet/posed_images/s0/{k:05d}.jpg" for k in range(3)],
+            "gt_bbox": GOOD_BOX, "prompt": data.GROUND_TEXT.format("the chair"),
+            "cam2global": [pose(k).tolist() for k in range(3)],
             "target": {"frame": 1, "bbox_3d": GOOD_BOX}, "metadata": {"question_type": "unique"}}
 
 
 def _detection_row(tmp_path):
-    write_images(tmp_path / "media", ["scannet/posed_images/s0/00000.jpg", "scannet/posed_images/s0/00001.jpg"])
+    write_images(tmp_path / "media",
+                 ["scannet/posed_images/s0/00000.jpg", "scannet/posed_images/s0/00001.jpg"])
     return {"images": ["scannet/posed_images/s0/00000.jpg", "scannet/posed_images/s0/00001.jpg"],
-            "boxes": [{"label": "chair", "bbox_3d": GOOD_BOX}], "cam2global": [pose(k).tolist() for k in range(2)]}
+            "boxes": [{"label": "chair", "bbox_3d": GOOD_BOX}],
+            "cam2global": [pose(k).tolist() for k in range(2)]}
 
 
-BAD_VALUES = [   # (task, how the good row is spoiled, what the message says): each was silently accepted before
+# (task, how the good row is spoiled, what the message says): each was silently accepted before
+BAD_VALUES = [
     ("spatial", lambda r: dict(r[0], options="A. left"), "one string"),
     ("spatial", lambda r: dict(r[0], ground_truth="C"), "not one of the options' letters"),
-    ("spatial", lambda r: dict(r[0], options=None), "not one of the options' letters"),   # MC without options
+    # MC without options
+    ("spatial", lambda r: dict(r[0], options=None), "not one of the options' letters"),
     ("spatial", lambda r: dict(r[1], ground_truth="about four"), "not a number"),
     ("spatial", lambda r: dict(r[1], ground_truth="0"), "positive number"),
     ("spatial", lambda r: dict(r[1], ground_truth=True), "'ground_truth' is true"),
-    ("spatial", lambda r: dict(r[1], options=["A. 3", "B. 4"]), "answered with a number, but the row has options"),
-    ("detection", lambda r: dict(r, boxes=[{"label": "chair", "bbox_3d": [True] + GOOD_BOX[1:]}]), "9 finite numbers"),
-    ("detection", lambda r: dict(r, boxes=[{"label": "chair", "bbox_3d": GOOD_BOX[:3] + [1, -1, 1, 0, 0, 0]}]),
+    ("spatial", lambda r: dict(r[1], options=["A. 3", "B. 4"]),
+     "answered with a number, but the row has options"),
+    ("detection", lambda r: dict(r, boxes=[{"label": "chair", "bbox_3d": [True] + GOOD_BOX[1:]}]),
+     "9 finite numbers"),
+    ("detection",
+     lambda r: dict(r, boxes=[{"label": "chair", "bbox_3d": GOOD_BOX[:3] + [1, -1, 1, 0, 0, 0]}]),
      "positive sizes"),
-    ("detection", lambda r: dict(r, boxes=[{"label": None, "bbox_3d": GOOD_BOX}]), "label must be a non-empty string"),
-    ("detection", lambda r: dict(r, cam2global=[[[True, 0, 0, 0]] + pose(0).tolist()[1:]] * 2), "true/false"),
-    ("grounding", lambda r: dict(r, target={"frame": True, "bbox_3d": GOOD_BOX}), "target frame must be an int"),
-    ("grounding", lambda r: dict(r, gt_bbox=GOOD_BOX[:3] + [0, 1, 1, 0, 0, 0]), "gt_bbox must have positive sizes"),
+    ("detection", lambda r: dict(r, boxes=[{"label": None, "bbox_3d": GOOD_BOX}]),
+     "label must be a non-empty string"),
+    ("detection", lambda r: dict(r, cam2global=[[[True, 0, 0, 0]] + pose(0).tolist()[1:]] * 2),
+     "true/false"),
+    ("grounding", lambda r: dict(r, target={"frame": True, "bbox_3d": GOOD_BOX}),
+     "target frame must be an int"),
+    ("grounding", lambda r: dict(r, gt_bbox=GOOD_BOX[:3] + [0, 1, 1, 0, 0, 0]),
+     "gt_bbox must have positive sizes"),
 ]
 
 
 @pytest.mark.parametrize("task,spoil,what", BAD_VALUES)
 def test_silently_accepted_values_are_rejected_with_the_row(task, spoil, what, tmp_path):
-    good = {"spatial": _vsi_rows, "grounding": _grounding_row, "detection": _detection_row}[task](tmp_path)
+    good = {"spatial": _vsi_rows, "grounding": _grounding_row,
+            "detection": _detection_row}[task](tmp_path)
     first = good[0] if task == "spatial" else good
     path = tmp_path / "rows.json"
     path.write_text(json.dumps([first, spoil(good)]))
     with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: row 1: .*{re.escape(what)}"):
         data.load_dataset(task, str(path), media_root=str(tmp_path / "media"))
     ds = data.load_dataset(task, str(path), media_root=str(tmp_path / "media"), skip_bad=True)
-    assert len(ds) == 1 and ds.report["skipped_rows"][0]["row"] == 1 and what in ds.report["skipped_rows"][0]["reason"]
+    assert (len(ds) == 1 and ds.report["skipped_rows"][0]["row"] == 1
+            and what in ds.report["skipped_rows"][0]["reason"])
     path.write_text(json.dumps([first, first]))   # and the good rows pass
     assert len(data.load_dataset(task, str(path), media_root=str(tmp_path / "media"))) == 2
 
@@ -370,16 +430,21 @@ def test_media_are_checked_when_the_file_is_opened(tmp_path):
     (media / "scannet/posed_images/s2").mkdir(parents=True)
     (media / "scannet/posed_images/s2/00000.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     write_images(media, ["scannet/posed_images/s2/00001.jpg"])
-    rows = [row, dict(row, images=["scannet/posed_images/s1/00000.jpg", "scannet/posed_images/s1/00001.jpg"]),
-            dict(row, images=["scannet/posed_images/s2/00000.jpg", "scannet/posed_images/s2/00001.jpg"])]
+    rows = [row, dict(row, images=["scannet/posed_images/s1/00000.jpg",
+                                   "scannet/posed_images/s1/00001.jpg"]),
+            dict(row, images=["scannet/posed_images/s2/00000.jpg",
+                              "scannet/posed_images/s2/00001.jpg"])]
     path = tmp_path / "det.json"
     path.write_text(json.dumps(rows))
-    with pytest.raises(ValueError, match=r"det.json: row 1: .*frames differ in size: .*is 40x30, .*is 20x30"):
+    with pytest.raises(ValueError,
+                       match=r"det.json: row 1: .*frames differ in size: .*is 40x30, .*is 20x30"):
         data.load_dataset("detection", str(path), media_root=str(media))
     ds = data.load_dataset("detection", str(path), media_root=str(media), skip_bad=True)
     reasons = {s["row"]: s["reason"] for s in ds.report["skipped_rows"]}
-    assert set(reasons) == {1, 2} and "cannot read image" in reasons[2] and "s2/00000.jpg" in reasons[2]
-    # a truncated jpeg: its header reads, its pixels do not; the first row is decoded in full when opened
+    assert (set(reasons) == {1, 2} and "cannot read image" in reasons[2]
+            and "s2/00000.jpg" in reasons[2])
+    # a truncated jpeg: its header reads, its pixels do not; the first row
+    # is decoded in full when opened
     jpg = media / "scannet/posed_images/s0/00000.jpg"
     jpg.write_bytes(jpg.read_bytes()[: -len(jpg.read_bytes()) // 3])
     with pytest.raises(ValueError, match=r"det.json: row 0: cannot read media"):
@@ -400,10 +465,13 @@ def test_report_says_what_was_read(tmp_path):
         f.write('{"not": "a row"}\n')
     back = data.load_dataset("spatial", path, skip_bad=True)
     r = back.report
-    assert r["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()   # of the bytes on disk
+    # of the bytes on disk
+    assert r["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert (r["rows"], r["kept"], r["skipped"]) == (7, 6, 1) and r["skipped_rows"][0]["row"] == 6
     types = [ds[i].question_type for i in range(6)]
-    assert r["by_type"] == {t: types.count(t) for t in set(types)} and r["path"] == os.path.abspath(path)
+    assert (r["by_type"] == {t: types.count(t) for t in set(types)}
+            and r["path"] == os.path.abspath(path))
     text = data.describe(r)
-    assert path in text and r["sha256"][:16] in text and "7 rows, 6 used" in text and "row 6:" in text
+    assert (path in text and r["sha256"][:16] in text and "7 rows, 6 used" in text
+            and "row 6:" in text)
     json.dumps(r)   # stored with the run as JSON

@@ -21,8 +21,10 @@ def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, max_
             rho = torch.exp(logp[i, t] - old[i, t])
             a = float(adv[i])
             clipped = min(max(rho.item(), 1 - eps_low), 1 + eps_high)
-            # -min(rho A, clip(rho) A): pick the branch by value, keep rho's gradient on the unclipped one
-            term = -(rho * a) if rho * a <= clipped * a else -(torch.tensor(clipped, dtype=torch.float64) * a) + 0 * rho
+            # -min(rho A, clip(rho) A): pick the branch by value, keep
+            # rho's gradient on the unclipped one
+            term = (-(rho * a) if rho * a <= clipped * a
+                    else -(torch.tensor(clipped, dtype=torch.float64) * a) + 0 * rho)
             if beta > 0:
                 d = ref[i, t] - logp[i, t]
                 term = term + beta * (torch.exp(d) - d - 1)
@@ -42,7 +44,8 @@ def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, max_
 def random_inputs(seed, n=6, T=9):
     g = torch.Generator().manual_seed(seed)
     logp = -torch.rand(n, T, generator=g, dtype=torch.float64) * 3
-    old = logp + 0.3 * torch.randn(n, T, generator=g, dtype=torch.float64)  # ratios well outside [0.8, 1.2]
+    # ratios well outside [0.8, 1.2]
+    old = logp + 0.3 * torch.randn(n, T, generator=g, dtype=torch.float64)
     ref = logp + 0.5 * torch.randn(n, T, generator=g, dtype=torch.float64)
     adv = torch.randn(n, generator=g, dtype=torch.float64)
     mask = (torch.rand(n, T, generator=g) > 0.3).double()
@@ -58,8 +61,8 @@ def test_loss_and_gradient_match_float64_rederivation(agg, beta, eps):
     logp64, old, ref, adv, mask = random_inputs(seed=hash((agg, beta, eps)) % 1000)
     n, T = logp64.shape
     lp32 = logp64.float().clone().requires_grad_(True)
-    loss, stats = grpo.grpo_loss(lp32, old.float(), ref.float(), adv.float(), mask.float(), eps[0], eps[1],
-                                 beta, agg, n_tokens=mask.sum().item(), n_seqs=n, max_len=T)
+    loss, stats = grpo.grpo_loss(lp32, old.float(), ref.float(), adv.float(), mask.float(), eps[0],
+                                 eps[1], beta, agg, n_tokens=mask.sum().item(), n_seqs=n, max_len=T)
     loss.backward()
     lp64 = logp64.clone().requires_grad_(True)
     expected = reference_loss(lp64, old, ref, adv, mask, eps[0], eps[1], beta, agg, T)
@@ -74,7 +77,8 @@ def test_micro_batches_sum_to_the_global_token_mean():
     (no double division under gradient accumulation)."""
     logp, old, ref, adv, mask = random_inputs(seed=3, n=8)
     full = logp.clone().requires_grad_(True)
-    kw = dict(eps_low=0.2, eps_high=0.2, beta=0.04, agg="token", n_tokens=mask.sum().item(), n_seqs=8, max_len=9)
+    kw = dict(eps_low=0.2, eps_high=0.2, beta=0.04, agg="token", n_tokens=mask.sum().item(),
+              n_seqs=8, max_len=9)
     whole, _ = grpo.grpo_loss(full, old, ref, adv, mask, **kw)
     whole.backward()
     parts = logp.clone().requires_grad_(True)
@@ -111,9 +115,10 @@ def test_group_advantages():
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_equal_rewards_give_exactly_zero_advantages(scale):
-    """G equal rewards: advantages exactly 0 and the group counted as constant, for values whose float32 group
-    mean is not exact (0.1, 1/3, 1.9, 0.7...: (r - mean) is then +-1 ulp, and / (std + 1e-4) made it +-0.002,
-    all of one sign). The second group varies, so the batch std is not 0 either."""
+    """G equal rewards: advantages exactly 0 and the group counted as constant, for values whose
+    float32 group mean is not exact (0.1, 1/3, 1.9, 0.7...: (r - mean) is then +-1 ulp, and
+    / (std + 1e-4) made it +-0.002, all of one sign). The second group varies, so the batch std
+    is not 0 either."""
     g = torch.Generator().manual_seed(0)
     values = [0.1, 1 / 3, 0.7, 1.9, 2.0 / 3, 1.3, 0.01] + torch.rand(20, generator=g).tolist()
     for v in values:
@@ -130,15 +135,17 @@ def test_zero_std_group_gives_exactly_zero_policy_gradient():
     adv, _ = grpo.group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), G=4)
     assert torch.equal(adv, torch.zeros(4))
     lp = logp.clone().requires_grad_(True)
-    loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, 0.2, 0.2, 0.0, "token", mask.sum().item(), 4, 9)
+    loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, 0.2, 0.2, 0.0, "token", mask.sum().item(),
+                             4, 9)
     loss.backward()
     assert torch.count_nonzero(lp.grad) == 0
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_gradient_with_finite_loss_is_skipped(bad):
-    """An overflowing backward (finite loss, inf or NaN gradient) is skipped: the weights and the optimiser state
-    stay as they were, the step says skipped, and the next finite step goes through."""
+    """An overflowing backward (finite loss, inf or NaN gradient) is skipped: the
+    weights and the optimiser state stay as they were, the step says skipped, and the
+    next finite step goes through."""
     net = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(net.parameters(), lr=0.1)
     before = [p.detach().clone() for p in net.parameters()]

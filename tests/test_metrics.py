@@ -1,4 +1,5 @@
-"""Tests of eval.py's metric aggregation against hand-computed numbers (VG-LLM / ScanRefer / VSI-Bench)."""
+"""Tests of eval.py's metric aggregation against hand-computed numbers
+(VG-LLM / ScanRefer / VSI-Bench)."""
 import numpy as np
 import pytest
 
@@ -8,13 +9,15 @@ import eval as E
 
 def test_class_lists_are_vgllms():
     assert [len(E.CLASS_LISTS[n]) for n in (8, 20, 31)] == [8, 20, 31]
-    assert E.CLASS_LISTS[31].count("lamp") == 2 and "towl" in E.CLASS_LISTS[31] and "towel" not in E.CLASS_LISTS[31]
-    assert E.CLASS_LISTS[20] == E.CLASS_LISTS[31][:20] and set(E.CLASS_LISTS[8]) <= set(E.CLASS_LISTS[20])
+    assert (E.CLASS_LISTS[31].count("lamp") == 2 and "towl" in E.CLASS_LISTS[31]
+            and "towel" not in E.CLASS_LISTS[31])
+    assert (E.CLASS_LISTS[20] == E.CLASS_LISTS[31][:20]
+            and set(E.CLASS_LISTS[8]) <= set(E.CLASS_LISTS[20]))
 
 
 def det_record(c25, c50=None, n_pred=0, n_gt=0, iou_gt=0.0, parsed=True):
-    return {"counts": {"0.25": c25, "0.5": c50 or {}}, "n_pred": n_pred, "n_gt": n_gt, "iou_gt": iou_gt,
-            "parsed": parsed}
+    return {"counts": {"0.25": c25, "0.5": c50 or {}}, "n_pred": n_pred, "n_gt": n_gt,
+            "iou_gt": iou_gt, "parsed": parsed}
 
 
 def test_detection_metrics_sums_per_class_then_averages_over_lists():
@@ -22,7 +25,8 @@ def test_detection_metrics_sums_per_class_then_averages_over_lists():
                det_record({"chair": [1, 0, 2], "sofa": [0, 3, 0]}, {}, 4, 3, 0.25),
                det_record({}, {}, 0, 0, 0.0, parsed=False)]
     m = E.detection_metrics(records)
-    # chair: TP 3, FP 1, FN 3 over the set -> P 3/4, R 1/2, F1 0.6; lamp: 1/1/1; sofa (in no list): 0/0/0
+    # chair: TP 3, FP 1, FN 3 over the set -> P 3/4, R 1/2, F1 0.6; lamp: 1/1/1;
+    # sofa (in no list): 0/0/0
     chair = m["per_class"]["0.25"]["chair"]
     assert (chair["tp"], chair["fp"], chair["fn"]) == (3, 1, 3)
     assert (chair["precision"], chair["recall"], chair["f1"]) == pytest.approx((75.0, 50.0, 60.0))
@@ -50,44 +54,56 @@ def test_detection_metrics_empty():
 
 def test_grounding_metrics():
     records = [
-        {"iou": 0.25, "frame_pred": 3, "frame_gt": 3, "unique": True, "parsed": True},   # counts at 0.25 (>=)
-        {"iou": 0.5, "frame_pred": 1, "frame_gt": 2, "unique": False, "parsed": True},   # counts at both
+        # counts at 0.25 (>=)
+        {"iou": 0.25, "frame_pred": 3, "frame_gt": 3, "unique": True, "parsed": True},
+        # counts at both
+        {"iou": 0.5, "frame_pred": 1, "frame_gt": 2, "unique": False, "parsed": True},
         {"iou": 0.4999, "frame_pred": 0, "frame_gt": 0, "unique": False, "parsed": True},
-        {"iou": None, "frame_pred": None, "frame_gt": 4, "unique": None, "parsed": False},  # failure
+        # failure
+        {"iou": None, "frame_pred": None, "frame_gt": 4, "unique": None, "parsed": False},
         {"iou": 0.1, "frame_pred": 2, "frame_gt": 2, "unique": True, "parsed": True},
     ]
     m = E.grounding_metrics(records)
     assert m["acc@0.25"] == pytest.approx(60.0) and m["acc@0.5"] == pytest.approx(20.0)
     assert m["acc@0.25/unique"] == pytest.approx(50.0) and m["acc@0.5/unique"] == 0.0
-    assert m["acc@0.25/multiple"] == pytest.approx(100.0) and m["acc@0.5/multiple"] == pytest.approx(50.0)
+    assert (m["acc@0.25/multiple"] == pytest.approx(100.0)
+            and m["acc@0.5/multiple"] == pytest.approx(50.0))
     assert (m["n/unique"], m["n/multiple"], m["n"]) == (2, 2, 5)
     assert m["frame_acc"] == pytest.approx(60.0)
     assert m["iou"] == pytest.approx((0.25 + 0.5 + 0.4999 + 0.1) / 5)
     assert m["parse_rate"] == pytest.approx(80.0)
-    assert "acc@0.25/unique" not in E.grounding_metrics([{"iou": 1.0, "frame_pred": 0, "frame_gt": 0}])
+    assert "acc@0.25/unique" not in E.grounding_metrics(
+        [{"iou": 1.0, "frame_pred": 0, "frame_gt": 0}])
 
 
 def test_frame_accuracy_counts_only_rows_with_a_target_frame():
-    """ScanRefer val rows have no target frame (frame_gt None): left out of frame accuracy, counted in
-    n_frame; IoU and Acc keep every row."""
+    """ScanRefer val rows have no target frame (frame_gt None): left out of frame accuracy, counted
+    in n_frame; IoU and Acc keep every row."""
     records = [
-        {"iou": 0.6, "frame_pred": 3, "frame_gt": 3, "unique": True, "parsed": True},     # right frame
-        {"iou": 0.3, "frame_pred": 1, "frame_gt": 2, "unique": True, "parsed": True},     # wrong frame
-        {"iou": 0.9, "frame_pred": 0, "frame_gt": None, "unique": False, "parsed": True},  # no target frame
+        {"iou": 0.6, "frame_pred": 3, "frame_gt": 3, "unique": True, "parsed": True},  # right frame
+        {"iou": 0.3, "frame_pred": 1, "frame_gt": 2, "unique": True, "parsed": True},  # wrong frame
+        # no target frame
+        {"iou": 0.9, "frame_pred": 0, "frame_gt": None, "unique": False, "parsed": True},
         {"iou": None, "frame_pred": None, "frame_gt": None, "unique": False, "parsed": False},
-        {"iou": None, "frame_pred": None, "frame_gt": 4, "unique": None, "parsed": False},  # a failure: wrong
+        # a failure: wrong
+        {"iou": None, "frame_pred": None, "frame_gt": 4, "unique": None, "parsed": False},
     ]
     m = E.grounding_metrics(records)
-    assert m["n_frame"] == 3 and m["frame_acc"] == pytest.approx(100 / 3)   # 1 right of the 3 with a frame
-    assert m["n"] == 5 and m["acc@0.25"] == pytest.approx(60.0) and m["iou"] == pytest.approx(1.8 / 5)
-    none = E.grounding_metrics([records[2], records[3]])   # no row has a frame: no frame accuracy at all
-    assert none["n_frame"] == 0 and "frame_acc" not in none and none["acc@0.25"] == pytest.approx(50.0)
+    # 1 right of the 3 with a frame
+    assert m["n_frame"] == 3 and m["frame_acc"] == pytest.approx(100 / 3)
+    assert (m["n"] == 5 and m["acc@0.25"] == pytest.approx(60.0)
+            and m["iou"] == pytest.approx(1.8 / 5))
+    # no row has a frame: no frame accuracy at all
+    none = E.grounding_metrics([records[2], records[3]])
+    assert (none["n_frame"] == 0 and "frame_acc" not in none
+            and none["acc@0.25"] == pytest.approx(50.0))
     # per scene: aligned with the records, NaN where a row has no frame (undefined, not wrong)
     per = C.per_scene("grounding", records)
     assert len(per["frame"]) == 5 and np.isnan(per["frame"][[2, 3]]).all()
     assert per["frame"][[0, 1, 4]].tolist() == [1.0, 0.0, 0.0]
     assert per["iou"].tolist() == pytest.approx([0.6, 0.3, 0.9, 0.0, 0.0])
-    assert per["acc25"].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0] and per["parse"].tolist() == [1, 1, 1, 0, 0]
+    assert (per["acc25"].tolist() == [1.0, 1.0, 1.0, 0.0, 0.0]
+            and per["parse"].tolist() == [1, 1, 1, 0, 0])
 
 
 def test_spatial_metrics_merge_directions_and_average_tasks():
@@ -100,7 +116,8 @@ def test_spatial_metrics_merge_directions_and_average_tasks():
                {"question_type": "route_planning", "score": None, "parsed": False}]
     m = E.spatial_metrics(records)
     assert m["object_counting"] == pytest.approx(75.0)
-    assert m["object_rel_direction"] == pytest.approx((100.0 + 50.0 + 0.0) / 3)  # mean of the 3 means
+    # mean of the 3 means
+    assert m["object_rel_direction"] == pytest.approx((100.0 + 50.0 + 0.0) / 3)
     assert "object_rel_direction_easy" not in m
     assert m["room_size_estimation"] == pytest.approx(20.0) and m["route_planning"] == 0.0
     assert m["overall"] == pytest.approx((75.0 + 50.0 + 20.0 + 0.0) / 4)  # unweighted over tasks
@@ -109,18 +126,21 @@ def test_spatial_metrics_merge_directions_and_average_tasks():
 
 def test_print_table_shows_every_class(capsys):
     import eval as evaluation
-    records = [{"counts": {"0.25": {"chair": [1, 0, 1], "lamp": [0, 2, 0]}, "0.5": {"chair": [0, 1, 2]}},
+    records = [{"counts": {"0.25": {"chair": [1, 0, 1], "lamp": [0, 2, 0]},
+                           "0.5": {"chair": [0, 1, 2]}},
                 "n_pred": 3, "n_gt": 2, "iou_gt": 0.3, "parsed": True}]
     evaluation.print_table("detection", evaluation.detection_metrics(records))
     out = capsys.readouterr().out
     assert "per class @ IoU 0.25" in out and "per class @ IoU 0.5" in out
     chair = [line.split() for line in out.splitlines() if line.strip().startswith("chair")]
-    assert chair[0][1:4] == ["1", "0", "1"] and abs(float(chair[0][-1]) - 100 * 2 / 3) < 0.01  # F1 = 2TP/(2TP+FP+FN)
+    # F1 = 2TP/(2TP+FP+FN)
+    assert chair[0][1:4] == ["1", "0", "1"] and abs(float(chair[0][-1]) - 100 * 2 / 3) < 0.01
 
 
 def test_per_scene_and_paired_differences():
-    """Per-scene detection metrics from the records (hand-computed F1 per scene), paired differences with the
-    standard error of the per-scene differences (written out), seeds averaged per scene first."""
+    """Per-scene detection metrics from the records (hand-computed F1 per scene), paired
+    differences with the standard error of the per-scene differences (written out),
+    seeds averaged per scene first."""
     import math
 
     import numpy as np
@@ -128,8 +148,9 @@ def test_per_scene_and_paired_differences():
                det_record({"chair": [1, 0, 2], "sofa": [0, 3, 0]}, {}, 4, 3, 0.25),
                det_record({}, {}, 0, 0, 0.0, parsed=False)]
     m = C.per_scene("detection", records)
-    # scene 1: TP 3 FP 1 FN 1 -> 6/8; scene 2: TP 1 FP 3 FN 2 -> 2/7; scene 3: an empty scene with an
-    # answer that does not parse -> 0 (only a said "nothing", a parsed [], is perfect there, as in the reward)
+    # scene 1: TP 3 FP 1 FN 1 -> 6/8; scene 2: TP 1 FP 3 FN 2 -> 2/7; scene 3: an empty
+    # scene with an answer that does not parse -> 0 (only a said "nothing", a parsed [], is
+    # perfect there, as in the reward)
     assert m["f1_25"].tolist() == pytest.approx([6 / 8, 2 / 7, 0.0])
     assert m["f1_50"].tolist() == pytest.approx([2 / 6, 1.0, 0.0])  # 0.5: scene 1 TP 1 FP 2 FN 2
     assert m["count"].tolist() == [1.0, 0.0, 1.0] and m["boxes"].tolist() == [4, 4, 0]
@@ -141,13 +162,16 @@ def test_per_scene_and_paired_differences():
     assert C.paired(a, b) == pytest.approx((mean, se))
     seeds = np.stack([a, a + 0.2])  # two seeds of one arm: scenes averaged over seeds, then paired
     assert C.paired(seeds, b) == pytest.approx((mean + 0.1, se))
-    # a scene where the metric is undefined (NaN: a grounding row without a target frame) is left out of the pair
+    # a scene where the metric is undefined (NaN: a grounding row without a target
+    # frame) is left out of the pair
     assert C.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se))
 
 
 def test_claim_follows_the_three_standard_error_rule():
-    diff = lambda d, se, count=(0.0, 0.01), f1=(0.0, 0.01): {"iou_gt": (d, se), "count": count, "f1_25": f1}
+    diff = lambda d, se, count=(0.0, 0.01), f1=(0.0, 0.01): {"iou_gt": (d, se), "count": count,
+                                                             "f1_25": f1}
     assert C.claim("detection", diff(0.031, 0.01)).startswith("better")
     assert C.claim("detection", diff(0.029, 0.01)).startswith("no claim")
-    assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01))).startswith("no claim")  # lost the count guard
+    # lost the count guard
+    assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01))).startswith("no claim")
     assert C.claim("detection", diff(-0.04, 0.01)).startswith("worse")

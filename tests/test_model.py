@@ -1,5 +1,6 @@
-"""Tests for model.py: VGGT layout at full size, preprocessing and token order against transformers' own Qwen
-ordering, fusion, chunked log-probs, sampling, LoRA and every checkpoint layout. Tiny sizes, CPU, seconds."""
+"""Tests for model.py: VGGT layout at full size, preprocessing and token order against
+transformers' own Qwen ordering, fusion, chunked log-probs, sampling, LoRA and every checkpoint
+layout. Tiny sizes, CPU, seconds."""
 import json
 import os
 
@@ -16,11 +17,14 @@ import lora
 import model as M
 import vggt as V
 
-CORPUS = ['<think>Two objects.</think><answer>[{"label": "chair", "bbox_3d": [0.12, -1.5, 2.0, 0.5, 0.5, 0.9, 0.0, '
-          '0.0, 0.0]}, {"label": "table", "bbox_3d": [1.0, 0.3, 2.5, 1.2, 0.8, 0.7, 0.1, 0.0, 0.0]}]</answer>'] * 20 + [
-    "Frame-0: Frame-1: Detect the 3D bounding boxes in the camera coordinate system of the first frame. "
-    "Output a json list where each entry contains the object name in \"label\" and its 3D bounding box."] * 10
-PROMPT = "Frame-0: <image>Frame-1: <image>Frame-2: <image>Frame-3: <image>Detect the 3D bounding boxes."
+CORPUS = ['<think>Two objects.</think><answer>[{"label": "chair", "bbox_3d": [0.12, -1.5, 2.0, '
+          '0.5, 0.5, 0.9, 0.0, 0.0, 0.0]}, {"label": "table", "bbox_3d": [1.0, 0.3, 2.5, 1.2, 0.8, '
+          '0.7, 0.1, 0.0, 0.0]}]</answer>'] * 20 + [
+    "Frame-0: Frame-1: Detect the 3D bounding boxes in the camera coordinate system of the "
+    "first frame. Output a json list where each entry contains the object name in \"label\" "
+    "and its 3D bounding box."] * 10
+PROMPT = ("Frame-0: <image>Frame-1: <image>Frame-2: <image>Frame-3: <image>"
+          "Detect the 3D bounding boxes.")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +34,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def cfg(tok):
-    return M.tiny_config(len(tok), patch_size=14)  # 4 x 4 patches of a 56 px frame: the shapes below
+    # 4 x 4 patches of a 56 px frame: the shapes below
+    return M.tiny_config(len(tok), patch_size=14)
 
 
 def make_model(cfg, seed=0):
@@ -62,24 +67,28 @@ def naive_logits(model, ids, mask, types, grid, encodings):
                       **model.mm_inputs(grid, encodings)).logits
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # VGGT aggregator
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def expected_vggt_layout(C=1024, depth=24, pe_depth=24, heads=16, R=4, grid=37, p=14, mlp=4):
     """DESIGN section 5's key layout, written out independently of model.py."""
-    e = {"camera_token": (1, 2, 1, C), "register_token": (1, 2, R, C), "patch_embed.cls_token": (1, 1, C),
-         "patch_embed.pos_embed": (1, 1 + grid * grid, C), "patch_embed.register_tokens": (1, R, C),
-         "patch_embed.mask_token": (1, C), "patch_embed.patch_embed.proj.weight": (C, 3, p, p),
-         "patch_embed.patch_embed.proj.bias": (C,), "patch_embed.norm.weight": (C,), "patch_embed.norm.bias": (C,)}
+    e = {"camera_token": (1, 2, 1, C), "register_token": (1, 2, R, C),
+         "patch_embed.cls_token": (1, 1, C), "patch_embed.pos_embed": (1, 1 + grid * grid, C),
+         "patch_embed.register_tokens": (1, R, C), "patch_embed.mask_token": (1, C),
+         "patch_embed.patch_embed.proj.weight": (C, 3, p, p),
+         "patch_embed.patch_embed.proj.bias": (C,), "patch_embed.norm.weight": (C,),
+         "patch_embed.norm.bias": (C,)}
 
     def block(prefix, qk_norm):
-        shapes = {"norm1.weight": (C,), "norm1.bias": (C,), "attn.qkv.weight": (3 * C, C), "attn.qkv.bias": (3 * C,),
-                  "attn.proj.weight": (C, C), "attn.proj.bias": (C,), "ls1.gamma": (C,), "norm2.weight": (C,),
-                  "norm2.bias": (C,), "mlp.fc1.weight": (mlp * C, C), "mlp.fc1.bias": (mlp * C,),
+        shapes = {"norm1.weight": (C,), "norm1.bias": (C,), "attn.qkv.weight": (3 * C, C),
+                  "attn.qkv.bias": (3 * C,), "attn.proj.weight": (C, C), "attn.proj.bias": (C,),
+                  "ls1.gamma": (C,), "norm2.weight": (C,), "norm2.bias": (C,),
+                  "mlp.fc1.weight": (mlp * C, C), "mlp.fc1.bias": (mlp * C,),
                   "mlp.fc2.weight": (C, mlp * C), "mlp.fc2.bias": (C,), "ls2.gamma": (C,)}
         if qk_norm:
-            shapes.update({f"attn.{n}_norm.{w}": (C // heads,) for n in "qk" for w in ("weight", "bias")})
+            shapes.update({f"attn.{n}_norm.{w}": (C // heads,)
+                           for n in "qk" for w in ("weight", "bias")})
         e.update({f"{prefix}.{k}": v for k, v in shapes.items()})
 
     for i in range(pe_depth):
@@ -107,16 +116,18 @@ def test_real_configs_on_meta():
             model = M.VGLLM(cfg)
         counts[name] = sum(p.numel() for p in model.qwen.parameters())
         assert sum(p.numel() for p in model.vggt.parameters()) == 909_112_320
-        assert cfg["qwen"]["vision_config"]["out_hidden_size"] == cfg["qwen"]["text_config"]["hidden_size"]
+        assert (cfg["qwen"]["vision_config"]["out_hidden_size"]
+                == cfg["qwen"]["text_config"]["hidden_size"])
         json.dumps(cfg)  # plain JSON
-    # Hugging Face model cards: Qwen2.5-VL-3B-Instruct 3.75B parameters (tied embeddings), 7B-Instruct 8.29B
+    # Hugging Face model cards: Qwen2.5-VL-3B-Instruct 3.75B parameters (tied
+    # embeddings), 7B-Instruct 8.29B
     assert counts["qwen2.5-vl-3b"] == 3_754_622_976
     assert counts["qwen2.5-vl-7b"] == 8_292_166_656
 
 
 def rope_reference(x, y_pos, x_pos, base=100.0):
-    """VGGT's 2D RoPE written pair by pair: head half 0 rotates with y, half 1 with x; in a half of size d the pair
-    (i, i + d/2) is rotated by angle pos * base^(-2i/d)."""
+    """VGGT's 2D RoPE written pair by pair: head half 0 rotates with y, half 1 with x; in a half of
+    size d the pair (i, i + d/2) is rotated by angle pos * base^(-2i/d)."""
     out = x.clone()
     D = x.shape[-1]
     d = D // 2
@@ -131,7 +142,8 @@ def rope_reference(x, y_pos, x_pos, base=100.0):
 
 def test_rope_2d_formula_and_relative_invariance():
     torch.manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 16, dtype=torch.float64), torch.randn(1, 1, 1, 16, dtype=torch.float64)
+    q, k = (torch.randn(1, 1, 1, 16, dtype=torch.float64),
+            torch.randn(1, 1, 1, 16, dtype=torch.float64))
     pos = lambda y, x: torch.tensor([[[y, x]]])
     assert torch.allclose(V.rope_2d(q, pos(3, 5)), rope_reference(q, 3, 5))
     assert torch.allclose(V.rope_2d(q, pos(0, 0)), q)
@@ -148,9 +160,11 @@ def test_global_attention_equals_frame_attention_for_one_frame(cfg):
     block = agg.global_blocks[0]
     x = torch.randn(2, 1, 5 + 16, 64)
     pos = agg.positions(2, 4, 4, "cpu").view(2, 1, 21, 2)
-    assert torch.allclose(agg.frame_attention(block, x, pos), agg.global_attention(block, x, pos), atol=1e-6)
+    assert torch.allclose(agg.frame_attention(block, x, pos), agg.global_attention(block, x, pos),
+                          atol=1e-6)
     x2, pos2 = torch.randn(1, 2, 21, 64), agg.positions(2, 4, 4, "cpu").view(1, 2, 21, 2)
-    assert not torch.allclose(agg.frame_attention(block, x2, pos2), agg.global_attention(block, x2, pos2), atol=1e-4)
+    assert not torch.allclose(agg.frame_attention(block, x2, pos2),
+                              agg.global_attention(block, x2, pos2), atol=1e-4)
 
 
 def test_pos_embed_resampling_is_identity_at_native_grid():
@@ -174,7 +188,8 @@ def test_aggregator_outputs_and_lean_path(cfg):
     assert torch.equal(lean, outputs[-2])
     pos = agg.positions(1, 4, 5, "cpu")[0]  # specials at 0, patch (y, x) + 1 in raster order
     assert pos[:5].abs().sum() == 0 and pos[5 + 2 * 5 + 3].tolist() == [3, 4]
-    # the reference frame is special: swapping frames 1 and 2 permutes outputs, swapping 0 and 1 changes them
+    # the reference frame is special: swapping frames 1 and 2 permutes
+    # outputs, swapping 0 and 1 changes them
     swapped, _ = agg(images[:, [0, 2, 1]], keep_layer=-1)
     assert torch.allclose(swapped[:, [0, 2, 1]], outputs[-1], atol=1e-5)
     swapped0, _ = agg(images[:, [1, 0, 2]], keep_layer=-1)
@@ -184,21 +199,23 @@ def test_aggregator_outputs_and_lean_path(cfg):
     assert hw == (4, 5) and agg.out_dim == 128 and torch.equal(features, outputs[-2][0, :, start:])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # preprocessing and token order
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def unnormalise_patches(pixel_values, p=14):
-    """pixel_values rows -> uint8-valued [N, 3, p, p] (first temporal copy), undoing the CLIP normalisation."""
+    """pixel_values rows -> uint8-valued [N, 3, p, p] (first temporal copy),
+    undoing the CLIP normalisation."""
     x = pixel_values.view(len(pixel_values), 3, 2, p, p)
     assert torch.equal(x[:, :, 0], x[:, :, 1])  # still frame repeated for the temporal patch
-    x = x[:, :, 0] * torch.tensor(M.CLIP_STD).view(3, 1, 1) + torch.tensor(M.CLIP_MEAN).view(3, 1, 1)
+    x = (x[:, :, 0] * torch.tensor(M.CLIP_STD).view(3, 1, 1)
+         + torch.tensor(M.CLIP_MEAN).view(3, 1, 1))
     return x * 255
 
 
 def test_qwen_patch_order_matches_transformers(cfg):
-    """Patch (r, c) holds pixels (10r, 10c): each row of pixel_values must sit where transformers' own vision-tower
-    position ids (get_vision_position_ids) say that patch belongs."""
+    """Patch (r, c) holds pixels (10r, 10c): each row of pixel_values must sit where transformers'
+    own vision-tower position ids (get_vision_position_ids) say that patch belongs."""
     h, w = 6, 8
     img = np.zeros((1, 14 * h, 14 * w, 3), dtype=np.uint8)
     for r in range(h):
@@ -211,52 +228,62 @@ def test_qwen_patch_order_matches_transformers(cfg):
 
 
 def test_merger_grouping_matches_qwen_merger_order():
-    """Qwen's patch merger concatenates 4 consecutive rows of the vision-tower order; group_2x2 of a raster-ordered
-    VGGT feature map must put the same (r, c) patches in each merged token, in the same order. Odd grids crop."""
+    """Qwen's patch merger concatenates 4 consecutive rows of the vision-tower order; group_2x2 of a
+    raster-ordered VGGT feature map must put the same (r, c) patches in each merged token, in the
+    same order. Odd grids crop."""
     for h, w in ((4, 6), (7, 9)):
-        rc = torch.cartesian_prod(torch.arange(h), torch.arange(w)).float()[None]  # raster order [1, h*w, 2]
+        # raster order [1, h*w, 2]
+        rc = torch.cartesian_prod(torch.arange(h), torch.arange(w)).float()[None]
         grouped = M.group_2x2(rc, h, w).view(-1, 4, 2)
-        qwen = get_vision_position_ids(torch.tensor([[1, h // 2 * 2, w // 2 * 2]]), 2).view(-1, 4, 2)
+        qwen = get_vision_position_ids(
+            torch.tensor([[1, h // 2 * 2, w // 2 * 2]]), 2).view(-1, 4, 2)
         assert torch.equal(grouped.long(), qwen)
 
 
 def test_preprocess_vgllm_sizes_and_same_pixels(cfg):
     rng = np.random.RandomState(1)
     real = dict(cfg, image_width=518)
-    for (H, W), vggt_hw, grid in (((480, 640), (392, 518), (28, 36)), ((640, 480), (518, 518), (36, 36))):
+    for (H, W), vggt_hw, grid in (((480, 640), (392, 518), (28, 36)),
+                                  ((640, 480), (518, 518), (36, 36))):
         out = M.preprocess(rng.randint(0, 256, (2, H, W, 3), dtype=np.uint8), real)
         assert out["vggt_images"].shape == (2, 3, *vggt_hw)
         assert out["image_grid_thw"].tolist() == [[1, *grid]] * 2
         gh, gw = grid
-        # Qwen sees VGGT's pixels cropped to the even grid: rebuild its image from the patches via transformers' ids
+        # Qwen sees VGGT's pixels cropped to the even grid: rebuild its image from
+        # the patches via transformers' ids
         patches = unnormalise_patches(out["pixel_values"]).view(2, gh * gw, 3, 14, 14)
         ids = get_vision_position_ids(out["image_grid_thw"][:1], 2)
         rebuilt = torch.zeros(2, 3, gh * 14, gw * 14)
         for j, (r, c) in enumerate(ids.tolist()):
             rebuilt[:, :, 14 * r:14 * r + 14, 14 * c:14 * c + 14] = patches[:, j]
-        assert torch.allclose(rebuilt, out["vggt_images"][:, :, :gh * 14, :gw * 14] * 255, atol=1e-3)
+        assert torch.allclose(rebuilt, out["vggt_images"][:, :, :gh * 14, :gw * 14] * 255,
+                              atol=1e-3)
     with pytest.raises(ValueError):
         M.preprocess(np.zeros((2, 8, 8), dtype=np.uint8), real)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # tokenizer and prompts
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_tiny_tokenizer(tok, cfg, tmp_path):
-    assert tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id
+    assert (tok.pad_token == "<|endoftext|>" and tok.eos_token == "<|im_end|>"
+            and tok.pad_token_id != tok.eos_token_id)
     assert [tok.convert_tokens_to_ids(t) for t in M.TINY_SPECIAL_TOKENS] == list(range(14))
     M.check_tokenizer(cfg, tok)
     ids = tok("[-12.5, {3}]", add_special_tokens=False)["input_ids"]
     pieces = [tok.decode([i]) for i in ids]
-    assert pieces[:6] == ["[", "-", "1", "2", ".", "5"] and "{" in pieces and "}" in pieces and "]" in pieces
+    assert (pieces[:6] == ["[", "-", "1", "2", ".", "5"] and "{" in pieces and "}" in pieces
+            and "]" in pieces)
     text = CORPUS[0]
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert len(tok(text, add_special_tokens=False)["input_ids"]) < len(text) / 2  # merges do happen
     tok.save_pretrained(tmp_path)
     again = AutoTokenizer.from_pretrained(tmp_path)
-    assert again(text)["input_ids"] == tok(text)["input_ids"] and again.pad_token_id == tok.pad_token_id
-    chat = again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert (again(text)["input_ids"] == tok(text)["input_ids"]
+            and again.pad_token_id == tok.pad_token_id)
+    chat = again.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                     add_generation_prompt=True)
     assert chat.startswith("<|im_start|>system\n") and chat.endswith("<|im_start|>assistant\n")
 
 
@@ -270,20 +297,22 @@ def test_prompt_batch(tok, cfg, frames):
         assert mask[b, -1] == 1 and (mask[b].cumsum(0) > 0).long().equal(mask[b])  # left padding
         assert (ids[b][mask[b] == 0] == cfg["pad_token_id"]).all()
         assert torch.equal(types[b] == 1, ids[b] == q["image_token_id"])
-        assert (ids[b] == q["image_token_id"]).sum() == sum(enc[b].n_tokens_per_image)  # nothing truncated
+        # nothing truncated
+        assert (ids[b] == q["image_token_id"]).sum() == sum(enc[b].n_tokens_per_image)
         starts = (ids[b] == q["vision_start_token_id"]).nonzero()[:, 0]
         assert len(starts) == 4 and (ids[b][starts + 1] == q["image_token_id"]).all()
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * 8
     text = tok.decode(ids[0][mask[0] == 1])
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nFrame-0: ")
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                           "<|im_start|>user\nFrame-0: ")
     assert text.endswith("Detect the 3D bounding boxes.<|im_end|>\n<|im_start|>assistant\n")
     with pytest.raises(ValueError, match="placeholders"):
         model.prompt_batch(tok, ["<image> only one"], enc[:1])
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # forward, gradients, fusion
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_chunked_logp_equals_naive_with_gradient(tok, cfg, frames):
     model = make_model(cfg)
@@ -296,18 +325,21 @@ def test_chunked_logp_equals_naive_with_gradient(tok, cfg, frames):
     logp, ent = model(ids, mask, types, grid, enc, temperature=T, return_entropy=True, chunk_size=7)
     grads = torch.autograd.grad((logp * w).sum(), params)
     logits = naive_logits(model, ids, mask, types, grid, enc)[:, :-1] / T
-    logits = logits.index_fill(-1, torch.tensor(cfg["suppress_token_ids"]), -1e9)  # never sampled, never scored
+    # never sampled, never scored
+    logits = logits.index_fill(-1, torch.tensor(cfg["suppress_token_ids"]), -1e9)
     logp_ref = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     grads_ref = torch.autograd.grad((logp_ref * w).sum(), params)
     p = torch.softmax(logits, -1)
     assert torch.allclose(logp, logp_ref, atol=1e-5)
-    assert torch.allclose(ent, -torch.special.xlogy(p, p).sum(-1), atol=1e-4) and not ent.requires_grad
+    assert (torch.allclose(ent, -torch.special.xlogy(p, p).sum(-1), atol=1e-4)
+            and not ent.requires_grad)
     for g, g_ref in zip(grads, grads_ref):
         assert torch.allclose(g, g_ref, atol=1e-5, rtol=1e-4)
     # skipping the prompt positions leaves the rest unchanged
     P = ids.shape[1] - 6
     tail = model(ids, mask, types, grid, enc, temperature=T, first_position=P - 1)
-    assert torch.allclose(tail[:, P - 1:], logp[:, P - 1:], atol=1e-6) and (tail[:, :P - 1] == 0).all()
+    assert (torch.allclose(tail[:, P - 1:], logp[:, P - 1:], atol=1e-6)
+            and (tail[:, :P - 1] == 0).all())
 
 
 def test_frozen_parts_get_no_gradient(tok, cfg, frames):
@@ -330,7 +362,8 @@ def test_group_of_G_from_one_encoding_equals_G_encodings(tok, cfg, frames):
     shared = model.encode(frames[:1]) * G
     separate = model.encode(frames[:1] * G)
     for e in separate:
-        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(e.image_embeds, shared[0].image_embeds))
+        assert all(torch.allclose(a, b, atol=1e-6)
+                   for a, b in zip(e.image_embeds, shared[0].image_embeds))
         assert torch.allclose(e.geometry, shared[0].geometry, atol=1e-6)
     completions = torch.randint(20, len(tok), (1, 6)).repeat(G, 1)
     results = []
@@ -342,7 +375,8 @@ def test_group_of_G_from_one_encoding_equals_G_encodings(tok, cfg, frames):
         greedy = model.generate(batch, enc, 8, do_sample=False)
         torch.manual_seed(5)
         sampled = model.generate(batch, enc, 8, temperature=1.0)
-        results.append((logp.detach(), [p.grad.clone() for p in model.trainable_parameters()], greedy, sampled))
+        results.append((logp.detach(), [p.grad.clone() for p in model.trainable_parameters()],
+                        greedy, sampled))
     (lp1, g1, gr1, s1), (lp2, g2, gr2, s2) = results
     assert torch.allclose(lp1, lp2, atol=1e-5) and torch.equal(gr1, gr2) and torch.equal(s1, s2)
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(g1, g2))
@@ -377,9 +411,9 @@ def test_geometry_changes_embeddings_only_through_merger(tok, cfg, frames):
     assert all(torch.equal(a, b) for a, b in zip(plain.image_embeds([e]), e.image_embeds))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # generation
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_greedy_generate_matches_forward_argmax(tok, cfg, frames):
     model = make_model(cfg).eval()
@@ -439,16 +473,17 @@ def test_generate_never_emits_suppressed_tokens(tok, cfg, frames):
         assert not (row[:first] == cfg["pad_token_id"]).any()
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # LoRA
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     model = make_model(cfg)
     enc = model.encode(frames)
     _, inputs = full_batch(model, tok, enc)
     before = model(*inputs, enc).detach()
-    text = ~torch.isin(inputs[0][:, 1:], torch.tensor(cfg["suppress_token_ids"]))  # targets that can be sampled
+    # targets that can be sampled
+    text = ~torch.isin(inputs[0][:, 1:], torch.tensor(cfg["suppress_token_ids"]))
     base = {k: v.clone() for k, v in model.qwen.state_dict().items()}
     lora.apply_lora(model, rank=4, alpha=8)
     assert torch.equal(model(*inputs, enc).detach(), before)
@@ -463,10 +498,12 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     after = model(*inputs, enc).detach()
     assert after[text].mean() > before[text].mean() + 1e-3
     lora_sd = model.qwen.state_dict()
-    assert all(torch.equal(lora_sd[k.replace("_proj.", "_proj.base.")] if k.replace("_proj.", "_proj.base.") in lora_sd
+    assert all(torch.equal(lora_sd[k.replace("_proj.", "_proj.base.")]
+                           if k.replace("_proj.", "_proj.base.") in lora_sd
                            else lora_sd[k], v) for k, v in base.items())  # base weights untouched
     C.save_pretrained(model, tok, tmp_path / "a")  # merged on save, model unchanged
-    C.save_pretrained(model, tok, tmp_path / "b", state_dict=model.state_dict())  # a gathered (FSDP) state dict
+    # a gathered (FSDP) state dict
+    C.save_pretrained(model, tok, tmp_path / "b", state_dict=model.state_dict())
     for d in ("a", "b"):
         loaded, _ = C.load_pretrained(tmp_path / d)
         assert torch.allclose(loaded(*inputs, enc), after, atol=1e-5)
@@ -475,13 +512,14 @@ def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
     assert torch.allclose(model(*inputs, enc), after, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # checkpoints
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_checkpoint_saved_before_the_vggt_split_loads_with_identical_logits():
-    """tests/fixtures/premove-micro was saved (with its logits on fixed inputs) by commit 2a6b898, when VGGT still
-    lived inside model.py. The same bytes must load into today's classes and give the same logits."""
+    """tests/fixtures/premove-micro was saved (with its logits on fixed inputs) by commit
+    2a6b898, when VGGT still lived inside model.py. The same bytes must load into today's
+    classes and give the same logits."""
     from safetensors.torch import load_file
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "premove-micro")
     net, tok = C.load_pretrained(fixture)
@@ -521,7 +559,8 @@ def test_save_load_identical_logits(tok, cfg, frames, tmp_path):
     tied = make_model(tied_cfg)
     assert tied.qwen.lm_head.weight is tied.qwen.model.language_model.embed_tokens.weight
     C.save_pretrained(tied, tok, tmp_path / "tied")
-    C.save_pretrained(tied, tok, tmp_path / "tied_sd", state_dict=tied.state_dict())  # both names, shared memory
+    # both names, shared memory
+    C.save_pretrained(tied, tok, tmp_path / "tied_sd", state_dict=tied.state_dict())
     for d in ("tied", "tied_sd"):
         loaded, _ = C.load_pretrained(tmp_path / d)
         assert loaded.qwen.lm_head.weight is loaded.qwen.model.language_model.embed_tokens.weight
@@ -539,20 +578,25 @@ def to_4x_keys(qwen_state):
 
 
 def flat_4x_config(cfg):
-    """The released (transformers 4.x) config.json layout: text fields at the top, mrope in rope_scaling."""
+    """The released (transformers 4.x) config.json layout: text fields at the
+    top, mrope in rope_scaling."""
     t, v = cfg["qwen"]["text_config"], cfg["qwen"]["vision_config"]
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "bos_token_id", "eos_token_id")
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
+            "bos_token_id", "eos_token_id")
     flat = {k: t[k] for k in keys}
-    flat.update(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"], torch_dtype="float32",
-                rope_theta=t["rope_parameters"]["rope_theta"], tie_word_embeddings=False,
-                rope_scaling={"type": "mrope", "mrope_section": t["rope_parameters"]["mrope_section"]},
-                vision_config={k: v[k] for k in ("depth", "hidden_size", "intermediate_size", "num_heads",
-                                                 "out_hidden_size", "window_size", "fullatt_block_indexes",
-                                                 "tokens_per_second", "spatial_merge_size", "temporal_patch_size",
+    flat.update(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
+                torch_dtype="float32", rope_theta=t["rope_parameters"]["rope_theta"],
+                tie_word_embeddings=False,
+                rope_scaling={"type": "mrope",
+                              "mrope_section": t["rope_parameters"]["mrope_section"]},
+                vision_config={k: v[k] for k in ("depth", "hidden_size", "intermediate_size",
+                                                 "num_heads", "out_hidden_size", "window_size",
+                                                 "fullatt_block_indexes", "tokens_per_second",
+                                                 "spatial_merge_size", "temporal_patch_size",
                                                  "patch_size", "hidden_act")} | {"in_chans": 3})
-    flat.update({k: cfg["qwen"][k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                             "vision_end_token_id")})
+    flat.update({k: cfg["qwen"][k] for k in ("image_token_id", "video_token_id",
+                                             "vision_start_token_id", "vision_end_token_id")})
     return flat
 
 
@@ -561,7 +605,8 @@ def write_dir(path, config, tensors, tok):
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
     keys = sorted(tensors)  # two shards + index, as released checkpoints are
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    shards = {"model-00001-of-00002.safetensors": keys[::2],
+              "model-00002-of-00002.safetensors": keys[1::2]}
     for name, ks in shards.items():
         save_file({k: tensors[k].contiguous() for k in ks}, os.path.join(path, name))
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
@@ -591,17 +636,21 @@ def test_layout_a_qwen_dir_and_vggt_file(tok, cfg, frames, tmp_path, qwen_layout
         cfg = json.loads(json.dumps(cfg))
         cfg["qwen"]["tie_word_embeddings"] = True
     source = make_model(cfg, seed=1)
-    qwen_state = {k: v.clone() for k, v in source.qwen.state_dict().items() if not (tied and k == "lm_head.weight")}
+    qwen_state = {k: v.clone() for k, v in source.qwen.state_dict().items()
+                  if not (tied and k == "lm_head.weight")}
     qwen_state = to_4x_keys(qwen_state) if qwen_layout == "4.x" else qwen_state
-    write_dir(tmp_path / "qwen", flat_4x_config(cfg) | {"tie_word_embeddings": tied}, qwen_state, tok)
+    write_dir(tmp_path / "qwen", flat_4x_config(cfg) | {"tie_word_embeddings": tied},
+              qwen_state, tok)
     save_file(vggt_with_heads(source), str(tmp_path / "model.safetensors"))
     torch.save(vggt_with_heads(source), tmp_path / "model.pt")
-    kw = dict(dtype=None, vggt_config=cfg["vggt"], merger_hidden=cfg["merger_hidden"], image_width=56)
+    kw = dict(dtype=None, vggt_config=cfg["vggt"], merger_hidden=cfg["merger_hidden"],
+              image_width=56)
     for vggt_file in ("model.safetensors", "model.pt"):
         model, tok2 = C.from_qwen_and_vggt(str(tmp_path / "qwen"), str(tmp_path / vggt_file), **kw)
         assert_same_weights(model, source)
         assert model.config["suppress_token_ids"] == cfg["suppress_token_ids"]
-        assert model.merger.mlp[0].weight.requires_grad and model.merger.mlp[0].weight.abs().sum() > 0  # fresh
+        assert (model.merger.mlp[0].weight.requires_grad
+                and model.merger.mlp[0].weight.abs().sum() > 0)  # fresh
         model.merger.load_state_dict(source.merger.state_dict())
         enc = model.encode(frames[:1])
         _, inputs = full_batch(model, tok2, enc)
@@ -610,7 +659,8 @@ def test_layout_a_qwen_dir_and_vggt_file(tok, cfg, frames, tmp_path, qwen_layout
     # a missing tensor and an unknown tensor both raise
     missing = dict(qwen_state)
     missing.pop(sorted(missing)[3])
-    write_dir(tmp_path / "missing", flat_4x_config(cfg) | {"tie_word_embeddings": tied}, missing, tok)
+    write_dir(tmp_path / "missing", flat_4x_config(cfg) | {"tie_word_embeddings": tied},
+              missing, tok)
     with pytest.raises(KeyError, match="1 missing"):
         C.from_qwen_and_vggt(str(tmp_path / "missing"), str(tmp_path / "model.pt"), **kw)
     extra = vggt_with_heads(source) | {"something_else.weight": torch.zeros(2)}
@@ -623,12 +673,15 @@ def test_layout_b_vgllm_dir(tok, cfg, frames, tmp_path):
     source = make_model(cfg, seed=2)
     state = to_4x_keys(source.qwen.state_dict())
     state |= {"vggt.aggregator." + k: v.clone() for k, v in source.vggt.state_dict().items()}
-    state |= {"vggt.depth_head.proj.weight": torch.randn(4, 4), "vggt.point_head.proj.weight": torch.randn(4, 4)}
+    state |= {"vggt.depth_head.proj.weight": torch.randn(4, 4),
+              "vggt.point_head.proj.weight": torch.randn(4, 4)}
     state |= {"merger." + k: v.clone() for k, v in source.merger.state_dict().items()}
-    config = flat_4x_config(cfg) | {"use_vggt_feature": True, "vggt_merger_hidden_dim": cfg["merger_hidden"],
+    config = flat_4x_config(cfg) | {"use_vggt_feature": True,
+                                    "vggt_merger_hidden_dim": cfg["merger_hidden"],
                                     "reference_frame": "first"}
     write_dir(tmp_path / "vgllm", config, state, tok)
-    model, tok2 = C.from_vgllm(str(tmp_path / "vgllm"), dtype=None, vggt_config=cfg["vggt"], image_width=56)
+    model, tok2 = C.from_vgllm(str(tmp_path / "vgllm"), dtype=None, vggt_config=cfg["vggt"],
+                               image_width=56)
     assert_same_weights(model, source, skip=())
     enc = model.encode(frames)
     _, inputs = full_batch(model, tok2, enc)

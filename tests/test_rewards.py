@@ -1,5 +1,5 @@
-"""Tests of rewards.py against independently derived numbers: hand-computed IoUs, a Monte Carlo volume
-estimate, geometric invariances, VSI-Bench's parsing rules, and a fuzz test for totality."""
+"""Tests of rewards.py against independently derived numbers: hand-computed IoUs, a Monte Carlo
+volume estimate, geometric invariances, VSI-Bench's parsing rules, and a fuzz test for totality."""
 import json
 import math
 
@@ -12,10 +12,11 @@ import boxes as B
 import rewards as R
 
 PI = math.pi
-OCT = 2 * (math.sqrt(2) - 1)  # area of a unit square intersected with itself turned 45 deg (regular octagon)
+# area of a unit square intersected with itself turned 45 deg (regular octagon)
+OCT = 2 * (math.sqrt(2) - 1)
 
 
-# ---- independent geometry: rotations by Rodrigues' formula, point-in-box tests ----------------------
+# ---- independent geometry: rotations by Rodrigues' formula, point-in-box tests -------------------
 
 def rodrigues(axis, angle):
     k = np.asarray(axis, float) / np.linalg.norm(axis)
@@ -54,15 +55,17 @@ def same_point_set(P, Q, tol=1e-9):
     return d.min(1).max() < tol and d.min(0).max() < tol
 
 
-# ---- boxes and conventions ----------------------------------------------------------------------------
+# ---- boxes and conventions -----------------------------------------------------------------------
 
 def test_corners_follow_intrinsic_zxy():
     rng = np.random.default_rng(0)
     for _ in range(20):
         box = random_box(rng)
         assert same_point_set(B.box_corners(box), corners_ref(box))
-    # the order of the rotations matters for these angles, so the check above can tell conventions apart
-    assert not np.allclose(rot_zxy(0.3, 0.5, 0.7), rodrigues([0, 1, 0], 0.7) @ rodrigues([1, 0, 0], 0.5)
+    # the order of the rotations matters for these angles, so the check
+    # above can tell conventions apart
+    assert not np.allclose(rot_zxy(0.3, 0.5, 0.7),
+                           rodrigues([0, 1, 0], 0.7) @ rodrigues([1, 0, 0], 0.5)
                            @ rodrigues([0, 0, 1], 0.3))
     # yaw 90 deg turns the box's x extent onto world y
     c = B.box_corners([0, 0, 0, 2, 1, 1, PI / 2, 0, 0])
@@ -71,7 +74,8 @@ def test_corners_follow_intrinsic_zxy():
 
 def test_euler_round_trip_including_gimbal_lock():
     rng = np.random.default_rng(1)
-    angles = [rng.uniform(-PI, PI, 3) for _ in range(50)] + [(0.4, PI / 2, 0.3), (-1.0, -PI / 2, 2.0)]
+    angles = ([rng.uniform(-PI, PI, 3) for _ in range(50)]
+              + [(0.4, PI / 2, 0.3), (-1.0, -PI / 2, 2.0)])
     for a, b, c in angles:
         M = rot_zxy(a, b, c)
         assert np.allclose(rot_zxy(*B.matrix_to_euler(M)), M, atol=1e-9)
@@ -87,12 +91,13 @@ def test_box_to_world_moves_corners_rigidly():
         assert np.allclose(B.box_from_world(moved, E)[:6], box[:6])
 
 
-# ---- exact IoU against hand-computed values -------------------------------------------------------------
+# ---- exact IoU against hand-computed values ------------------------------------------------------
 
 @pytest.mark.parametrize("a, b, expected", [
     # unit-ish cubes shifted along x: intersection 1 x 2 x 2 = 4, union 8 + 8 - 4
     ([0, 0, 0, 2, 2, 2, 0, 0, 0], [1, 0, 0, 2, 2, 2, 0, 0, 0], 4 / 12),
-    # overlap in all three axes: [0,2]^3 vs x[1,2] y[.5,2.5] z[0,3]: 1 * 1.5 * 2 = 3, union 8 + 6 - 3
+    # overlap in all three axes: [0,2]^3 vs x[1,2] y[.5,2.5] z[0,3]:
+    # 1 * 1.5 * 2 = 3, union 8 + 6 - 3
     ([1, 1, 1, 2, 2, 2, 0, 0, 0], [1.5, 1.5, 1.5, 1, 2, 3, 0, 0, 0], 3 / 11),
     # touching faces / disjoint
     ([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 0, 0, 1, 1, 1, 0, 0, 0], 0.0),
@@ -112,10 +117,13 @@ def test_box_to_world_moves_corners_rigidly():
     ([0, 0, 0, 1, 2, 3, 0, PI / 2, 0], [0, 0, 0, 1, 3, 2, 0, 0, 0], 1.0),
     ([0, 0, 0, 1, 2, 3, 0, 0, PI / 2], [0, 0, 0, 3, 2, 1, 0, 0, 0], 1.0),
     ([0, 0, 0, 1, 2, 3, PI, 0, 0], [0, 0, 0, 1, 2, 3, 0, 0, 0], 1.0),
-    # a vertex exactly on a clipping plane while its neighbours are cut off (cos, sin = 0.6, 0.8): the
-    # footprint (3.5,.5) (-.5,3.5) (-3.5,-.5) (.5,-3.5) cut at y = 0.5 keeps area 25 - 6.25 * 3 / 2
-    ([0, 0, 0, 5, 5, 1, math.atan2(4, 3), 0, 0], [0, -4.75, 0, 20, 10.5, 1, 0, 0, 0], 15.625 / (235 - 15.625)),
-    # turned 90 deg about z, then shifted: [-1,1]x[-.5,.5]x[-1.5,1.5] vs the same shifted by 0.5 in x
+    # a vertex exactly on a clipping plane while its neighbours are cut off (cos, sin = 0.6, 0.8):
+    # the footprint (3.5,.5) (-.5,3.5) (-3.5,-.5) (.5,-3.5) cut at y = 0.5 keeps area
+    # 25 - 6.25 * 3 / 2
+    ([0, 0, 0, 5, 5, 1, math.atan2(4, 3), 0, 0], [0, -4.75, 0, 20, 10.5, 1, 0, 0, 0],
+     15.625 / (235 - 15.625)),
+    # turned 90 deg about z, then shifted: [-1,1]x[-.5,.5]x[-1.5,1.5]
+    # vs the same shifted by 0.5 in x
     ([0, 0, 0, 1, 2, 3, PI / 2, 0, 0], [0.5, 0, 0, 2, 1, 3, 0, 0, 0], 4.5 / (12 - 4.5)),
 ])
 def test_iou_analytic(a, b, expected):
@@ -124,7 +132,8 @@ def test_iou_analytic(a, b, expected):
 
 
 def test_iou_monte_carlo_tilted_pairs():
-    """Intersection volumes of random 9-DoF pairs vs a Monte Carlo estimate (4 sigma from the count)."""
+    """Intersection volumes of random 9-DoF pairs vs a Monte Carlo
+    estimate (4 sigma from the count)."""
     rng = np.random.default_rng(123)
     n, checked = 200_000, 0
     while checked < 12:
@@ -163,12 +172,13 @@ def test_iou_properties_random():
 
 grid = st.integers(-8, 8).map(lambda i: i / 4)
 right_angles = st.integers(-2, 2).map(lambda i: i * PI / 2)
-aligned_box = st.tuples(grid, grid, grid, *[st.integers(1, 12).map(lambda i: i / 4)] * 3, right_angles,
-                        right_angles, right_angles).map(list)
+aligned_box = st.tuples(grid, grid, grid, *[st.integers(1, 12).map(lambda i: i / 4)] * 3,
+                        right_angles, right_angles, right_angles).map(list)
 
 
 def aabb_iou(a, b):
-    """IoU of two boxes that are axis-aligned in effect (right-angle rotations), from their corner extents."""
+    """IoU of two boxes that are axis-aligned in effect (right-angle
+    rotations), from their corner extents."""
     (alo, ahi), (blo, bhi) = [(corners_ref(x).min(0), corners_ref(x).max(0)) for x in (a, b)]
     inter = np.prod(np.clip(np.minimum(ahi, bhi) - np.maximum(alo, blo), 0, None))
     return inter / (np.prod(ahi - alo) + np.prod(bhi - blo) - inter)
@@ -177,12 +187,14 @@ def aabb_iou(a, b):
 @settings(max_examples=400, deadline=None)
 @given(aligned_box, aligned_box)
 def test_iou_right_angle_boxes_on_a_grid(a, b):
-    """Shared and touching faces everywhere: the tolerance logic of the clip against interval arithmetic."""
+    """Shared and touching faces everywhere: the tolerance logic of the clip
+    against interval arithmetic."""
     assert B.iou_3d(a, b) == pytest.approx(aabb_iou(a, b), abs=1e-9)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.floats(-3, 3), min_size=3, max_size=3), st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=3),
+@given(st.lists(st.floats(-3, 3), min_size=3, max_size=3),
+       st.lists(st.floats(1e-3, 1e3), min_size=3, max_size=3),
        st.lists(st.floats(-7, 7), min_size=3, max_size=3), aligned_box)
 def test_iou_bounds_and_symmetry_extreme_shapes(c, size, angles, other):
     a = [*c, *size, *angles]
@@ -192,16 +204,17 @@ def test_iou_bounds_and_symmetry_extreme_shapes(c, size, angles, other):
 
 
 @pytest.mark.parametrize("bad", [
-    [0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, -1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, float("nan"), 0, 0],
-    [float("inf"), 0, 0, 1, 1, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 0, 0], [0] * 10, "box", None, [None] * 9,
-    ["0"] * 9, [True] * 9, {"bbox_3d": [0] * 9}, [0, 0, 0, 1e300, 1e300, 1e300, 0, 0, 0],
+    [0, 0, 0, 0, 1, 1, 0, 0, 0], [0, 0, 0, 1, -1, 1, 0, 0, 0],
+    [0, 0, 0, 1, 1, 1, float("nan"), 0, 0], [float("inf"), 0, 0, 1, 1, 1, 0, 0, 0],
+    [0, 0, 0, 1, 1, 1, 0, 0], [0] * 10, "box", None, [None] * 9, ["0"] * 9, [True] * 9,
+    {"bbox_3d": [0] * 9}, [0, 0, 0, 1e300, 1e300, 1e300, 0, 0, 0],
 ])
 def test_iou_degenerate_is_zero(bad):
     for good in ([0, 0, 0, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]):
         assert B.iou_3d(bad, good) == 0.0 and B.iou_3d(good, bad) == 0.0
 
 
-# ---- matching, F1, detection reward ------------------------------------------------------------------
+# ---- matching, F1, detection reward --------------------------------------------------------------
 
 def det(label, x, size=1.0):
     return {"label": label, "bbox_3d": [x, 0, 0, size, size, size, 0, 0, 0]}
@@ -280,12 +293,14 @@ def test_detection_robust_never_pays_for_dropping_boxes():
 
 
 def test_detection_gt_mode_is_one_to_one_iou_over_ground_truth():
-    """iou_mode "gt": the mean over ground-truth boxes of the one-to-one IoU at any overlap (hand-computed
-    unit-cube IoUs: shifted by s along x, IoU = (1 - s) / (1 + s))."""
+    """iou_mode "gt": the mean over ground-truth boxes of the one-to-one IoU at any overlap
+    (hand-computed unit-cube IoUs: shifted by s along x, IoU = (1 - s) / (1 + s))."""
     iou = lambda s: (1 - s) / (1 + s)
-    near = [det("chair", 0.8), det("table", 6.1)]  # IoU 0.2/1.8 (below the F1 threshold) and 0.9/1.1
+    # IoU 0.2/1.8 (below the F1 threshold) and 0.9/1.1
+    near = [det("chair", 0.8), det("table", 6.1)]
     r = R.detection_reward(tagged(json.dumps(near)), GT, iou_mode="gt")
-    assert r["iou"] == pytest.approx((iou(0.8) + 0 + iou(0.1)) / 3)  # the second chair is missed: it costs
+    # the second chair is missed: it costs
+    assert r["iou"] == pytest.approx((iou(0.8) + 0 + iou(0.1)) / 3)
     assert r["f1"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 2))
     # a duplicate of a matched box earns nothing; it only costs through F1
     dup = R.detection_reward(tagged(json.dumps(near + [near[1]])), GT, iou_mode="gt")
@@ -294,7 +309,8 @@ def test_detection_gt_mode_is_one_to_one_iou_over_ground_truth():
     for k in range(2):
         fewer = R.detection_reward(tagged(json.dumps(near[:k] + near[k + 1:])), GT, iou_mode="gt")
         assert fewer["iou"] < r["iou"]
-    assert R.detection_reward(tagged(json.dumps(GT)), GT, iou_mode="gt")["iou"] == pytest.approx(1.0)
+    assert (R.detection_reward(tagged(json.dumps(GT)), GT, iou_mode="gt")["iou"]
+            == pytest.approx(1.0))
     assert R.detection_reward(tagged("[]"), [], iou_mode="gt")["iou"] == 1.0
     assert R.detection_reward(tagged("[]"), GT, iou_mode="gt")["iou"] == 0.0
     assert R.gt_iou(near, GT) == pytest.approx(r["iou"])
@@ -305,7 +321,8 @@ def test_detection_parsing_variants():
     bare = f"```json\n{body}\n```"  # a VG-LLM checkpoint's answer: no tags
     r = R.detection_reward(bare, GT)
     assert (r["format"], r["iou"], r["f1"]) == (0.0, pytest.approx(1.0), pytest.approx(1.0))
-    assert R.detection_reward(tagged(bare), GT)["total"] == pytest.approx(3.0)  # fence inside answer
+    # fence inside answer
+    assert R.detection_reward(tagged(bare), GT)["total"] == pytest.approx(3.0)
     # truncated at max_new_tokens: the complete lines still count (VG-LLM's line-by-line parser)
     lines = "[\n" + ",\n".join(json.dumps(g) for g in GT) + ",\n"
     trunc = lines + '{"label": "bed", "bbox_3d": [1, 2'
@@ -314,12 +331,14 @@ def test_detection_parsing_variants():
     mixed = GT + [{"label": "bed", "bbox_3d": [1, 2, 3]}, {"label": 5, "bbox_3d": [0] * 9}, "x"]
     assert R.parse_detections(tagged(json.dumps(mixed))) == GT
     assert R.detection_reward(tagged(json.dumps(mixed)), GT)["format"] == 0.0
-    assert R.parse_detections(tagged('[{"label": "a", "bbox_3d": [NaN, 0, 0, 1, 1, 1, 0, 0, 0]}]')) == []
-    assert R.parse_detections(tagged('[{"label": "a", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, true]}]')) == []
+    assert R.parse_detections(
+        tagged('[{"label": "a", "bbox_3d": [NaN, 0, 0, 1, 1, 1, 0, 0, 0]}]')) == []
+    assert R.parse_detections(
+        tagged('[{"label": "a", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, true]}]')) == []
     assert len(R.parse_detections(tagged(json.dumps(GT * 50)))) == R.MAX_BOXES
 
 
-# ---- format ----------------------------------------------------------------------------------------
+# ---- format --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, task, expected", [
     (tagged("[]"), "detection", 1.0),
@@ -331,9 +350,11 @@ def test_detection_parsing_variants():
     ("<think><think>a</think><answer>[]</answer>", "detection", 0.0),
     ("<answer>[]</answer><think>a</think>", "detection", 0.0),
     (tagged("[{\"label\": \"a\", \"bbox_3d\": [1, 2, 3]}]"), "detection", 0.0),
-    (tagged('{"label": "a", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "detection", 0.0),  # not a list
+    # not a list
+    (tagged('{"label": "a", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "detection", 0.0),
     (tagged('{"frame": 2, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 1.0),
-    (tagged('```json\n{"frame": 2, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}\n```'), "grounding", 1.0),
+    (tagged('```json\n{"frame": 2, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}\n```'),
+     "grounding", 1.0),
     (tagged('{"frame": "2", "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 0.0),
     (tagged('{"frame": 2.0, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 0.0),
     (tagged('{"frame": true, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}'), "grounding", 0.0),
@@ -346,10 +367,11 @@ def test_format_reward(text, task, expected):
     assert R.format_reward(text, task) == expected
 
 
-# ---- grounding -------------------------------------------------------------------------------------
+# ---- grounding -----------------------------------------------------------------------------------
 
 def test_grounding_handmade_world_transform():
-    # camera 2 sits at (1, 2, 3) turned 90 deg about world z; axis_align shifts the world by (0, 0, 1)
+    # camera 2 sits at (1, 2, 3) turned 90 deg about world z;
+    # axis_align shifts the world by (0, 0, 1)
     cam = np.eye(4)
     cam[:3, :3], cam[:3, 3] = rodrigues([0, 0, 1], PI / 2), [1, 2, 3]
     align = np.eye(4)
@@ -360,11 +382,13 @@ def test_grounding_handmade_world_transform():
     world = [1, 2, 5, 2, 1, 3, 0, 0, 0]
     r = R.grounding_reward(text, world, 2, poses, align)
     assert r == pytest.approx({"total": 3.0, "format": 1.0, "frame": 1.0, "iou": 1.0})
-    # the paper's fixed frame term: max(0, 1 - |df| / 5); scaled to 3 frames (tau = 15/32) |df| = 2 earns 0
+    # the paper's fixed frame term: max(0, 1 - |df| / 5); scaled to 3 frames
+    # (tau = 15/32) |df| = 2 earns 0
     fixed = R.grounding_reward(text, world, 0, poses, align, frame_window="fixed")
     assert fixed["frame"] == pytest.approx(0.6)
     assert R.grounding_reward(text, world, 0, poses, align)["frame"] == 0.0
-    with pytest.raises(ValueError, match="gt_frame"):   # a target frame outside the video is a data error
+    # a target frame outside the video is a data error
+    with pytest.raises(ValueError, match="gt_frame"):
         R.grounding_reward(text, world, 9, poses, align)
 
 
@@ -378,11 +402,12 @@ def test_grounding_round_trip_through_any_camera():
         cam_box = B.box_from_world(world, align @ poses[k])
         text = tagged(json.dumps({"frame": k, "bbox_3d": cam_box}))
         r = R.grounding_reward(text, world, k, poses, align)
-        assert r["iou"] == pytest.approx(1.0, abs=1e-9) and r["total"] == pytest.approx(3.0, abs=1e-9)
+        assert (r["iou"] == pytest.approx(1.0, abs=1e-9)
+                and r["total"] == pytest.approx(3.0, abs=1e-9))
         # the same box claimed in another camera's frame is somewhere else
         other = (k + 1) % 8
-        assert R.grounding_reward(text.replace(f'"frame": {k}', f'"frame": {other}'), world, k, poses,
-                                  align)["iou"] < 0.99
+        assert R.grounding_reward(text.replace(f'"frame": {k}', f'"frame": {other}'), world, k,
+                                  poses, align)["iou"] < 0.99
 
 
 def test_grounding_out_of_range_and_failures():
@@ -394,20 +419,22 @@ def test_grounding_out_of_range_and_failures():
     r = R.grounding_reward(tagged(json.dumps({"frame": -1, "bbox_3d": box})), box, 0, poses, None)
     assert r == {"total": 0.0, "format": 0.0, "frame": 0.0, "iou": 0.0}
     r = R.grounding_reward(tagged(json.dumps({"frame": 3, "bbox_3d": box})), box, 3, poses, None)
-    assert r == pytest.approx({"total": 3.0, "format": 1.0, "frame": 1.0, "iou": 1.0})  # the last frame counts
-    r = R.grounding_reward(tagged(json.dumps({"frame": 10**400, "bbox_3d": box})), box, 0, poses, None)
+    # the last frame counts
+    assert r == pytest.approx({"total": 3.0, "format": 1.0, "frame": 1.0, "iou": 1.0})
+    r = R.grounding_reward(tagged(json.dumps({"frame": 10**400, "bbox_3d": box})), box, 0,
+                           poses, None)
     assert (r["frame"], r["iou"]) == (0.0, 0.0)
     assert R.grounding_reward("no answer", box, 0, poses, None)["total"] == 0.0
     # bare VG-LLM style answer: task reward without the format reward
-    r = R.grounding_reward('```json\n{"frame": 0, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}\n```', box, 0,
-                           poses, None)
+    r = R.grounding_reward('```json\n{"frame": 0, "bbox_3d": [0, 0, 0, 1, 1, 1, 0, 0, 0]}\n```',
+                           box, 0, poses, None)
     assert (r["format"], r["frame"], r["iou"]) == (0.0, 1.0, pytest.approx(1.0))
 
 
 def test_grounding_frame_window_scales_with_the_frame_count():
-    """R_frame = max(0, 1 - |df| / tau) with tau = 5 S / 32 ("scaled", the default) or tau = 5 ("fixed", the
-    paper's 32-frame term). Hand values: S = 32: tau 5 (the paper's); S = 16: tau 2.5; S = 8: tau 1.25;
-    S = 4: tau 0.625, so only the exact frame pays."""
+    """R_frame = max(0, 1 - |df| / tau) with tau = 5 S / 32 ("scaled", the default) or tau = 5
+    ("fixed", the paper's 32-frame term). Hand values: S = 32: tau 5 (the paper's); S = 16: tau 2.5;
+    S = 8: tau 1.25; S = 4: tau 0.625, so only the exact frame pays."""
     box = [0, 0, 0, 1, 1, 1, 0, 0, 0]
 
     def frame(pred, gt, S, **kw):
@@ -415,8 +442,8 @@ def test_grounding_frame_window_scales_with_the_frame_count():
         return R.grounding_reward(text, box, gt, np.stack([np.eye(4)] * S), None, **kw)["frame"]
 
     for S, df, expected in ((32, 0, 1.0), (32, 1, 0.8), (32, 2, 0.6), (32, 4, 0.2), (32, 5, 0.0),
-                            (32, 9, 0.0), (16, 1, 0.6), (16, 2, 0.2), (16, 3, 0.0), (8, 1, 0.2), (8, 2, 0.0),
-                            (4, 0, 1.0), (4, 1, 0.0), (4, 3, 0.0), (1, 0, 1.0)):
+                            (32, 9, 0.0), (16, 1, 0.6), (16, 2, 0.2), (16, 3, 0.0), (8, 1, 0.2),
+                            (8, 2, 0.0), (4, 0, 1.0), (4, 1, 0.0), (4, 3, 0.0), (1, 0, 1.0)):
         gt = S - 1 - df
         assert frame(gt + df, gt, S) == pytest.approx(expected, abs=1e-12), (S, df)
         assert frame(gt, gt + df, S) == pytest.approx(expected, abs=1e-12), (S, df)   # symmetric
@@ -428,7 +455,8 @@ def test_grounding_frame_window_scales_with_the_frame_count():
     text = tagged(json.dumps({"frame": 1, "bbox_3d": box}))
     r = R.grounding_reward(text, box, 0, None, None, n_frames=16)
     assert (r["frame"], r["iou"]) == (pytest.approx(0.6), 0.0)
-    assert R.grounding_reward(text, box, 0, None, None, frame_window="fixed")["frame"] == pytest.approx(0.8)
+    assert (R.grounding_reward(text, box, 0, None, None, frame_window="fixed")["frame"]
+            == pytest.approx(0.8))
     with pytest.raises(ValueError, match="n_frames"):
         R.grounding_reward(text, box, 0, None, None)
     with pytest.raises(ValueError, match="frame_window"):
@@ -436,34 +464,38 @@ def test_grounding_frame_window_scales_with_the_frame_count():
 
 
 def test_grounding_without_a_target_frame_pays_no_frame_term():
-    """ScanRefer val rows have no target frame (gt_frame None): the frame term is 0 for every answer (no
-    frame can be right or wrong), whatever the window; format and IoU are scored as usual."""
+    """ScanRefer val rows have no target frame (gt_frame None): the frame term is 0 for every answer
+    (no frame can be right or wrong), whatever the window; format and IoU are scored as usual."""
     poses = np.stack([np.eye(4)] * 4)
     box = [0, 0, 0, 1, 1, 1, 0, 0, 0]
     for f in range(4):
         text = tagged(json.dumps({"frame": f, "bbox_3d": box}))
         for window in ("scaled", "fixed"):
             r = R.grounding_reward(text, box, None, poses, None, frame_window=window)
-            assert r == pytest.approx({"total": 2.0, "format": 1.0, "frame": 0.0, "iou": 1.0}), (f, window)
+            assert r == pytest.approx(
+                {"total": 2.0, "format": 1.0, "frame": 0.0, "iou": 1.0}), (f, window)
     assert R.grounding_reward("no answer", box, None, poses, None)["total"] == 0.0
 
 
 def test_gt_iou_needs_a_said_nothing_on_an_empty_scene():
-    """On a scene without objects an explicit empty list is perfect (IoU over GT 1, like F1) and boxes or
-    text that does not parse earn 0, in the function and in the "gt" detection reward (its F1 already did)."""
+    """On a scene without objects an explicit empty list is perfect (IoU over GT 1, like F1)
+    and boxes or text that does not parse earn 0, in the function and in the "gt" detection
+    reward (its F1 already did)."""
     assert R.gt_iou([], []) == 1.0 and R.gt_iou([det("chair", 0.0)], []) == 0.0
     assert R.gt_iou([], [], parsed=False) == 0.0
-    for text, iou, f1 in ((tagged("[]"), 1.0, 1.0), ("```json\n[]\n```", 1.0, 1.0), ("garbage", 0.0, 0.0),
-                          (tagged("[{]"), 0.0, 0.0), (tagged(json.dumps([det("chair", 0.0)])), 0.0, 0.0)):
+    for text, iou, f1 in ((tagged("[]"), 1.0, 1.0), ("```json\n[]\n```", 1.0, 1.0),
+                          ("garbage", 0.0, 0.0), (tagged("[{]"), 0.0, 0.0),
+                          (tagged(json.dumps([det("chair", 0.0)])), 0.0, 0.0)):
         r = R.detection_reward(text, [], iou_mode="gt")
         assert (r["iou"], r["f1"]) == (iou, f1), text
 
 
-# ---- VSI-Bench ---------------------------------------------------------------------------------------
+# ---- VSI-Bench -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("pred, gt, expected", [
     ("A", "A", 1.0), ("a", "A", 1.0), ("A.", "A", 1.0), ("A. 3 chairs", "A", 1.0), ("B", "A", 0.0),
-    ("The answer is A", "A", 0.0), ("A,", "A", 0.0), ("(A)", "A", 0.0), (" A", "A", 1.0), ("", "A", 0.0),
+    ("The answer is A", "A", 0.0), ("A,", "A", 0.0), ("(A)", "A", 0.0), (" A", "A", 1.0),
+    ("", "A", 0.0),
 ])
 def test_choice_accuracy(pred, gt, expected):
     assert R.choice_accuracy(pred, gt) == expected
@@ -474,8 +506,9 @@ def test_choice_accuracy(pred, gt, expected):
     ("15", "10", 0.1),   # |d|/g = 0.5 <= 1 - 0.5 exactly
     ("16", "10", 0.0),
     ("13", "10", 0.5),   # 0.3 <= 1 - t for t in .50 .. .70 (1 - .7 = 0.30000000000000004 in floats)
-    # float boundaries, pinned: mathematically 0.2 and 0.7, but 1 - 0.55 = 0.44999999999999996 < 0.45
-    # and 1 - 0.8 = 0.19999999999999996 < 0.2 in float64, exactly as in VSI-Bench's own code
+    # float boundaries, pinned: mathematically 0.2 and 0.7, but
+    # 1 - 0.55 = 0.44999999999999996 < 0.45 and 1 - 0.8 = 0.19999999999999996 < 0.2 in float64,
+    # exactly as in VSI-Bench's own code
     ("14.5", "10", 0.1), ("12", "10", 0.6),
     ("abc", "10", 0.0), ("nan", "10", 0.0), ("inf", "10", 0.0), ("1e999", "10", 0.0),
     ("5", "0", 0.0), ("5", "x", 0.0), ("", "10", 0.0), ("3,5", "3.5", 0.0), ("-10", "10", 0.0),
@@ -487,12 +520,13 @@ def test_mra(pred, gt, expected):
 def test_spatial_reward():
     assert R.spatial_reward(tagged("B. left"), "B", options=["A. right", "B. left"]) == \
         {"total": 2.0, "format": 1.0, "accuracy": 1.0}
-    assert R.spatial_reward("B", "B", options=["A. x", "B. y"]) == {"total": 1.0, "format": 0.0, "accuracy": 1.0}
+    assert (R.spatial_reward("B", "B", options=["A. x", "B. y"])
+            == {"total": 1.0, "format": 0.0, "accuracy": 1.0})
     assert R.spatial_reward(tagged("2.25"), "2.5")["accuracy"] == pytest.approx(0.9)  # |d|/g = 0.1
     assert R.spatial_reward(tagged(""), "2.5") == {"total": 0.0, "format": 0.0, "accuracy": 0.0}
 
 
-# ---- totality: huge outputs and fuzzing ----------------------------------------------------------------
+# ---- totality: huge outputs and fuzzing ----------------------------------------------------------
 
 POSES = np.stack([np.eye(4)] * 4)
 BOX = [0, 0, 0, 1, 1, 1, 0, 0, 0]
@@ -540,19 +574,23 @@ def test_megabyte_outputs_finish():
 numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**300, 10**300),
                     st.sampled_from([0, 1, -1, 0.5, 1e308, -1e-308]), st.booleans(), st.none(),
                     st.text(max_size=3))
-boxes = st.lists(numbers, min_size=0, max_size=11) | st.lists(st.floats(-5, 5), min_size=9, max_size=9)
-entries = st.fixed_dictionaries({"label": st.sampled_from(["chair", "table", "bed"]) | numbers,
-                                 "bbox_3d": boxes}) | st.fixed_dictionaries({"frame": numbers, "bbox_3d": boxes})
+boxes = (st.lists(numbers, min_size=0, max_size=11)
+         | st.lists(st.floats(-5, 5), min_size=9, max_size=9))
+entries = (st.fixed_dictionaries({"label": st.sampled_from(["chair", "table", "bed"]) | numbers,
+                                  "bbox_3d": boxes})
+           | st.fixed_dictionaries({"frame": numbers, "bbox_3d": boxes}))
 leaves = st.one_of(numbers, boxes)
 values = st.recursive(st.one_of(entries, leaves),
-                      lambda c: st.lists(c, max_size=6) | st.dictionaries(st.text(max_size=6), c, max_size=4),
+                      lambda c: (st.lists(c, max_size=6)
+                                 | st.dictionaries(st.text(max_size=6), c, max_size=4)),
                       max_leaves=30)
 
 
 plausible_box = st.tuples(st.floats(-1, 7), st.floats(-1, 1), st.floats(-1, 1), st.floats(0.05, 3),
-                          st.floats(0.05, 3), st.floats(0.05, 3), st.floats(-4, 4), st.floats(-4, 4),
-                          st.floats(-4, 4)).map(list)
-detection = st.fixed_dictionaries({"label": st.sampled_from(["chair", "table", "bed"]), "bbox_3d": plausible_box})
+                          st.floats(0.05, 3), st.floats(0.05, 3), st.floats(-4, 4),
+                          st.floats(-4, 4), st.floats(-4, 4)).map(list)
+detection = st.fixed_dictionaries({"label": st.sampled_from(["chair", "table", "bed"]),
+                                   "bbox_3d": plausible_box})
 grounding = st.fixed_dictionaries({"frame": st.integers(-2, 6), "bbox_3d": plausible_box})
 spatial = st.sampled_from(["A", "a.", "B. b", " A", "3.5", "3.4 m", "nan", "4e0", "-3.5", "1e999"])
 
@@ -570,20 +608,22 @@ def bodies(draw):
     if kind == 0:
         return draw(st.text(max_size=300))
     if kind == 1:  # random text around tag and fence fragments
-        parts = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "```json", "```", "\n",
-                                 '"bbox_3d"', '"frame": ', "[", "{", "}", "]", ",", "NaN", "1e999", "A", "3.5"])
+        parts = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "```json", "```",
+                                 "\n", '"bbox_3d"', '"frame": ', "[", "{", "}", "]", ",", "NaN",
+                                 "1e999", "A", "3.5"])
         return "".join(draw(st.lists(parts | st.text(max_size=5), max_size=40)))
     return json.dumps(draw(values), allow_nan=True, indent=draw(st.sampled_from([None, 1])))
 
 
 @st.composite
 def outputs(draw):
-    """Six strings per example: the body bare, tagged, fenced, truncated (bare and tagged), deeply nested."""
+    """Six strings per example: the body bare, tagged, fenced, truncated (bare
+    and tagged), deeply nested."""
     body = draw(bodies())
     cut = body[: draw(st.integers(0, len(body)))]
     think = draw(st.text(max_size=20))
-    return [body, tagged(body, think), tagged("```json\n" + body + "\n```"), cut, tagged(cut, think),
-            "[" * draw(st.integers(0, 3000)) + body]
+    return [body, tagged(body, think), tagged("```json\n" + body + "\n```"), cut,
+            tagged(cut, think), "[" * draw(st.integers(0, 3000)) + body]
 
 
 N_FUZZ = 1700  # examples x 6 strings = 10,200 strings, each scored by every reward

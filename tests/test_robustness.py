@@ -1,7 +1,8 @@
-"""Robustness of the main command (issue 12): kills at any moment and `--resume` give the same final weights as an
-uninterrupted run, damaged checkpoints are named and skipped, bad flags stop with exit code 2 and a message naming
-the flag, logs are strict JSON without duplicate steps, and the review fixes (schedule, warm-up LoRA, mu > 1 logs,
-rewards on empty scenes and out-of-video frames, file modes, thread default)."""
+"""Robustness of the main command (issue 12): kills at any moment and `--resume` give the same
+final weights as an uninterrupted run, damaged checkpoints are named and skipped, bad flags stop
+with exit code 2 and a message naming the flag, logs are strict JSON without duplicate steps, and
+the review fixes (schedule, warm-up LoRA, mu > 1 logs, rewards on empty scenes and out-of-video
+frames, file modes, thread default)."""
 import inspect
 import json
 import math
@@ -29,14 +30,16 @@ import scenes
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2", "--warmup", "1",
-        "--test-size", "0"]
-# The main command at toy size: an SFT warm-up of 6 steps (a checkpoint and an evaluation every step), then 3 GRPO
-# steps with a checkpoint every step.
-MAIN = ["--stage", "grpo", "--task", "detection", "--sft-steps", "6", "--steps", "3", "--batch-size", "2", "--G", "2",
-        "--prompts-per-rank", "2", "--save-every", "1", "--lr", "1e-2", *FAST]
-# An untrained model earns reward 0 on every completion (no gradient: GRPO would not move and any resume would look
-# exact), so a stand-in reward that varies with the text replaces the detection reward, here and in the killed process.
+FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2",
+        "--warmup", "1", "--test-size", "0"]
+# The main command at toy size: an SFT warm-up of 6 steps (a checkpoint and an evaluation every
+# step), then 3 GRPO steps with a checkpoint every step.
+MAIN = ["--stage", "grpo", "--task", "detection", "--sft-steps", "6", "--steps", "3",
+        "--batch-size", "2", "--G", "2", "--prompts-per-rank", "2", "--save-every", "1",
+        "--lr", "1e-2", *FAST]
+# An untrained model earns reward 0 on every completion (no gradient: GRPO would not move and any
+# resume would look exact), so a stand-in reward that varies with the text replaces the detection
+# reward, here and in the killed process.
 def varied(sample, text, **_):
     return {"total": (len(text) % 7) / 7, "format": 0.0}
 
@@ -71,21 +74,23 @@ def assert_bit_identical(a, b):
 
 
 def strict_jsonl(path):
-    """Every line parses as RFC 8259 JSON (Python's json accepts NaN and Infinity: refuse them here)."""
+    """Every line parses as RFC 8259 JSON (Python's json accepts NaN and
+    Infinity: refuse them here)."""
     def no_constants(name):
         raise ValueError(f"{path}: non-JSON literal {name}")
-    return [json.loads(line, parse_constant=no_constants) for line in Path(path).read_text().splitlines()]
+    return [json.loads(line, parse_constant=no_constants)
+            for line in Path(path).read_text().splitlines()]
 
 
 def start_main(out, argv, log):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-c", DRIVER, *argv, "--out", str(out)], cwd=out.parent, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, "-c", DRIVER, *argv, "--out", str(out)],
+                            cwd=out.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def kill_when(out, argv, marker):
-    """Start the main command (python -c DRIVER: train.main in a fresh process) and SIGKILL it as soon as `marker`
-    exists (a checkpoint renamed into place)."""
+    """Start the main command (python -c DRIVER: train.main in a fresh process) and SIGKILL it as
+    soon as `marker` exists (a checkpoint renamed into place)."""
     with open(out.parent / f"{out.name}.log", "a") as log:
         proc = start_main(out, argv, log)
         deadline = time.time() + 600  # a hang guard, not a timing assertion
@@ -105,7 +110,8 @@ def init_dir(tmp_path_factory):
 
 
 def fresh_out(tmp_path, init_dir):
-    """An --out with the shared init/ in place (what the main command builds first; built once to save time)."""
+    """An --out with the shared init/ in place (what the main command builds
+    first; built once to save time)."""
     out = tmp_path / "run"
     shutil.copytree(init_dir, out / "init")
     return out
@@ -127,20 +133,24 @@ def test_kill_during_warmup_then_resume(tmp_path, init_dir, reference, capsys):
     out = fresh_out(tmp_path, init_dir)
     kill_when(out, MAIN, out / "sft" / "step-2")
     assert not (out / "sft" / "final").exists(), "the kill came after the warm-up"
-    # the same command line without --resume: exit 2, a message naming what is there and what to do, no
-    # traceback, nothing deleted
+    # the same command line without --resume: exit 2, a message naming what is there and what to
+    # do, no traceback, nothing deleted
     before = sorted(p.name for p in (out / "sft").iterdir())
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *MAIN, "--out", str(out)], cwd=tmp_path,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *MAIN, "--out", str(out)],
+                       cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "--resume" in r.stderr and "step-2" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (out / "sft").iterdir()) == before
     capsys.readouterr()
-    main_with_varied_reward([*MAIN, "--resume", "--out", str(out)])  # the warm-up continues, then GRPO
-    assert f"continuing sft from {out / 'sft' / 'step-'}" in capsys.readouterr().out  # resumed, not restarted
+    # the warm-up continues, then GRPO
+    main_with_varied_reward([*MAIN, "--resume", "--out", str(out)])
+    # resumed, not restarted
+    assert f"continuing sft from {out / 'sft' / 'step-'}" in capsys.readouterr().out
     assert_bit_identical(out / "sft" / "final", reference / "sft" / "final")
     assert_bit_identical(out / "grpo" / "final", reference / "grpo" / "final")
-    assert not all(torch.equal(v, params(reference / "sft" / "final")[k])  # GRPO moved: the check has teeth
+    # GRPO moved: the check has teeth
+    assert not all(torch.equal(v, params(reference / "sft" / "final")[k])
                    for k, v in params(reference / "grpo" / "final").items())
     steps = [r["step"] for r in strict_jsonl(out / "sft" / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -152,25 +162,30 @@ def test_kill_during_grpo_then_resume(tmp_path, init_dir, reference):
     assert (out / "sft" / "final").exists() and not (out / "grpo" / "final").exists()
     main_with_varied_reward([*MAIN, "--resume", "--out", str(out)])
     assert_bit_identical(out / "grpo" / "final", reference / "grpo" / "final")
-    # metrics.jsonl: strict JSON, each step once, the same values as the uninterrupted run (timings aside)
-    rows, ref_rows = strict_jsonl(out / "grpo" / "metrics.jsonl"), strict_jsonl(reference / "grpo" / "metrics.jsonl")
+    # metrics.jsonl: strict JSON, each step once, the same values as the
+    # uninterrupted run (timings aside)
+    rows, ref_rows = (strict_jsonl(out / "grpo" / "metrics.jsonl"),
+                      strict_jsonl(reference / "grpo" / "metrics.jsonl"))
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
-    assert [r["step"] for r in rows if "loss" not in r] == [r["step"] for r in ref_rows if "loss" not in r]
+    assert ([r["step"] for r in rows if "loss" not in r]
+            == [r["step"] for r in ref_rows if "loss" not in r])
     drop = lambda r: {k: v for k, v in r.items() if k not in TIMING}
     assert [drop(r) for r in rows] == [drop(r) for r in ref_rows]
 
 
 # ------------------------------------------------------------------------------------------------
-# Damaged checkpoints: --resume falls back to the newest intact one and says which it skipped and why
+# Damaged checkpoints: --resume falls back to the newest intact one
+# and says which it skipped and why
 
 
-SFT = ["--stage", "sft", "--task", "detection", "--save-every", "1", "--keep", "3", "--batch-size", "2",
-       "--eval-every", "100", *FAST]
+SFT = ["--stage", "sft", "--task", "detection", "--save-every", "1", "--keep", "3",
+       "--batch-size", "2", "--eval-every", "100", *FAST]
 
 
 @pytest.fixture(scope="module")
 def sft_runs(tmp_path_factory, init_dir):
-    """An uninterrupted 3-step SFT run and one stopped after 2 steps (checkpoints step-1 and step-2)."""
+    """An uninterrupted 3-step SFT run and one stopped after 2 steps
+    (checkpoints step-1 and step-2)."""
     base, init = tmp_path_factory.mktemp("sft"), str(init_dir)
     train.main([*SFT, "--model", init, "--steps", "3", "--out", str(base / "full")])
     train.main([*SFT, "--model", init, "--steps", "2", "--out", str(base / "stopped")])
@@ -178,11 +193,13 @@ def sft_runs(tmp_path_factory, init_dir):
 
 
 def corrupt_tensor_bytes(path, value=float("nan")):
-    """Overwrite the first float32 tensor of a safetensors file with `value`, in place (header parsed by hand)."""
+    """Overwrite the first float32 tensor of a safetensors file with `value`, in
+    place (header parsed by hand)."""
     raw = bytearray(Path(path).read_bytes())
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + n])
-    name, info = next((k, v) for k, v in sorted(header.items()) if k != "__metadata__" and v["dtype"] == "F32")
+    name, info = next((k, v) for k, v in sorted(header.items())
+                      if k != "__metadata__" and v["dtype"] == "F32")
     start, end = (8 + n + o for o in info["data_offsets"])
     raw[start:end] = struct.pack("<f", value) * ((end - start) // 4)
     Path(path).write_bytes(bytes(raw))
@@ -211,8 +228,10 @@ def test_damaged_latest_checkpoint_falls_back(sft_runs, tmp_path, capsys, damage
     capsys.readouterr()
     train.main([*SFT, "--model", init, "--steps", "3", "--resume", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert f"skipping {out / 'sft' / 'step-2'}" in printed and f"from {out / 'sft' / 'step-1'}" in printed
-    assert (out / "sft" / "damaged-step-2").is_dir()  # set aside, not deleted, and not counted by --keep
+    assert (f"skipping {out / 'sft' / 'step-2'}" in printed
+            and f"from {out / 'sft' / 'step-1'}" in printed)
+    # set aside, not deleted, and not counted by --keep
+    assert (out / "sft" / "damaged-step-2").is_dir()
     assert_bit_identical(out / "sft" / "final", base / "full" / "sft" / "final")
     steps = [r["step"] for r in strict_jsonl(out / "sft" / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3]
@@ -226,18 +245,21 @@ def test_nan_weights_are_refused_naming_the_file(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="model.safetensors") as e:
         checkpoints.load_pretrained(tmp_path)  # caught by the checksum written at save time
     assert str(tmp_path) in str(e.value) and "sha256" in str(e.value)
-    (tmp_path / "checksums.json").unlink()  # a file from elsewhere: no checksums, the finiteness check catches it
+    # a file from elsewhere: no checksums, the finiteness check catches it
+    (tmp_path / "checksums.json").unlink()
     with pytest.raises(checkpoints.CheckpointError, match="NaN") as e:
         checkpoints.load_pretrained(tmp_path)
     assert str(tmp_path / "model.safetensors") in str(e.value) and name in str(e.value)
 
 
 def test_torn_init_is_named(tmp_path, capsys):
-    """A 0-byte init/config.json (what a kill left before init/ was written atomically) names the file."""
+    """A 0-byte init/config.json (what a kill left before init/ was written
+    atomically) names the file."""
     (tmp_path / "init").mkdir()
     (tmp_path / "init" / "config.json").write_text("")
     with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "sft", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path), *FAST])
+        train.main(["--stage", "sft", "--steps", "1", "--batch-size", "1",
+                    "--out", str(tmp_path), *FAST])
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert str(tmp_path / "init" / "config.json") in err and "delete" in err
@@ -245,9 +267,11 @@ def test_torn_init_is_named(tmp_path, capsys):
 
 def test_tiny_init_leaves_nothing_half_written(tmp_path, monkeypatch):
     def killed(directory):
-        raise KeyboardInterrupt  # a kill after the files were written, before the directory was finished
+        # a kill after the files were written, before the directory was finished
+        raise KeyboardInterrupt
     monkeypatch.setattr(checkpoints, "seal", killed)
-    few = scenes.SyntheticDataset  # a 3-scene tokenizer corpus: the corpus does not matter here, time does
+    # a 3-scene tokenizer corpus: the corpus does not matter here, time does
+    few = scenes.SyntheticDataset
     monkeypatch.setattr(scenes, "SyntheticDataset", lambda task, n, **kw: few(task, 3, **kw))
     with pytest.raises(KeyboardInterrupt):
         train.tiny_init(train.get_args(["--out", str(tmp_path), "--frames", "2"]), rank=0)
@@ -261,12 +285,14 @@ def test_replace_dir_replaces_a_full_directory(tmp_path):
     new.mkdir()
     (new / "b").write_text("new")
     safety.replace_dir(new, old)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"] and (old / "b").read_text() == "new"
+    assert (sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+            and (old / "b").read_text() == "new")
 
 
 def test_a_kill_between_the_renames_loses_nothing(tmp_path, monkeypatch):
-    """replace_dir moves best/ aside, then renames the new one in: a kill between the two left .old-best and no
-    best/. The next reader (a GRPO run starting from sft/best, a later save) puts the old one back."""
+    """replace_dir moves best/ aside, then renames the new one in: a kill between the two
+    left .old-best and no best/. The next reader (a GRPO run starting from sft/best, a later
+    save) puts the old one back."""
     sft = tmp_path / "sft"
     (sft / "best").mkdir(parents=True)
     (sft / "best" / "config.json").write_text("old")
@@ -288,12 +314,15 @@ def test_a_kill_between_the_renames_loses_nothing(tmp_path, monkeypatch):
 
 
 def test_image_size_is_what_the_tiny_model_sees(tmp_path):
-    """--image-size 112 builds a tiny model for 112 px frames: 16 x 16 patches of 7 px -> 64 image tokens a frame
-    after the 2 x 2 merge (at 56 px: 16). It used to resize every frame back to 56 px."""
+    """--image-size 112 builds a tiny model for 112 px frames: 16 x 16 patches of 7 px -> 64 image
+    tokens a frame after the 2 x 2 merge (at 56 px: 16). It used to resize every frame back to
+    56 px."""
     few = scenes.SyntheticDataset
-    with pytest.MonkeyPatch.context() as m:   # a 3-scene tokenizer corpus: time, not the corpus, matters here
+    # a 3-scene tokenizer corpus: time, not the corpus, matters here
+    with pytest.MonkeyPatch.context() as m:
         m.setattr(scenes, "SyntheticDataset", lambda task, n, **kw: few(task, 3, **kw))
-        init = train.tiny_init(train.get_args(["--out", str(tmp_path), "--frames", "2", "--image-size", "112"]), 0)
+        init = train.tiny_init(train.get_args(["--out", str(tmp_path), "--frames", "2",
+                                               "--image-size", "112"]), 0)
     net, _ = checkpoints.load_pretrained(init)
     frames = scenes.SyntheticDataset("detection", 1, seed=0, frames=2, size=112)[0].frames
     assert frames.shape[1:3] == (112, 112)
@@ -301,11 +330,11 @@ def test_image_size_is_what_the_tiny_model_sees(tmp_path):
 
 
 def test_fsdp_flag_in_one_process_runs_bf16_and_says_so(tmp_path, capsys):
-    """`python train.py --shard fsdp --bf16` (no torchrun) has nothing to shard. It ran fp32 (autocast was off for
-    FSDP, and no FSDP cast applied) and said nothing; now it runs as the one-process model with bf16 autocast,
-    exactly as --shard ddp --bf16 does, and says so."""
-    common = ["--stage", "sft", "--task", "detection", "--steps", "1", "--batch-size", "2", "--train-size", "4",
-              "--bf16", *FAST]
+    """`python train.py --shard fsdp --bf16` (no torchrun) has nothing to shard. It ran fp32
+    (autocast was off for FSDP, and no FSDP cast applied) and said nothing; now it runs as the
+    one-process model with bf16 autocast, exactly as --shard ddp --bf16 does, and says so."""
+    common = ["--stage", "sft", "--task", "detection", "--steps", "1", "--batch-size", "2",
+              "--train-size", "4", "--bf16", *FAST]
     train.main([*common, "--out", str(tmp_path / "ddp")])
     shutil.copytree(tmp_path / "ddp/init", tmp_path / "fsdp/init")
     capsys.readouterr()
@@ -320,16 +349,18 @@ def test_fsdp_flag_in_one_process_runs_bf16_and_says_so(tmp_path, capsys):
 
 
 def test_lora_resume_starts_fresh_moments_and_says_so(tmp_path, init_dir, monkeypatch, capsys):
-    """A LoRA checkpoint holds merged weights; --resume re-applies fresh adapters. AdamW's saved moments belonged to
-    the merged-away adapters (same shapes, so loading them raised nothing): the resumed optimiser must start without
-    them, and the run says it is not bit-exact."""
+    """A LoRA checkpoint holds merged weights; --resume re-applies fresh adapters. AdamW's saved
+    moments belonged to the merged-away adapters (same shapes, so loading them raised nothing): the
+    resumed optimiser must start without them, and the run says it is not bit-exact."""
     common = ["--stage", "sft", "--task", "detection", "--model", str(init_dir), "--lora-rank", "2",
-              "--batch-size", "2", "--save-every", "1", "--eval-every", "100", "--out", str(tmp_path), *FAST]
+              "--batch-size", "2", "--save-every", "1", "--eval-every", "100",
+              "--out", str(tmp_path), *FAST]
     train.main([*common, "--steps", "1"])
     moments = []
     step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (moments.append(len(self.state)),
-                                                                         step(self, *a, **k))[1])
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: (moments.append(len(self.state)),
+                                               step(self, *a, **k))[1])
     capsys.readouterr()
     train.main([*common, "--steps", "2", "--resume"])
     assert moments[0] == 0, "stale moments were loaded onto fresh adapters"
@@ -337,11 +368,13 @@ def test_lora_resume_starts_fresh_moments_and_says_so(tmp_path, init_dir, monkey
 
 
 def test_skipped_steps_are_logged_and_counted(tmp_path, init_dir, monkeypatch):
-    """A step whose gradient norm is non-finite (loss finite) is skipped and logged as skipped (grad_norm null);
-    --max-bad-steps of them in a row stop the run. An inf norm used to count as a good step."""
-    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: torch.tensor(float("inf")))
-    common = ["--stage", "sft", "--task", "detection", "--model", str(init_dir), "--batch-size", "2",
-              "--eval-every", "100", *FAST]
+    """A step whose gradient norm is non-finite (loss finite) is skipped and logged as
+    skipped (grad_norm null); --max-bad-steps of them in a row stop the run. An inf norm
+    used to count as a good step."""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: torch.tensor(float("inf")))
+    common = ["--stage", "sft", "--task", "detection", "--model", str(init_dir),
+              "--batch-size", "2", "--eval-every", "100", *FAST]
     train.main([*common, "--steps", "2", "--out", str(tmp_path / "a")])
     rows = [r for r in strict_jsonl(tmp_path / "a/sft/metrics.jsonl") if "loss" in r]
     assert [(r["skipped"], r["grad_norm"]) for r in rows] == [(1, None), (1, None)]
@@ -364,11 +397,12 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
 
 
 BAD_FLAGS = [
-    ["--steps", "0"], ["--steps", "-3"], ["--sft-steps", "0"], ["--lr", "0"], ["--lr", "-1e-3"], ["--lr", "nan"],
-    ["--lr-merger", "0"], ["--keep", "-1"], ["--keep", "0"], ["--G", "1"], ["--G", "0"], ["--micro-batch", "0"],
-    ["--batch-size", "0"], ["--prompts-per-rank", "0"], ["--frames", "0"], ["--val-size", "0"], ["--mu", "0"],
-    ["--max-new-tokens", "0"], ["--eval-every", "0"], ["--save-every", "0"], ["--temperature", "0"],
-    ["--beta", "-0.1"], ["--eps-low", "1"], ["--eps-high", "-0.1"], ["--max-grad-norm", "0"], ["--warmup", "-1"],
+    ["--steps", "0"], ["--steps", "-3"], ["--sft-steps", "0"], ["--lr", "0"], ["--lr", "-1e-3"],
+    ["--lr", "nan"], ["--lr-merger", "0"], ["--keep", "-1"], ["--keep", "0"], ["--G", "1"],
+    ["--G", "0"], ["--micro-batch", "0"], ["--batch-size", "0"], ["--prompts-per-rank", "0"],
+    ["--frames", "0"], ["--val-size", "0"], ["--mu", "0"], ["--max-new-tokens", "0"],
+    ["--eval-every", "0"], ["--save-every", "0"], ["--temperature", "0"], ["--beta", "-0.1"],
+    ["--eps-low", "1"], ["--eps-high", "-0.1"], ["--max-grad-norm", "0"], ["--warmup", "-1"],
     ["--seed", "-1"], ["--log-every", "0"], ["--max-bad-steps", "0"], ["--model", "/no/such/dir"],
     ["--data", "/no/such/file.json"], ["--qwen", "/no/such/dir"], ["--vggt", "/no/such/file"],
 ]
@@ -385,7 +419,8 @@ def test_bad_flag_exits_2_naming_it(flag, capsys):
 
 def test_resume_with_nothing_to_resume_says_so(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "sft", "--resume", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path / "empty"),
+        train.main(["--stage", "sft", "--resume", "--steps", "1", "--batch-size", "1",
+                    "--out", str(tmp_path / "empty"),
                     *FAST])  # (tiny settings: if the check were missing this would train, quickly)
     assert e.value.code == 2 and "nothing to resume" in capsys.readouterr().err
 
@@ -394,10 +429,12 @@ def test_fresh_run_into_a_used_out_refuses_and_keeps_everything(tmp_path, capsys
     (tmp_path / "sft" / "step-4").mkdir(parents=True)
     (tmp_path / "sft" / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(SystemExit) as e:
-        train.main(["--stage", "sft", "--steps", "1", "--batch-size", "1", "--out", str(tmp_path), *FAST])
+        train.main(["--stage", "sft", "--steps", "1", "--batch-size", "1",
+                    "--out", str(tmp_path), *FAST])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--resume" in err and "step-4" in err
-    assert (tmp_path / "sft" / "step-4").is_dir() and (tmp_path / "sft" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert ((tmp_path / "sft" / "step-4").is_dir()
+            and (tmp_path / "sft" / "metrics.jsonl").read_text() == '{"step": 1}\n')
 
 
 def test_explicit_values_are_kept_and_the_warmup_is_full_finetuning():
@@ -409,42 +446,51 @@ def test_explicit_values_are_kept_and_the_warmup_is_full_finetuning():
 
 def test_frame_window_flag_reaches_the_grounding_reward():
     assert train.get_args(["--task", "grounding"]).reward_opts == {"frame_window": "scaled"}
-    assert train.get_args(["--task", "grounding", "--frame-window", "fixed"]).reward_opts == {"frame_window": "fixed"}
+    assert (train.get_args(["--task", "grounding", "--frame-window", "fixed"]).reward_opts
+            == {"frame_window": "fixed"})
     assert train.get_args(["--task", "detection"]).reward_opts == {"iou_mode": "paper"}
 
 
 def test_skip_bad_reaches_the_reader(tmp_path):
-    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2), str(tmp_path))
+    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2),
+                             str(tmp_path))
     rows = json.loads(Path(path).read_text())
     Path(path).write_text(json.dumps(rows + [{"images": 5}]))
-    args = train.get_args(["--stage", "sft", "--data", path, "--val-data", path, "--skip-bad", "--out", str(tmp_path / "o")])
+    args = train.get_args(["--stage", "sft", "--data", path, "--val-data", path, "--skip-bad",
+                           "--out", str(tmp_path / "o")])
     train_set, _, info = train.datasets(args)
     assert len(train_set) == 2 and info["train"][0]["skipped_rows"][0]["row"] == 2
 
 
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
 def test_a_truncated_data_file_ends_in_one_line_naming_it(tmp_path, init_dir, script):
-    """A truncated --data JSON ends like a bad flag: one line on stderr naming the file, no traceback, exit 1
-    (it used to print the same message after a 30-line traceback)."""
-    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2), str(tmp_path))
+    """A truncated --data JSON ends like a bad flag: one line on stderr naming the file, no
+    traceback, exit 1 (it used to print the same message after a 30-line traceback)."""
+    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2),
+                             str(tmp_path))
     Path(path).write_text(Path(path).read_text()[:-40])
-    argv = {"train.py": ["--stage", "sft", "--data", path, "--val-data", path, "--model", str(init_dir),
-                         "--out", str(tmp_path / "o")],
-            "eval.py": ["--ckpt", str(init_dir), "--data", path, "--frames", "2", "--out", str(tmp_path / "o")]}[script]
-    r = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path, capture_output=True, text=True,
+    argv = {"train.py": ["--stage", "sft", "--data", path, "--val-data", path,
+                         "--model", str(init_dir), "--out", str(tmp_path / "o")],
+            "eval.py": ["--ckpt", str(init_dir), "--data", path, "--frames", "2",
+                        "--out", str(tmp_path / "o")]}[script]
+    r = subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=tmp_path,
+                       capture_output=True, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().count("\n") == 0 and f"{path}: not valid JSON" in r.stderr
 
 
 def test_real_data_without_validation_data_is_refused(tmp_path, capsys):
-    """--data without --val-data used to validate on synthetic 56 px scenes and pick best/ (the GRPO start) by them.
-    Now it stops before anything loads: exit 2, one line naming --data and what to add."""
-    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2), str(tmp_path))
+    """--data without --val-data used to validate on synthetic 56 px scenes and pick
+    best/ (the GRPO start) by them. Now it stops before anything loads: exit 2, one line
+    naming --data and what to add."""
+    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2),
+                             str(tmp_path))
     with pytest.raises(SystemExit) as e:
         train.get_args(["--stage", "sft", "--data", path, "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"error: --data {path}" in err and "--val-data" in err and len(err.splitlines()) == 1
+    assert (e.value.code == 2 and f"error: --data {path}" in err and "--val-data" in err
+            and len(err.splitlines()) == 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -452,10 +498,12 @@ def test_real_data_without_validation_data_is_refused(tmp_path, capsys):
 
 
 def test_log_lines_are_strict_json_and_truncated_on_resume(tmp_path):
-    assert json.loads(safety.json_line({"loss": float("nan"), "x": [float("inf"), 1.5], "e": {"f": -math.inf}})) == \
+    assert json.loads(safety.json_line({"loss": float("nan"), "x": [float("inf"), 1.5],
+                                        "e": {"f": -math.inf}})) == \
         {"loss": None, "x": [None, 1.5], "e": {"f": None}}
     log = tmp_path / "metrics.jsonl"
-    log.write_text('{"step": 1, "loss": NaN}\n{"step": 2}\n{"step": 3}\n{"step": 2, "eval/f1": 1}\n{"step": 4, "lo')
+    log.write_text('{"step": 1, "loss": NaN}\n{"step": 2}\n{"step": 3}\n'
+                   '{"step": 2, "eval/f1": 1}\n{"step": 4, "lo')
     safety.truncate_log(log, 2)
     assert strict_jsonl(log) == [{"step": 1, "loss": None}, {"step": 2}, {"step": 2, "eval/f1": 1}]
 
@@ -473,19 +521,24 @@ def test_mu_above_one_logs_the_ratio_of_the_last_pass(init_dir):
     net, tok = checkpoints.load_pretrained(init_dir)
     samples = [scenes.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
     task = rft3d.TASKS["detection"]._replace(reward=varied)
-    args = SimpleNamespace(G=4, temperature=1.0, max_new_tokens=12, beta=0.0, eps_low=0.2, eps_high=0.2, mu=3,
-                           adv_scale="group", agg="token", micro_batch=8, max_grad_norm=1.0, reward_opts={})
+    args = SimpleNamespace(G=4, temperature=1.0, max_new_tokens=12, beta=0.0, eps_low=0.2,
+                           eps_high=0.2, mu=3, adv_scale="group", agg="token", micro_batch=8,
+                           max_grad_norm=1.0, reward_opts={})
     torch.manual_seed(0)
-    out = grpo.grpo_step(net, None, tok, task, samples, torch.optim.SGD(net.trainable_parameters(), lr=50.0), args)
-    assert out["ratio"] != 1.0  # after 2 updates the policy is no longer the one that sampled (pass 0 logs 1 always)
+    out = grpo.grpo_step(net, None, tok, task, samples,
+                         torch.optim.SGD(net.trainable_parameters(), lr=50.0), args)
+    # after 2 updates the policy is no longer the one that sampled (pass 0 logs 1 always)
+    assert out["ratio"] != 1.0
 
 
 def test_detection_reward_on_an_empty_scene():
     tagged = lambda a: f"<think>t</think><answer>{a}</answer>"
     assert rewards.detection_reward("garbage, no JSON", [])["total"] == 0.0  # was R_F1 = 1
     assert rewards.detection_reward(tagged("[{]"), [])["f1"] == 0.0
-    assert rewards.detection_reward(tagged("[]"), [])["total"] == 2.0  # saying "nothing" is right: format + F1
-    assert rewards.detection_reward("```json\n[]\n```", [])["f1"] == 1.0  # bare VG-LLM answer: F1 without format
+    # saying "nothing" is right: format + F1
+    assert rewards.detection_reward(tagged("[]"), [])["total"] == 2.0
+    # bare VG-LLM answer: F1 without format
+    assert rewards.detection_reward("```json\n[]\n```", [])["f1"] == 1.0
 
 
 def test_grounding_frame_outside_the_video_earns_nothing():
@@ -494,7 +547,8 @@ def test_grounding_frame_outside_the_video_earns_nothing():
     poses = [[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]] * 2
     assert rewards.format_reward(text(2), "grounding", n_frames=2) == 0.0
     assert rewards.format_reward(text(1), "grounding", n_frames=2) == 1.0
-    assert rewards.grounding_reward(text(2), box, 1, poses)["total"] == 0.0  # was format 1 + frame 0.8
+    # was format 1 + frame 0.8
+    assert rewards.grounding_reward(text(2), box, 1, poses)["total"] == 0.0
     assert rewards.grounding_reward(text(1), box, 1, poses)["total"] == pytest.approx(3.0)
 
 

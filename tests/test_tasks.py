@@ -1,5 +1,5 @@
-"""rft3d.py: prompts are VG-LLM's templates with one placeholder per frame, SFT targets earn the maximal reward,
-records have the agreed fields and never raise."""
+"""rft3d.py: prompts are VG-LLM's templates with one placeholder per frame, SFT targets earn the
+maximal reward, records have the agreed fields and never raise."""
 import json
 import math
 
@@ -11,10 +11,13 @@ import scenes
 import rft3d
 
 DET = ("Detect the 3D bounding boxes in the camera coordinate system of the first frame.",
-       'Output a json list where each entry contains the object name in "label" and its 3D bounding box in "bbox_3d".',
-       "The 3D bounding box format should be [x_center, y_center, z_center, x_size, y_size, z_size, yaw, roll, pitch].")
+       'Output a json list where each entry contains the object name in "label" and its 3D '
+       'bounding box in "bbox_3d".',
+       "The 3D bounding box format should be "
+       "[x_center, y_center, z_center, x_size, y_size, z_size, yaw, roll, pitch].")
 GROUND = ("Localize the first clear frame in the video showing the object described in the text.",
-          'Output a JSON dictionary with the frame index in "frame" and its 3D bounding box in "bbox_3d" in the '
+          'Output a JSON dictionary with the frame index in "frame" and its 3D bounding box in '
+          '"bbox_3d" in the '
           "frame's coordinates.")
 
 
@@ -51,7 +54,8 @@ def test_spatial_prompt():
         assert p.count("<image>") == len(s.frames)
         text = p.replace("<image>", "")
         if s.options:
-            assert text == ("These are frames of a video.\n" + s.question + "\nOptions:\n" + "\n".join(s.options)
+            assert text == ("These are frames of a video.\n" + s.question + "\nOptions:\n"
+                            + "\n".join(s.options)
                             + "\nAnswer with the option's letter from the given choices directly.")
         else:
             assert text == ("These are frames of a video.\n" + s.question
@@ -83,7 +87,8 @@ def test_target_numbers_have_two_decimals():
     assert [b["label"] for b in boxes] == [b["label"] for b in s.boxes]
     nums = answer.split("[", 2)[2].split("]")[0].split(", ")
     assert all(len(x.split(".")[1]) == 2 for x in nums) and "-0.00" not in answer
-    assert np.allclose([b["bbox_3d"] for b in boxes], [b["bbox_3d"] for b in s.boxes], atol=0.005 + 1e-9)
+    assert np.allclose([b["bbox_3d"] for b in boxes], [b["bbox_3d"] for b in s.boxes],
+                       atol=0.005 + 1e-9)
 
 
 def test_records():
@@ -97,7 +102,8 @@ def test_records():
     json.dumps(rec)
     g = samples("grounding", 1)[0]
     rec = rft3d.TASKS["grounding"].record(g, rft3d.TASKS["grounding"].target(g))
-    assert rec["frame_pred"] == rec["frame_gt"] == g.target_frame and rec["iou"] > 0.85 and rec["parsed"]
+    assert (rec["frame_pred"] == rec["frame_gt"] == g.target_frame and rec["iou"] > 0.85
+            and rec["parsed"])
     assert rec["unique"] == g.meta["unique"]
     sp = samples("spatial", 1)[0]
     rec = rft3d.TASKS["spatial"].record(sp, rft3d.TASKS["spatial"].target(sp))
@@ -130,8 +136,9 @@ def test_exported_data_gives_the_same_prompts_and_targets(task, tmp_path):
 
 def test_rewards_and_records_are_total_on_hostile_text():
     """Eval records parse model output too: deep nesting, 1 MB of text, NaN and junk never raise."""
-    hostile = ["<answer>" + "[" * 100000 + "]" * 100000 + "</answer>", "[" * 200000, "x" * 1_000_000,
-               '<answer>{"frame": 1e999, "bbox_3d": [NaN, 1, 2]}</answer>', "<answer></answer>", "\x00\ud800"]
+    hostile = ["<answer>" + "[" * 100000 + "]" * 100000 + "</answer>", "[" * 200000,
+               "x" * 1_000_000, '<answer>{"frame": 1e999, "bbox_3d": [NaN, 1, 2]}</answer>',
+               "<answer></answer>", "\x00\ud800"]
     for name, task in rft3d.TASKS.items():
         sample = scenes.SyntheticDataset(name, 1, seed=3)[0]
         for text in hostile:
@@ -142,31 +149,39 @@ def test_rewards_and_records_are_total_on_hostile_text():
 
 
 def _unframed(n_frames=4):
-    """A ScanRefer val-like grounding row: poses, a world box, no target frame (the field at its default)."""
-    return data.Sample(id="scanrefer-val-7", task="grounding", frames=np.zeros((n_frames, 4, 4, 3), np.uint8),
-                       cam2global=np.stack([np.eye(4)] * n_frames), world_box=[0, 0, 2, 1, 1, 1, 0, 0, 0],
-                       description="the box")
+    """A ScanRefer val-like grounding row: poses, a world box, no target frame
+    (the field at its default)."""
+    return data.Sample(id="scanrefer-val-7", task="grounding",
+                       frames=np.zeros((n_frames, 4, 4, 3), np.uint8),
+                       cam2global=np.stack([np.eye(4)] * n_frames),
+                       world_box=[0, 0, 2, 1, 1, 1, 0, 0, 0], description="the box")
 
 
 def test_grounding_row_without_a_target_frame():
     s = _unframed()
-    assert s.target_frame is None   # "no target frame" is explicit, not a -1 that reads as a frame index
+    # "no target frame" is explicit, not a -1 that reads as a frame index
+    assert s.target_frame is None
     T = rft3d.TASKS["grounding"]
-    for f in range(4):   # the world box seen from any (identity) camera: perfect IoU, never frame credit
-        text = f'<think>t</think><answer>{{"frame": {f}, "bbox_3d": [0, 0, 2, 1, 1, 1, 0, 0, 0]}}</answer>'
+    # the world box seen from any (identity) camera: perfect IoU, never frame credit
+    for f in range(4):
+        text = (f'<think>t</think><answer>{{"frame": {f}, '
+                f'"bbox_3d": [0, 0, 2, 1, 1, 1, 0, 0, 0]}}</answer>')
         for window in ("scaled", "fixed"):
             assert T.reward(s, text, frame_window=window) == pytest.approx(
                 {"total": 2.0, "format": 1.0, "frame": 0.0, "iou": 1.0}), (f, window)
         rec = T.record(s, text)
-        assert rec["frame_gt"] is None and rec["frame_pred"] == f and rec["iou"] == pytest.approx(1.0)
+        assert (rec["frame_gt"] is None and rec["frame_pred"] == f
+                and rec["iou"] == pytest.approx(1.0))
         assert json.loads(json.dumps(rec))["frame_gt"] is None
-    with pytest.raises(ValueError, match="scanrefer-val-7"):   # SFT on grounding needs a target frame
+    # SFT on grounding needs a target frame
+    with pytest.raises(ValueError, match="scanrefer-val-7"):
         T.target(s)
 
 
 def test_grounding_reward_takes_the_frame_window():
-    """rft3d passes the trainer's reward_opts on: frame_window "scaled" (default, tau = 5 S / 32) or "fixed"
-    (5). The sample's own frame count sets S: here 4 frames, so one frame off pays 0 scaled, 1 - 1/5 fixed."""
+    """rft3d passes the trainer's reward_opts on: frame_window "scaled" (default,
+    tau = 5 S / 32) or "fixed" (5). The sample's own frame count sets S: here 4 frames, so one
+    frame off pays 0 scaled, 1 - 1/5 fixed."""
     T = rft3d.TASKS["grounding"]
     s = samples("grounding", 1, frames=4)[0]
     k = s.target_frame
@@ -182,8 +197,8 @@ def test_grounding_reward_takes_the_frame_window():
 
 
 def test_detection_iou_gt_on_an_empty_scene_agrees_with_f1():
-    """A scene without objects: saying "nothing" ([]) is perfect, boxes or unparseable text are not; the
-    record's iou_gt and eval's per-scene F1 say the same (1, 0, 0)."""
+    """A scene without objects: saying "nothing" ([]) is perfect, boxes or unparseable text are not;
+    the record's iou_gt and eval's per-scene F1 say the same (1, 0, 0)."""
     import compare
     s = data.Sample(id="empty", task="detection", frames=np.zeros((2, 4, 4, 3), np.uint8), boxes=[])
     T = rft3d.TASKS["detection"]
@@ -197,4 +212,5 @@ def test_detection_iou_gt_on_an_empty_scene_agrees_with_f1():
     want = [1.0, 1.0, 0.0, 0.0, 0.0]
     assert per["iou_gt"].tolist() == per["f1_25"].tolist() == per["f1_50"].tolist() == want
     # the "gt" training reward agrees too
-    assert [T.reward(s, text, iou_mode="gt")["iou"] for text, _ in cases] == [want for _, want in cases]
+    assert ([T.reward(s, text, iou_mode="gt")["iou"] for text, _ in cases]
+            == [want for _, want in cases])

@@ -1,5 +1,5 @@
-"""Training end to end on the tiny default: GRPO pitfalls on a real model, DDP == 1 process, FSDP2 == DDP,
-exact resume, and SFT -> GRPO -> eval.py exiting cleanly with finite metrics."""
+"""Training end to end on the tiny default: GRPO pitfalls on a real model, DDP == 1 process,
+FSDP2 == DDP, exact resume, and SFT -> GRPO -> eval.py exiting cleanly with finite metrics."""
 import json
 import math
 import os
@@ -21,8 +21,8 @@ import scenes
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2", "--warmup", "1",
-        "--test-size", "0"]
+FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2",
+        "--warmup", "1", "--test-size", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def assert_same_params(a, b, atol):
 
 
 def assert_resume_exact(common, stage, tmp_path):
-    """Two steps uninterrupted == one step, stopped, then resumed to two: the same final weights bit for bit (CPU),
-    and the run did move (the final weights differ from step 1's)."""
+    """Two steps uninterrupted == one step, stopped, then resumed to two: the same final weights bit
+    for bit (CPU), and the run did move (the final weights differ from step 1's)."""
     train.main([*common, "--steps", "2", "--out", str(tmp_path / "a")])
     train.main([*common, "--steps", "1", "--out", str(tmp_path / "b")])
     train.main([*common, "--steps", "2", "--resume", "--out", str(tmp_path / "b")])
@@ -61,8 +61,8 @@ def assert_resume_exact(common, stage, tmp_path):
 
 def torchrun(nproc, argv, tmp, script="train.py"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / script), *argv]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", str(ROOT / script), *argv]
     r = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r
@@ -73,14 +73,16 @@ def torchrun(nproc, argv, tmp, script="train.py"):
 
 
 def test_step0_ratio_is_one_and_kl_is_zero(init_dir):
-    """Policy == reference and pi_old == pi_theta at step 0, dropout off: ratio exactly 1, KL exactly 0
-    (mu = 2 stores logp_old from a separate no-grad pass, so this compares two different forwards)."""
+    """Policy == reference and pi_old == pi_theta at step 0, dropout off: ratio exactly
+    1, KL exactly 0 (mu = 2 stores logp_old from a separate no-grad pass, so this
+    compares two different forwards)."""
     net, tok = checkpoints.load_pretrained(init_dir)
     ref, _ = checkpoints.load_pretrained(init_dir)
     ref.requires_grad_(False).eval()
     samples = [scenes.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
-    args = SimpleNamespace(G=3, temperature=0.7, max_new_tokens=12, beta=0.1, eps_low=0.2, eps_high=0.2, mu=2,
-                           adv_scale="group", agg="token", micro_batch=4, max_grad_norm=1.0, reward_opts={})
+    args = SimpleNamespace(G=3, temperature=0.7, max_new_tokens=12, beta=0.1, eps_low=0.2,
+                           eps_high=0.2, mu=2, adv_scale="group", agg="token", micro_batch=4,
+                           max_grad_norm=1.0, reward_opts={})
     opt = torch.optim.SGD(net.trainable_parameters(), lr=0.0)
     out = grpo.grpo_step(net, ref, tok, rft3d.TASKS["detection"], samples, opt, args)
     assert out["ratio"] == 1.0 and out["kl"] == 0.0 and out["clip_frac"] == 0.0
@@ -88,8 +90,9 @@ def test_step0_ratio_is_one_and_kl_is_zero(init_dir):
 
 
 def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
-    """The distribution the tokens were sampled from (transformers' processed scores at temperature T)
-    equals what model.forward scores at the same T: no temperature mismatch, no off-by-one shift."""
+    """The distribution the tokens were sampled from (transformers' processed scores at
+    temperature T) equals what model.forward scores at the same T: no temperature
+    mismatch, no off-by-one shift."""
     net, tok = checkpoints.load_pretrained(init_dir)
     net.eval()
     samples = [scenes.SyntheticDataset("grounding", 2, seed=1, frames=2)[i] for i in range(2)]
@@ -99,9 +102,10 @@ def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
     T = 0.6
     torch.manual_seed(0)
     with torch.no_grad():
-        out = net.qwen.generate(**{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
-                                generation_config=decoding.generation_config(net, 10, T), output_scores=True,
-                                return_dict_in_generate=True, **net.mm_inputs(batch["image_grid_thw"], enc))
+        out = net.qwen.generate(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
+            generation_config=decoding.generation_config(net, 10, T), output_scores=True,
+            return_dict_in_generate=True, **net.mm_inputs(batch["image_grid_thw"], enc))
     P = batch["input_ids"].shape[1]
     completion = out.sequences[:, P:]
     sampled = torch.stack([torch.log_softmax(s.float(), -1).gather(1, completion[:, j:j + 1])[:, 0]
@@ -119,11 +123,13 @@ def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
 
 
 def test_ddp_two_processes_equal_one_with_accumulation(init_dir, tmp_path):
-    common = ["--stage", "sft", "--task", "detection", "--model", init_dir, "--steps", "3", "--train-size", "64",
-              "--eval-every", "100", "--save-every", "100", *FAST]
+    common = ["--stage", "sft", "--task", "detection", "--model", init_dir, "--steps", "3",
+              "--train-size", "64", "--eval-every", "100", "--save-every", "100", *FAST]
     torchrun(2, [*common, "--batch-size", "2", "--out", str(tmp_path / "ddp")], tmp_path)
-    torchrun(2, [*common, "--batch-size", "2", "--shard", "fsdp", "--out", str(tmp_path / "fsdp")], tmp_path)
-    train.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")])  # 2 micro-batches of 2
+    torchrun(2, [*common, "--batch-size", "2", "--shard", "fsdp", "--out", str(tmp_path / "fsdp")],
+             tmp_path)
+    # 2 micro-batches of 2
+    train.main([*common, "--batch-size", "4", "--out", str(tmp_path / "one")])
     assert_same_params(tmp_path / "ddp/sft/final", tmp_path / "one/sft/final", atol=1e-5)
     assert_same_params(tmp_path / "fsdp/sft/final", tmp_path / "ddp/sft/final", atol=1e-5)
     assert not torch.equal(params(tmp_path / "one/sft/final")["merger.mlp.0.weight"],
@@ -132,23 +138,27 @@ def test_ddp_two_processes_equal_one_with_accumulation(init_dir, tmp_path):
 
 @pytest.mark.parametrize("shard", ["ddp", "fsdp"])
 def test_grpo_runs_under_torchrun(init_dir, tmp_path, shard):
-    """Each rank owns whole groups; FSDP generation stays in lock-step (synced_gpus) and does not hang."""
-    torchrun(2, ["--stage", "grpo", "--task", "spatial", "--model", init_dir, "--steps", "2", "--G", "2",
-                 "--prompts-per-rank", "2", "--shard", shard, "--out", str(tmp_path), *FAST], tmp_path)
+    """Each rank owns whole groups; FSDP generation stays in lock-step
+    (synced_gpus) and does not hang."""
+    torchrun(2, ["--stage", "grpo", "--task", "spatial", "--model", init_dir, "--steps", "2",
+                 "--G", "2", "--prompts-per-rank", "2", "--shard", shard, "--out", str(tmp_path),
+                 *FAST], tmp_path)
     lines = [json.loads(x) for x in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "reward" in x] == [1, 2]
     assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
 
 
 def test_resume_is_bit_exact(init_dir, tmp_path, monkeypatch):
-    """GRPO stopped after 1 step and resumed equals 2 uninterrupted steps, bit for bit (CPU): optimiser
-    moments, sampling RNG and data position all come back. An untrained model earns reward 0 everywhere
-    (no gradient at all), so a stand-in reward that varies with the text makes the steps move."""
+    """GRPO stopped after 1 step and resumed equals 2 uninterrupted steps, bit for bit
+    (CPU): optimiser moments, sampling RNG and data position all come back. An untrained
+    model earns reward 0 everywhere (no gradient at all), so a stand-in reward that varies
+    with the text makes the steps move."""
     task = rft3d.TASKS["detection"]
     varied = lambda sample, text, **_: {"total": (len(text) % 7) / 7, "format": 0.0}
     monkeypatch.setitem(rft3d.TASKS, "detection", task._replace(reward=varied))
-    common = ["--stage", "grpo", "--task", "detection", "--model", init_dir, "--G", "2", "--prompts-per-rank", "2",
-              "--eval-every", "100", "--save-every", "1", "--lr", "1e-2", "--mu", "2", *FAST]
+    common = ["--stage", "grpo", "--task", "detection", "--model", init_dir, "--G", "2",
+              "--prompts-per-rank", "2", "--eval-every", "100", "--save-every", "1", "--lr", "1e-2",
+              "--mu", "2", *FAST]
     assert_resume_exact(common, "grpo", tmp_path)
 
 
@@ -158,21 +168,26 @@ def test_resume_is_bit_exact(init_dir, tmp_path, monkeypatch):
 
 def test_sft_then_grpo_then_eval(tmp_path):
     out = tmp_path / "run"
-    train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2", "--out", str(out), *FAST])
-    train.main(["--stage", "grpo", "--task", "grounding", "--steps", "2", "--G", "2", "--prompts-per-rank", "2",
-                "--out", str(out), *FAST, "--test-size", "3"])  # starts from the SFT model in out/sft/best
+    train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2",
+                "--out", str(out), *FAST])
+    # starts from the SFT model in out/sft/best
+    train.main(["--stage", "grpo", "--task", "grounding", "--steps", "2", "--G", "2",
+                "--prompts-per-rank", "2", "--out", str(out), *FAST, "--test-size", "3"])
     sft_rows = [json.loads(x) for x in (out / "sft/metrics.jsonl").read_text().splitlines()]
-    assert all(r["step_time"] > 0 for r in sft_rows if "loss" in r)  # bench.py's wall time per arm reads it
+    # bench.py's wall time per arm reads it
+    assert all(r["step_time"] > 0 for r in sft_rows if "loss" in r)
     lines = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
     # the main command's last part: start vs GRPO on 3 test scenes, paired, and the curves
     report = json.loads((out / "grpo/report.json").read_text())
     assert report["test_size"] == 3 and set(report["means"]) == {"SFT start", "GRPO"}
     assert (out / "grpo/curves.png").stat().st_size > 0
-    for key in ("reward", "reward_std", "zero_std_frac", "kl", "clip_frac", "ratio", "entropy", "completion_len",
-                "truncated", "reward_format", "reward_frame", "reward_iou", "lr", "grad_norm", "step_time", "tokens_per_s"):
+    for key in ("reward", "reward_std", "zero_std_frac", "kl", "clip_frac", "ratio", "entropy",
+                "completion_len", "truncated", "reward_format", "reward_frame", "reward_iou", "lr",
+                "grad_norm", "step_time", "tokens_per_s"):
         assert key in lines[0] and math.isfinite(lines[0][key]), key
-    evaluation.main(["--ckpt", str(out / "grpo/final"), "--task", "grounding", "--test-size", "3", "--frames", "2",
-                     "--max-new-tokens", "16", "--viz", "2", "--out", str(tmp_path / "ev")])
+    evaluation.main(["--ckpt", str(out / "grpo/final"), "--task", "grounding", "--test-size", "3",
+                     "--frames", "2", "--max-new-tokens", "16", "--viz", "2",
+                     "--out", str(tmp_path / "ev")])
     metrics = json.loads((tmp_path / "ev/metrics.json").read_text())
     for key in ("acc@0.25", "acc@0.5", "iou", "frame_acc", "parse_rate"):
         assert math.isfinite(metrics[key]), key
@@ -181,13 +196,15 @@ def test_sft_then_grpo_then_eval(tmp_path):
 
 
 def test_batch_defaults_are_per_step_over_ranks(monkeypatch):
-    """The defaults keep 16 SFT samples / 4 GRPO prompts per optimiser step whatever torchrun's world size, so
-    `--nproc_per_node 2` is the README recipe run faster; an explicit value stays per rank."""
+    """The defaults keep 16 SFT samples / 4 GRPO prompts per optimiser step whatever
+    torchrun's world size, so `--nproc_per_node 2` is the README recipe run faster; an
+    explicit value stays per rank."""
     for world, (batch, prompts) in {"1": (16, 4), "2": (8, 2), "4": (4, 1), "8": (2, 1)}.items():
         monkeypatch.setenv("WORLD_SIZE", world)
         args = train.get_args(["--stage", "grpo"])
         assert (args.batch_size, args.prompts_per_rank) == (batch, prompts), world
-        assert train.get_args(["--stage", "grpo"], stage="sft").batch_size == batch  # the warm-up's own parse
+        # the warm-up's own parse
+        assert train.get_args(["--stage", "grpo"], stage="sft").batch_size == batch
     assert train.get_args(["--batch-size", "3", "--prompts-per-rank", "5"]).batch_size == 3
 
 
@@ -200,34 +217,39 @@ def _fsdp_bf16_worker(rank, init_dir, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         net, tok = checkpoints.load_pretrained(init_dir)
-        args = train.get_args(["--shard", "fsdp", "--bf16", "--G", "4", "--max-new-tokens", "6", "--micro-batch", "4",
-                               "--beta", "0"])
+        args = train.get_args(["--shard", "fsdp", "--bf16", "--G", "4", "--max-new-tokens", "6",
+                               "--micro-batch", "4", "--beta", "0"])
         policy = train.wrap(net, args, torch.device("cpu"))
         prefilled, merged = [], []
-        # the prefill is the one call of the language model with a cache (scoring passes run without one)
+        # the prefill is the one call of the language model with a cache
+        # (scoring passes run without one)
         net.qwen.model.language_model.register_forward_pre_hook(
-            lambda m, a, kw: prefilled.append(kw["inputs_embeds"].shape[0]) if kw.get("use_cache") else None,
+            lambda m, a, kw: (prefilled.append(kw["inputs_embeds"].shape[0])
+                              if kw.get("use_cache") else None),
             with_kwargs=True)
         net.merger.register_forward_hook(lambda *_: merged.append(1))
-        samples = [scenes.SyntheticDataset("detection", 4, seed=5 + rank, frames=2)[i] for i in range(2)]  # B = 2
+        samples = [scenes.SyntheticDataset("detection", 4, seed=5 + rank, frames=2)[i]
+                   for i in range(2)]  # B = 2
         opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
         torch.manual_seed(rank)
         grpo.grpo_step(policy, None, tok, rft3d.TASKS["detection"], samples, opt, args)
         torch.save({"prefilled": prefilled, "merged": len(merged),
-                    "dtype": str(net.qwen.lm_head.weight.dtype)}, os.path.join(out_dir, f"rank{rank}.pt"))
+                    "dtype": str(net.qwen.lm_head.weight.dtype)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_fsdp_bf16_keeps_encode_once_and_shared_prefill(init_dir, tmp_path):
-    """Under --shard fsdp --bf16 FSDP2 casts forward inputs, and its cast rebuilds every dataclass: the Encoding
-    objects G rows share became G distinct ones, so all B*G rows were prefilled and the trainable merger ran G times
-    per prompt (same values, G times the work and activations). On two gloo ranks, one GRPO step of B = 2 prompts
-    x G = 4 (one micro-batch): the rollout prefills B rows once, and the merger runs B times in the rollout and B
-    times in the scoring forward, not B * G."""
+    """Under --shard fsdp --bf16 FSDP2 casts forward inputs, and its cast rebuilds every
+    dataclass: the Encoding objects G rows share became G distinct ones, so all B*G rows were
+    prefilled and the trainable merger ran G times per prompt (same values, G times the work and
+    activations). On two gloo ranks, one GRPO step of B = 2 prompts x G = 4 (one micro-batch): the
+    rollout prefills B rows once, and the merger runs B times in the rollout and B times in the
+    scoring forward, not B * G."""
     import torch.multiprocessing as mp
-    mp.start_processes(_fsdp_bf16_worker, args=(init_dir, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                       join=True, start_method="fork")
+    mp.start_processes(_fsdp_bf16_worker, args=(init_dir, str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert r["prefilled"] == [2], r
@@ -243,13 +265,15 @@ class Started(Exception):
 
 
 @pytest.mark.parametrize("main", [train.main, evaluation.main], ids=["train", "eval"])
-def test_each_rank_is_bound_to_its_gpu_before_the_process_group(init_dir, tmp_path, monkeypatch, main):
-    """As torchrun's rank 1 of 2 on a (pretended) GPU machine: the process binds cuda:1 (torch.cuda.set_device)
-    before the process group starts, and tells the group its device. eval.py did neither, so every rank's NCCL
-    all_gather_object landed on cuda:0 and NCCL refused."""
+def test_each_rank_is_bound_to_its_gpu_before_the_process_group(init_dir, tmp_path, monkeypatch,
+                                                                main):
+    """As torchrun's rank 1 of 2 on a (pretended) GPU machine: the process binds cuda:1
+    (torch.cuda.set_device) before the process group starts, and tells the group its device. eval.py
+    did neither, so every rank's NCCL all_gather_object landed on cuda:0 and NCCL refused."""
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: calls.append(("set_device", torch.device(d))))
 
     def init_process_group(backend, **kw):
         calls.append(("init", backend, kw.get("device_id")))
@@ -261,18 +285,20 @@ def test_each_rank_is_bound_to_its_gpu_before_the_process_group(init_dir, tmp_pa
             evaluation.main: ["--ckpt", init_dir, "--test-size", "2", "--frames", "2"]}[main]
     with pytest.raises(Started):
         main(argv)
-    assert calls == [("set_device", torch.device("cuda", 1)), ("init", "nccl", torch.device("cuda", 1))]
+    assert calls == [("set_device", torch.device("cuda", 1)),
+                     ("init", "nccl", torch.device("cuda", 1))]
 
 
 def test_eval_two_ranks_gather_every_record_once(init_dir, tmp_path):
-    """torchrun --nproc_per_node 2 eval.py on 5 scenes (an odd count: rank 1's shard is padded with a repeat that
-    must be dropped): predictions.jsonl holds each scene exactly once, in order, and the same greedy completions as
-    one process decoding all 5."""
-    common = ["--ckpt", init_dir, "--task", "detection", "--test-size", "5", "--frames", "2", "--max-new-tokens", "12",
-              "--batch-size", "2"]
+    """torchrun --nproc_per_node 2 eval.py on 5 scenes (an odd count: rank 1's shard is padded with
+    a repeat that must be dropped): predictions.jsonl holds each scene exactly once, in order, and
+    the same greedy completions as one process decoding all 5."""
+    common = ["--ckpt", init_dir, "--task", "detection", "--test-size", "5", "--frames", "2",
+              "--max-new-tokens", "12", "--batch-size", "2"]
     torchrun(2, [*common, "--out", str(tmp_path / "two")], tmp_path, script="eval.py")
     evaluation.main([*common, "--out", str(tmp_path / "one")])
-    read = lambda d: [json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+    read = lambda d: [json.loads(x)
+                      for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
     two, one = read("two"), read("one")
     assert [r["index"] for r in two] == [0, 1, 2, 3, 4]
     assert [r["completion"] for r in two] == [r["completion"] for r in one]
@@ -280,27 +306,33 @@ def test_eval_two_ranks_gather_every_record_once(init_dir, tmp_path):
 
 
 def test_readme_real_data_commands_on_fakes_in_the_real_layouts(init_dir, tmp_path):
-    """The README's "real thing" recipe at toy size on two gloo ranks: GRPO on ScanRefer-layout JSON with
-    --val-data, FSDP2, bf16, gradient checkpointing; then eval.py on the validation file under torchrun. What a
-    CPU cannot check (NCCL, CUDA graphs, real sizes) is listed in the README."""
+    """The README's "real thing" recipe at toy size on two gloo ranks: GRPO on ScanRefer-layout JSON
+    with --val-data, FSDP2, bf16, gradient checkpointing; then eval.py on the validation file under
+    torchrun. What a CPU cannot check (NCCL, CUDA graphs, real sizes) is listed in the README."""
     import data
-    train_file = data.export_vgllm(scenes.SyntheticDataset("grounding", 4, seed=21, frames=2), str(tmp_path / "tr"))
-    val_file = data.export_vgllm(scenes.SyntheticDataset("grounding", 3, seed=22, frames=2), str(tmp_path / "va"))
+    train_file = data.export_vgllm(scenes.SyntheticDataset("grounding", 4, seed=21, frames=2),
+                                   str(tmp_path / "tr"))
+    val_file = data.export_vgllm(scenes.SyntheticDataset("grounding", 3, seed=22, frames=2),
+                                 str(tmp_path / "va"))
     media = str(tmp_path / "tr" / "media")
-    (tmp_path / "va" / "media" / "synthetic").rename(tmp_path / "tr" / "media" / "val")  # one media root
+    # one media root
+    (tmp_path / "va" / "media" / "synthetic").rename(tmp_path / "tr" / "media" / "val")
     rows = json.loads(Path(val_file).read_text())
     for r in rows:
         r["images"] = [p.replace("synthetic/", "val/", 1) for p in r["images"]]
     Path(val_file).write_text(json.dumps(rows))
-    torchrun(2, ["--stage", "grpo", "--task", "grounding", "--model", init_dir, "--data", train_file,
-                 "--val-data", val_file, "--media-root", media, "--frames", "2", "--shard", "fsdp", "--bf16",
-                 "--grad-ckpt", "--G", "2", "--prompts-per-rank", "1", "--micro-batch", "2", "--steps", "2",
+    torchrun(2, ["--stage", "grpo", "--task", "grounding", "--model", init_dir,
+                 "--data", train_file, "--val-data", val_file, "--media-root", media,
+                 "--frames", "2", "--shard", "fsdp", "--bf16", "--grad-ckpt", "--G", "2",
+                 "--prompts-per-rank", "1", "--micro-batch", "2", "--steps", "2",
                  "--max-new-tokens", "12", "--out", str(tmp_path / "run")], tmp_path)
     logged = [json.loads(x) for x in (tmp_path / "run/grpo/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "reward" in r] == [1, 2]
     assert all(r["skipped"] == 0 for r in logged if "reward" in r)
-    assert [r.get("eval/n") for r in logged if "eval/n" in r][-1] == 3  # validated on the 3 rows of --val-data
-    torchrun(2, ["--ckpt", str(tmp_path / "run/grpo/final"), "--task", "grounding", "--data", val_file,
-                 "--media-root", media, "--frames", "2", "--max-new-tokens", "12", "--out", str(tmp_path / "ev")],
+    # validated on the 3 rows of --val-data
+    assert [r.get("eval/n") for r in logged if "eval/n" in r][-1] == 3
+    torchrun(2, ["--ckpt", str(tmp_path / "run/grpo/final"), "--task", "grounding",
+                 "--data", val_file, "--media-root", media, "--frames", "2",
+                 "--max-new-tokens", "12", "--out", str(tmp_path / "ev")],
              tmp_path, script="eval.py")
     assert len((tmp_path / "ev/predictions.jsonl").read_text().splitlines()) == 3
