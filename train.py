@@ -305,7 +305,7 @@ def train(args):
     # 4. Data: each rank reads its own slice of every global batch.
     per_rank = args.batch_size if args.stage == "sft" else args.prompts_per_rank
     sampler = data.StepSampler(len(train_set), per_rank, rank, world, args.seed, step,
-                          shuffle=len(train_set) < 10**7, mix=data_info["mix"])
+                               shuffle=len(train_set) < 10**7, mix=data_info["mix"])
     loader = iter(torch.utils.data.DataLoader(train_set, batch_sampler=sampler,
                                               collate_fn=data.collate, num_workers=args.workers))
     # Seed (or restore) the sampling stream only now: creating the loader iterator draws from it.
@@ -346,7 +346,7 @@ def train(args):
                 safety.save_model(policy, tokenizer, stage_dir / "best", rank)
         if step % args.save_every == 0 or step == args.steps:
             safety.save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank,
-                            {"best": best})
+                                   {"best": best})
     bar.close()
     safety.save_model(policy, tokenizer, stage_dir / "final", rank)
     if rank == 0:

@@ -214,12 +214,15 @@ def test_batch_defaults_are_per_step_over_ranks(monkeypatch):
 
 def _fsdp_bf16_worker(rank, init_dir, init_file, out_dir):
     import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         net, tok = checkpoints.load_pretrained(init_dir)
         args = train.get_args(["--shard", "fsdp", "--bf16", "--G", "4", "--max-new-tokens", "6",
                                "--micro-batch", "4", "--beta", "0"])
         policy = train.wrap(net, args, torch.device("cpu"))
+        assert isinstance(policy, FSDPModule), "not sharded: the test would measure DDP"
         prefilled, merged = [], []
         # the prefill is the one call of the language model with a cache
         # (scoring passes run without one)
