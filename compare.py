@@ -11,6 +11,7 @@ metrics.jsonl).
      errors, tables
   2. claim: DESIGN.md section 9's 3-standard-error rule
   3. plots with matplotlib: the training curves of a run; the main command's closing report
+     (greedy, sampled at the training temperature, best of G)
 """
 import json
 import math
@@ -70,6 +71,14 @@ def per_scene(task_name, records):
                                    for r in records]),
                 "parse": parse}
     return {"score": np.array([_finite(r.get("score")) for r in records]), "parse": parse}
+
+
+def sampled(task_name, records, n):
+    """Records of n samples per scene (eval.evaluate(samples=n), ordered by scene then sample) ->
+    (mean, best): per-scene metrics averaged over the n samples (the policy GRPO optimises, at its
+    temperature) and their maximum (best of n: what the policy can reach)."""
+    per = {k: v.reshape(-1, n) for k, v in per_scene(task_name, records).items()}  # [scenes, n]
+    return {k: v.mean(1) for k, v in per.items()}, {k: v.max(1) for k, v in per.items()}
 
 
 def paired(a, b):
@@ -171,32 +180,45 @@ def plot(path, panels, xlabel="step"):
 
 
 def training_curves(path, metrics_jsonl, primary, task, val_size, smooth=10):
-    """A GRPO run's curves.png from its metrics.jsonl: the training reward (and its mean over
-    `smooth` steps) and the validation metric `primary` over the steps."""
+    """A GRPO run's curves.png from its metrics.jsonl: the training reward (each step and its mean
+    over `smooth` steps), each reward term, KL to the reference and entropy (means over `smooth`
+    steps), and the validation metric `primary` over the steps."""
     rows = [json.loads(x) for x in open(metrics_jsonl)]
     steps = [r for r in rows if "reward" in r]
     xs = [r["step"] for r in steps]
-    mean = [float(np.mean([r["reward"] for r in steps[max(0, i - smooth + 1):i + 1]]))
-            for i in range(len(steps))]
+    mean = lambda key: (xs, [float(np.mean([r[key] for r in steps[max(0, i - smooth + 1):i + 1]
+                                             if r.get(key) is not None] or [math.nan]))
+                             for i in range(len(steps))])
+    terms = sorted(k for k in (steps[0] if steps else {})
+                   if k.startswith("reward_") and k not in ("reward_std", "reward_n_pred"))
     val = [r for r in rows if f"eval/{primary}" in r]
     plot(path, [(f"GRPO training reward ({task}, format + task terms)",
-                 {"reward": (xs, [r["reward"] for r in steps]),
-                  f"mean of {smooth} steps": (xs, mean)}),
-                (f"validation {primary} ({val_size} scenes)",
+                 {"reward": (xs, [r["reward"] for r in steps]), f"mean of {smooth} steps":
+                  mean("reward")}),
+                (f"reward terms (mean of {smooth} steps)", {k[7:]: mean(k) for k in terms}),
+                (f"KL to the reference (k3, per token; mean of {smooth} steps)",
+                 {"KL": mean("kl")}),
+                (f"entropy of the policy (per token; mean of {smooth} steps)",
+                 {"entropy": mean("entropy")}),
+                (f"validation {primary} ({val_size} scenes, greedy)",
                  {"GRPO": ([r["step"] for r in val], [r[f"eval/{primary}"] for r in val])})])
 
 
 def closing_report(task, per, start, grpo_dir, primary, val_size):
-    """The main command's closing table (train.report): the SFT start and the GRPO result on the
-    same test scenes, paired per scene, the claim rule's verdict for one run, grpo/curves.png and
-    grpo/report.json. per: {"SFT start": per_scene dict, "GRPO": per_scene dict}."""
-    n = len(next(iter(per["GRPO"].values())))
-    print(f"\n== {task}: the SFT start ({start}) vs GRPO ({grpo_dir / 'best'}), {n} unseen test "
-          f"scenes, paired per scene (mean +- standard error) ==")
-    diffs = compare_table(task, per, base="SFT start")
-    print(claim(task, diffs["GRPO"]) + " (one run, one seed)")
+    """The main command's closing tables (train.report): the SFT start and the GRPO result on the
+    same test scenes, paired per scene, three ways: greedy (what eval reports), sampled at the
+    training temperature (mean over G samples per scene: the policy GRPO optimises) and best of G
+    (what that policy can reach); the claim rule's verdict for one run on each; grpo/curves.png and
+    grpo/report.json. per: {way: {"SFT start": per_scene dict, "GRPO": per_scene dict}}."""
+    n = len(next(iter(per["greedy"]["GRPO"].values())))
+    report = {"test_size": n, "start": str(start)}
+    for way, arms in per.items():
+        print(f"\n== {task}, {way}: the SFT start ({start}) vs GRPO ({grpo_dir / 'best'}), {n} "
+              f"unseen test scenes, paired per scene (mean +- standard error) ==")
+        diffs = compare_table(task, arms, base="SFT start")
+        print(claim(task, diffs["GRPO"]) + " (one run, one seed)")
+        means = {k: {m: float(np.nanmean(v)) for m, v in d.items()} for k, d in arms.items()}
+        report[way] = {"diffs": diffs, "means": means}
     training_curves(grpo_dir / "curves.png", grpo_dir / "metrics.jsonl", primary, task, val_size)
-    means = {k: {m: float(np.nanmean(v)) for m, v in d.items()} for k, d in per.items()}
-    summary = {"test_size": n, "start": str(start), "diffs": diffs, "means": means}
-    (grpo_dir / "report.json").write_text(json.dumps(summary, indent=1))
+    (grpo_dir / "report.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {grpo_dir / 'curves.png'} and {grpo_dir / 'report.json'}")

@@ -189,9 +189,13 @@ PRIMARY_METRIC = {"detection": "f1@0.25/micro", "grounding": "acc@0.25", "spatia
 
 @torch.no_grad()
 def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16, think=True,
-             synced_gpus=False, progress=False, protocol="ours", proposals=None):
+             synced_gpus=False, progress=False, protocol="ours", proposals=None, samples=0,
+             temperature=1.0):
     """-> {"metrics": dict, "records": list} over the whole dataset, on every rank.
 
+    Greedy by default. samples = n > 0: n completions per scene sampled at `temperature` (the
+    policy GRPO optimises, not its mode), records ordered by (index, sample); the metrics are then
+    over all samples, and compare.sampled gives the mean and best of n per scene.
     Each rank decodes a strided shard; shards are padded to equal length (the padding is dropped) so
     every rank runs the same number of generate calls, which FSDP needs (synced_gpus). protocol:
     "ours" or "published" (rft3d.py). proposals (grounding): {scene: [9-number world boxes]} from
@@ -207,25 +211,30 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     shard += (shard[-1:] or [0]) * (per_rank - len(shard))
     was_training = model.training
     model.eval()
-    records = []
-    for start in tqdm(range(0, per_rank, batch_size), desc=f"eval {task_name}",
+    records, reps = [], max(samples, 1)
+    step = max(batch_size // reps, 1)  # scenes per generate call: batch_size rows in all
+    for start in tqdm(range(0, per_rank, step), desc=f"eval {task_name}",
                       disable=not progress or rank != 0):
-        idx = shard[start:start + batch_size]
-        samples = [dataset[i] for i in idx]
-        missing = (sorted({published.scene_of(s) for s in samples} - set(proposals))
+        idx = shard[start:start + step]
+        items = [dataset[i] for i in idx]
+        missing = (sorted({published.scene_of(s) for s in items} - set(proposals))
                    if proposals is not None else [])
         if missing:   # before decoding anything: a wrong proposals file fails in the first batch
             raise data.DataError(f"--proposals: no proposals for scene {missing[0]!r} (the file "
                                  f"has {len(proposals)} scenes, e.g. {sorted(proposals)[:3]})")
-        encodings = model.encode([s.frames for s in samples])  # once per sample
-        batch = model.prompt_batch(tokenizer, [task.prompt(s, think=think) for s in samples],
-                                   encodings)
-        completion = model.generate(batch, encodings, max_new_tokens=max_new_tokens,
-                                    do_sample=False, synced_gpus=synced_gpus)
+        encodings = model.encode([s.frames for s in items])  # once per scene
+        enc = [e for e in encodings for _ in range(reps)]  # a scene's n rows share one prefill
+        prompts = [task.prompt(s, think=think) for s in items for _ in range(reps)]
+        completion = model.generate(model.prompt_batch(tokenizer, prompts, enc), enc,
+                                    max_new_tokens=max_new_tokens, temperature=temperature,
+                                    do_sample=samples > 0, synced_gpus=synced_gpus)
         texts = tokenizer.batch_decode(completion, skip_special_tokens=True)
-        for j, (i, s, text) in enumerate(zip(idx, samples, texts)):
+        for row, text in enumerate(texts):
+            j = row // reps
+            i, s = idx[j], items[j]
             if start + j < n_real:  # not padding
                 rec = {"index": i, "id": s.id, "completion": text,
+                       **({"sample": row % reps} if samples else {}),
                        **task.record(s, text, protocol=protocol)}
                 if proposals is not None:
                     rec["iou_refined"], rec["proposal"] = published.refine(
@@ -235,7 +244,8 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     if dist.is_initialized():
         gathered = [None] * world
         dist.all_gather_object(gathered, records)
-        records = sorted((r for part in gathered for r in part), key=lambda r: r["index"])
+        records = sorted((r for part in gathered for r in part),
+                         key=lambda r: (r["index"], r.get("sample", 0)))
     return {"metrics": METRICS[task_name](records), "records": records}
 
 

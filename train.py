@@ -453,20 +453,24 @@ def validate(model, tokenizer, val_set, args, autocast, step, log, rank):
 
 def report(args, start, rank, device):
     """The main command's last part (synthetic data): the SFT start and the GRPO result, each the
-    best on validation, greedy on the same --test-size unseen test scenes (seed 2), side by side
-    with paired per-scene differences and their standard errors (DESIGN.md section 9); and
-    grpo/curves.png: training reward and validation metric over the steps. A single run is one
-    seed: bench.py learning makes the claim with seeds and learning-rate sweeps."""
+    best on validation, on the same --test-size unseen test scenes (seed 2), side by side with
+    paired per-scene differences and their standard errors (DESIGN.md section 9), three ways:
+    greedy, sampled at --temperature (G samples per scene: their mean and their best); and
+    grpo/curves.png. A single run is one seed: bench.py learning makes the claim with seeds."""
     test = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **world(args))
     grpo_dir = Path(args.out) / "grpo"
-    per = {}
+    per = {"greedy": {}, "sampled": {}, f"best of {args.G}": {}}
     for name, path in (("SFT start", Path(start)), ("GRPO", grpo_dir / "best")):
         safety.recover(path)
         net, tok = checkpoints.load_pretrained(path)
+        run = lambda **kw: evaluate(net.to(device), tok, args.task, test, progress=True,
+                                    max_new_tokens=args.max_new_tokens, **kw)["records"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # as training
-            records = evaluate(net.to(device), tok, args.task, test,
-                               max_new_tokens=args.max_new_tokens, progress=True)["records"]
-        per[name] = compare.per_scene(args.task, records)
+            per["greedy"][name] = compare.per_scene(args.task, run())
+            torch.manual_seed(args.seed + 2 + rank)  # the same sampling stream for both models
+            mean, best = compare.sampled(args.task, run(samples=args.G,
+                                                        temperature=args.temperature), args.G)
+        per["sampled"][name], per[f"best of {args.G}"][name] = mean, best
     if rank == 0:
         compare.closing_report(args.task, per, Path(start), grpo_dir, PRIMARY_METRIC[args.task],
                                args.val_size)

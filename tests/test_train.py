@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
+import compare
 import decoding
 import eval as evaluation
 import grpo
@@ -179,7 +180,9 @@ def test_sft_then_grpo_then_eval(tmp_path):
     lines = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
     # the main command's last part: start vs GRPO on 3 test scenes, paired, and the curves
     report = json.loads((out / "grpo/report.json").read_text())
-    assert report["test_size"] == 3 and set(report["means"]) == {"SFT start", "GRPO"}
+    assert report["test_size"] == 3 and {"greedy", "sampled", "best of 2"} <= set(report)
+    assert all(set(report[way]["means"]) == {"SFT start", "GRPO"}
+               for way in ("greedy", "sampled", "best of 2"))
     assert (out / "grpo/curves.png").stat().st_size > 0
     for key in ("reward", "reward_std", "zero_std_frac", "kl", "clip_frac", "ratio", "entropy",
                 "completion_len", "truncated", "reward_format", "reward_frame", "reward_iou", "lr",
@@ -339,3 +342,53 @@ def test_readme_real_data_commands_on_fakes_in_the_real_layouts(init_dir, tmp_pa
                  "--max-new-tokens", "12", "--out", str(tmp_path / "ev")],
              tmp_path, script="eval.py")
     assert len((tmp_path / "ev/predictions.jsonl").read_text().splitlines()) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# What RL does to the policy: greedy, sampled and best of G
+
+
+def test_sampled_evaluation_at_a_vanishing_temperature_is_greedy(init_dir):
+    """eval.evaluate(samples=n): n records per scene, ordered by (scene, sample), decoded from the
+    prompt repeated n times. At T = 1e-5 the tempered distribution puts all its mass on the argmax,
+    so every sample is the greedy completion; at T = 1 the samples differ from each other."""
+    net, tok = checkpoints.load_pretrained(init_dir)
+    test = scenes.SyntheticDataset("detection", 3, seed=2, frames=2)
+    greedy = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12)["records"]
+    torch.manual_seed(0)
+    cold = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12, samples=4,
+                               temperature=1e-5, batch_size=5)["records"]
+    assert [(r["index"], r["sample"]) for r in cold] == [(i, j) for i in range(3) for j in range(4)]
+    assert [r["completion"] for r in cold] == [g["completion"] for g in greedy for _ in range(4)]
+    hot = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12, samples=4)["records"]
+    assert len({r["completion"] for r in hot}) > 3
+
+
+def test_sampled_mean_and_best_of_n_per_scene():
+    """compare.sampled: per-scene metrics of n samples -> their mean and their maximum, per scene
+    (2 scenes x 3 samples of a spatial score, written out)."""
+    scores = [0.0, 1.0, 0.5, 0.2, 0.2, 0.2]
+    records = [{"score": x, "parsed": True} for x in scores]
+    mean, best = compare.sampled("spatial", records, 3)
+    assert mean["score"].tolist() == pytest.approx([0.5, 0.2])
+    assert best["score"].tolist() == [1.0, 0.2] and mean["parse"].tolist() == [1.0, 1.0]
+
+
+def test_training_curves_draw_every_term(tmp_path):
+    """curves.png from a metrics.jsonl with reward terms, KL, entropy, a skipped step's nulls and an
+    evaluation line: the figure has the five panels and each reward term's line."""
+    rows = [{"step": k, "reward": 1 + k / 10, "reward_format": 0.9, "reward_iou": 0.1 * k,
+             "reward_std": 0.3, "kl": None if k == 2 else 0.01 * k, "entropy": 1.0}
+            for k in range(1, 6)] + [{"step": 5, "eval/f1@0.25/micro": 50.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    drawn = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(compare, "plot", lambda path, panels, **kw: drawn.extend(panels))
+        compare.training_curves(tmp_path / "c.png", tmp_path / "metrics.jsonl", "f1@0.25/micro",
+                                "detection", 100, smooth=2)
+    titles = [t for t, _ in drawn]
+    assert len(drawn) == 5 and set(drawn[1][1]) == {"format", "iou"}, titles
+    assert drawn[2][1]["KL"][1] == pytest.approx([0.01, 0.01, 0.03, 0.035, 0.045])
+    compare.training_curves(tmp_path / "c.png", tmp_path / "metrics.jsonl", "f1@0.25/micro",
+                            "detection", 100)
+    assert (tmp_path / "c.png").stat().st_size > 0
