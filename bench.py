@@ -289,7 +289,7 @@ def copy_bandwidth(device, nbytes=2**30, repeats=10):
 
 
 def rollout_comparison(net, batch, enc, new_tokens, repeats):
-    """model.generate (the decode loop) vs model.hf_generate (transformers' generate) on the same
+    """model.generate (the decode loop) vs decoding.hf_generate (transformers' generate) on the same
     batch, both forced to new_tokens steps. A 1-token call of each measures its prefill (+ the first
     pick); the rest are decoding steps. Prints a table; returns {variant: {rollout_ms, prefill_ms,
     step_ms, token_ms}}."""
