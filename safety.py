@@ -245,11 +245,6 @@ def step_dirs(stage_dir):
                   key=lambda d: int(d.name[5:]))
 
 
-def latest_checkpoint(stage_dir):
-    steps = step_dirs(stage_dir)
-    return steps[-1] if steps else None
-
-
 def prune(stage_dir, keep):
     """Delete all but the newest `keep` step-<k> checkpoints (--keep)."""
     for old in step_dirs(stage_dir)[: -keep]:
