@@ -285,7 +285,8 @@ def viz(sample, completion):
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Greedy evaluation with the official metrics (DESIGN section 4).")
+        description="Greedy (or, with --samples, sampled) evaluation with the official metrics "
+                    "(DESIGN.md section 4).")
     p.add_argument("--ckpt", required=True, help="model dir: our save or a VG-LLM checkpoint")
     p.add_argument("--task", choices=sorted(METRICS), default="detection", help="which task")
     p.add_argument("--data", nargs="+", default=None, metavar="FILE",
@@ -303,7 +304,11 @@ def get_args(argv=None):
                    help="synthetic: objects per scene, at most (as in training)")
     p.add_argument("--spelling", choices=["canonical", "random"], default="canonical",
                    help="synthetic: box spellings")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
+    p.add_argument("--samples", type=int, default=0, help="0: greedy; n: n samples per scene at "
+                   "--temperature (the policy GRPO optimises), metrics over all of them and "
+                   "predictions.jsonl with a 'sample' field")
+    p.add_argument("--temperature", type=float, default=1.0, help="with --samples (training's T)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--no-think", action="store_true",
                    help="prompt without the think/answer instruction (VG-LLM checkpoints)")
@@ -327,6 +332,9 @@ def get_args(argv=None):
     for name in ("test_size", "frames", "image_size", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.samples < 0 or not (math.isfinite(args.temperature) and args.temperature > 0):
+        p.error(f"--samples {args.samples} --temperature {args.temperature}: samples >= 0 and a "
+                "finite temperature > 0")
     if not (Path(args.ckpt) / "config.json").is_file():
         p.error(f"--ckpt {args.ckpt}: no config.json there (expected a model directory: our save "
                 "or a VG-LLM one)")
@@ -389,7 +397,7 @@ def run(args, rank, device):
     out = evaluate(net, tok, args.task, dataset,
                    args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task], args.batch_size,
                    think=not args.no_think, progress=True, protocol=args.protocol,
-                   proposals=proposals)
+                   proposals=proposals, samples=args.samples, temperature=args.temperature)
     if rank == 0:
         out_dir = Path(args.out or Path(args.ckpt) / f"eval-{args.task}")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -364,6 +364,17 @@ def test_sampled_evaluation_at_a_vanishing_temperature_is_greedy(init_dir):
     assert len({r["completion"] for r in hot}) > 3
 
 
+def test_eval_command_samples(init_dir, tmp_path):
+    """eval.py --samples 3: three records per scene in predictions.jsonl, metrics over all nine."""
+    evaluation.main(["--ckpt", init_dir, "--test-size", "3", "--frames", "2", "--max-new-tokens",
+                     "8", "--samples", "3", "--temperature", "0.7", "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["sample"]) for r in rows] == [(i, j) for i in range(3) for j in range(3)]
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 9
+    with pytest.raises(SystemExit):
+        evaluation.main(["--ckpt", init_dir, "--samples", "-1"])
+
+
 def test_sampled_mean_and_best_of_n_per_scene():
     """compare.sampled: per-scene metrics of n samples -> their mean and their maximum, per scene
     (2 scenes x 3 samples of a spatial score, written out)."""
