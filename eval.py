@@ -1,8 +1,8 @@
-"""eval.py: greedy decoding over an eval set and the official metrics of the three tasks.
+"""eval.py: decoding over an eval set (greedy; or n samples per scene) and the official metrics.
 
 What is in it:
   1. metrics: detection_metrics, grounding_metrics, spatial_metrics (per-sample records -> numbers)
-  2. evaluate(): greedy decoding over a dataset, sharded over ranks -> {"metrics", "records"}
+  2. evaluate(): greedy (or sampled) decoding over a dataset, sharded over ranks -> records, metrics
   3. the command line, `python eval.py --ckpt DIR --task T`: get_args, main, run, print_table, viz
 Paired comparisons of trained models (per-scene metrics, standard errors, the claim rule, plots) are
 in compare.py; the published protocol (the public evaluators' quirks) and ScanRefer's proposal
@@ -19,7 +19,7 @@ The per-sample records come from rft3d.py (TASKS[task].record); this file only a
 
 --protocol ours (default) scores with the same self-consistent rules as the training rewards;
 --protocol published reproduces the public evaluators' quirks (VG-LLM's ScanRefer angle conversion,
-VSI-Bench's unstripped first token, every detection line counted; see rft3d.py) so numbers compare
+VSI-Bench's unstripped first token, every detection line counted; published.py) so numbers compare
 with the papers' tables.
 --proposals FILE (grounding): ScanRefer "with proposal refinement": each predicted box, moved to the
 world, is replaced by the detector proposal of its scene with the highest IoU to it, then scored;
