@@ -348,6 +348,20 @@ def test_fsdp_flag_in_one_process_runs_bf16_and_says_so(tmp_path, capsys):
                                                      params(tmp_path / "fp32/sft/final").values()))
 
 
+def test_validation_computes_in_the_training_dtype(tmp_path, init_dir, monkeypatch):
+    """With --bf16 the periodic evaluation runs under the same bf16 autocast as the training steps
+    (FSDP's bf16 parameters do the same there); it used to run outside it, in fp32, under DDP."""
+    seen = []
+
+    def evaluate(*args, **kw):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return {"metrics": {"f1@0.25/micro": 0.0}, "records": []}
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    train.main(["--stage", "sft", "--task", "detection", "--model", str(init_dir), "--steps", "1",
+                "--batch-size", "2", "--bf16", "--out", str(tmp_path), *FAST])
+    assert seen == [True]
+
+
 def test_lora_resume_starts_fresh_moments_and_says_so(tmp_path, init_dir, monkeypatch, capsys):
     """A LoRA checkpoint holds merged weights; --resume re-applies fresh adapters. AdamW's saved
     moments belonged to the merged-away adapters (same shapes, so loading them raised nothing): the
