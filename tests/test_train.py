@@ -239,8 +239,7 @@ def _fsdp_bf16_worker(rank, init_dir, init_file, out_dir):
         opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
         torch.manual_seed(rank)
         grpo.grpo_step(policy, None, tok, rft3d.TASKS["detection"], samples, opt, args)
-        torch.save({"prefilled": prefilled, "merged": len(merged),
-                    "dtype": str(net.qwen.lm_head.weight.dtype)},
+        torch.save({"prefilled": prefilled, "merged": len(merged)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
