@@ -5,10 +5,11 @@ does.
         rollouts: our decode loop vs transformers' generate (issue 13's setting); GRPO step
         breakdown, encode-once vs a naive loop, log-prob memory, scaling over G / frames /
         processes (torchrun of train.py)
-    python bench.py learning [--quick] [--task detection|grounding|both]
+    python bench.py learning [--quick] [--task detection|grounding|both] [--knobs]
         does SFT->GRPO beat the best SFT model? Three arms from the main command's SFT warm-up
         (start, SFT->SFT, SFT->GRPO), learning rates picked on validation, 3 seeds, paired
-        per-scene test differences, and one-knob-at-a-time rows (detection)
+        per-scene test differences; detection's mechanism rows (sampled / best of G, F1@0.5 with
+        a stricter reward, shifted test worlds); --knobs: one-knob-at-a-time rows
     python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp] [--compare-rollout]
         real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory (--compare-rollout:
         ms per decoding step vs transformers' generate and vs the memory-bandwidth limit)
@@ -46,7 +47,8 @@ import model as vgllm
 import rft3d
 import scenes
 import train
-from compare import SCENE_METRICS, claim, compare_table, fmt, paired, per_scene, plot, table
+from compare import (SCENE_METRICS, claim, compare_table, fmt, paired, per_scene, plot, sampled,
+                     table)
 from eval import PRIMARY_METRIC
 
 OUT = Path("bench_out")
@@ -527,17 +529,27 @@ def torchrun_section(out, args):
 #    defaults), each with its learning rate picked on validation from a sweep and early stopping on
 #    validation (train.py keeps best/), 3 seeds, then paired per-scene differences on 400 test
 #    scenes (seed 2, never used for a choice). The best SFT model is whichever of the start and
-#    SFT -> SFT is better on validation. Then one knob at a time from that baseline (1 seed each,
-#    the baseline's learning rate), every row kept.
+#    SFT -> SFT is better on validation. Standard errors count test scenes and training seeds
+#    (compare.paired). Then, for detection, the mechanism rows (sampled and best of G, F1@0.5 with
+#    a stricter reward, shifted test worlds), and with --knobs one knob at a time from that
+#    baseline (1 seed each, the baseline's learning rate), every row kept.
 
-# arm_steps: optimiser updates per arm; val: validation scenes for every choice; lrs: the sweeps
+# arm_steps: optimiser updates per arm; val: validation scenes for every choice; lrs: the rates
+# the sweeps on validation chose (2026-12-02: SFT 3e-4 of {3e-4, 1e-3}, GRPO 1e-4 of {1e-4, 3e-4},
+# both tasks; RESULTS.md); list more rates to sweep again (seed 0, on validation)
 LEARN = {
-    "detection": dict(arm_steps=200, eval_every=50, val=100,
-                      lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
-    "grounding": dict(arm_steps=200, eval_every=50, val=100,
-                      lrs={"sft": [3e-4, 1e-3], "grpo": [1e-4, 3e-4]}),
+    "detection": dict(arm_steps=200, eval_every=50, val=100, lrs={"sft": [3e-4], "grpo": [1e-4]}),
+    "grounding": dict(arm_steps=200, eval_every=50, val=100, lrs={"sft": [3e-4], "grpo": [1e-4]}),
 }
-QUICK = dict(arm_steps=10, eval_every=5, val=20, test=40, sft_steps=60, seeds=[0],
+# The mechanism rows (detection; after the three-arm table): the same checkpoints sampled at the
+# training temperature (G samples per scene: their mean and their best), on test-only shifted worlds
+# (eval.py's world flags; nothing trains there), and SFT->GRPO with the F1 term at 0.5.
+SHIFTS = {  # eval folder: (eval.py flags, what the world is)
+    "pitch15": (["--pitch", "15"], "camera pitch 15 deg (trained level)"),
+    "objects2": (["--max-objects", "2"], "up to 2 objects per scene (trained on 1)"),
+    "frames6": (["--frames", "6"], "6 frames (trained on 4)"),
+}
+QUICK = dict(arm_steps=10, eval_every=5, val=20, test=40, sft_steps=60, seeds=[0], samples=2,
              lrs={"sft": [3e-4], "grpo": [1e-4]},
              knobs=["data: fixed 500 scenes", "start: 1/3 of the SFT budget",
                     "beta = 0 (no reference)"])  # one of each kind
@@ -593,23 +605,26 @@ def run_job(job):
 
 
 class Arm:
-    """One training run from a start + its test records. Cached: a finished arm is read back, never
-    rerun."""
+    """One training run from a start and its evaluations: the test scenes greedy ("test"), and
+    whatever a row adds to `evals` (sampled, shifted worlds). Cached: a finished run or evaluation
+    is read back, never rerun."""
 
     def __init__(self, root, name, task, stage, argv, test_argv):
         self.dir, self.name, self.task, self.stage = root / name, name, task, stage
-        self.argv, self.test_argv = argv, test_argv
+        self.argv, self.evals = argv, {"test": test_argv}  # folder -> eval.py flags
 
     def jobs(self):
-        if (self.dir / "test" / "predictions.jsonl").exists():
+        todo = [k for k in self.evals if not (self.dir / k / "predictions.jsonl").exists()]
+        if not todo:
             return []
         self.dir.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"] if (self.dir / self.stage).exists() else []
-        train_cmd = ["train.py", "--stage", self.stage, "--task", self.task, *self.argv, *resume,
-                     "--out", self.dir]
-        test_cmd = ["eval.py", "--ckpt", self.dir / self.stage / "best", "--task", self.task,
-                    *self.test_argv, "--out", self.dir / "test"]
-        return [(self.name, [train_cmd, test_cmd], self.dir / "log.txt")]
+        cmds = [["eval.py", "--ckpt", self.dir / self.stage / "best", "--task", self.task,
+                 *self.evals[k], "--out", self.dir / k] for k in todo]
+        if not (self.dir / self.stage / "final").exists():  # train (or finish training) first
+            resume = ["--resume"] if (self.dir / self.stage).exists() else []
+            cmds.insert(0, ["train.py", "--stage", self.stage, "--task", self.task, *self.argv,
+                            *resume, "--out", self.dir])
+        return [(self.name, cmds, self.dir / "log.txt")]
 
     def rows(self):
         return [json.loads(x) for x in open(self.dir / self.stage / "metrics.jsonl")]
@@ -619,9 +634,12 @@ class Arm:
         return max(r[f"eval/{PRIMARY_METRIC[self.task]}"] for r in self.rows()
                    if f"eval/{PRIMARY_METRIC[self.task]}" in r)
 
-    def test(self):
-        recs = [json.loads(x) for x in open(self.dir / "test" / "predictions.jsonl")]
-        return per_scene(self.task, sorted(recs, key=lambda r: r["index"]))
+    def test(self, folder="test", samples=0):
+        """Per-scene metrics of an evaluation; samples=n (eval.py --samples n): (the mean over the
+        n samples, the best of them), per scene."""
+        recs = [json.loads(x) for x in open(self.dir / folder / "predictions.jsonl")]
+        recs.sort(key=lambda r: (r["index"], r.get("sample", 0)))
+        return sampled(self.task, recs, samples) if samples else per_scene(self.task, recs)
 
     def seconds(self):
         rows = [r for r in self.rows() if "step_time" in r]
@@ -629,8 +647,8 @@ class Arm:
 
 
 def learning_task(task, args):
-    """A generator: yields each set of jobs (starts, sweeps, seeds, knob rows) and resumes once
-    learning() has run them, to choose on validation and print the tables."""
+    """A generator: yields each set of jobs (starts, sweeps, seeds, mechanism and knob rows) and
+    resumes once learning() has run them, to choose on validation and print the tables."""
     q = args.quick
     cfg = {**LEARN[task], **(QUICK if q else {})}
     seeds, test_n = cfg.get("seeds", [0, 1, 2]), cfg.get("test", 400)
@@ -670,9 +688,14 @@ def learning_task(task, args):
     start = start_arms["main"]
     best, summary = three_arm_table(task, cfg, seeds, test_n, n_start, start, arms, lr)
 
-    # 4. Knob rows: one change each from the baseline, seed 0 (KNOB_SEEDS: more), the baseline's
-    #    learning rates.
+    # 4. Mechanism rows (detection): where, if anywhere, GRPO has an edge over the best SFT model.
     if task == "detection":
+        summary["mechanism"] = yield from mechanism_rows(task, cfg, seeds, test_n, lr, arm, start,
+                                                         arms, best)
+
+    # 5. Knob rows (--knobs): one change each from the baseline, seed 0 (KNOB_SEEDS: more), the
+    #    baseline's learning rates.
+    if task == "detection" and args.knobs:
         summary["knobs"] = yield from knob_rows(task, cfg, q, seeds, test_n, lr, arm, start_arms,
                                                 arms, best)
     (root / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -722,22 +745,64 @@ def three_arm_table(task, cfg, seeds, test_n, n_start, start, arms, lr):
              "SFT->GRPO": [a.test() for a in arms["grpo"]]}
     diffs = compare_table(task, tests, base=best)
     verdict = claim(task, diffs["SFT->GRPO"])
-    spread = {k: np.std([np.mean(x[k]) for x in tests["SFT->GRPO"]], ddof=1)
-              if len(seeds) > 1 else float("nan")
-              for k, _, _ in SCENE_METRICS[task]}
-    main = SCENE_METRICS[task][0]
-    print(f"seed spread of SFT->GRPO's {main[1]} (std of per-seed means): "
-          f"{fmt(spread[main[0]], main[2])}")
-    print(f"verdict: {verdict}")
+    print(f"(+- counts test scenes and training seeds: compare.paired)\nverdict: {verdict}")
     summary = {"lr": lr, "best_sft": best, "diffs": diffs, "verdict": verdict,
                "val": {"start": start.val(), "sft": sft_val,
                        "grpo": float(np.mean([a.val() for a in arms["grpo"]]))}}
     return best, summary
 
 
+def mechanism_rows(task, cfg, seeds, test_n, lr, arm, start, arms, best):
+    """A generator (learning_task's step 4, detection). Three pre-registered rows, each against
+    the best SFT model on validation (`best`), paired per test scene, seed by seed, the standard
+    error counting scenes and training seeds (compare.paired); a verdict each by the claim rule:
+    (a) sharpening or moving the mode: start, SFT->SFT, SFT->GRPO greedy, sampled (the mean of G
+        samples at the training temperature: the policy GRPO optimises) and best of G;
+    (b) threshold tightening: F1@0.5, GRPO with the paper's reward and with the F1 term at 0.5
+        (--f1-iou 0.5, the baseline's learning rate);
+    (c) generalisation under shift: the same checkpoints, greedy, on test-only shifted worlds.
+    Returns the rows' differences and verdicts."""
+    d = train.get_args(["--task", task])  # the training defaults: G samples at temperature T
+    n = cfg.get("samples", d.G)
+    strict = [arm(f"grpo-f1iou0.5-lr{lr['grpo']:g}-s{s}", "grpo", lr["grpo"], s,
+                  ["--f1-iou", "0.5"]) for s in seeds]
+    models = [start] + arms["sft"] + arms["grpo"]
+    for a in models:
+        a.evals["sampled"] = [*a.evals["test"], "--samples", n, "--temperature", d.temperature]
+        a.evals.update({k: [*a.evals["test"], *flags] for k, (flags, _) in SHIFTS.items()})
+    yield [j for a in models + strict for j in a.jobs()]
+
+    def row(title, tests, verdicts):
+        print(f"\n== {task} {title}; {test_n} test scenes, seeds {seeds}, paired against the best "
+              f"SFT model on validation ({best}); +- counts scenes and seeds ==")
+        diffs = compare_table(task, tests, base=best)
+        out = {"diffs": diffs}
+        for name, metric in verdicts:
+            out[f"verdict {name}"] = claim(task, diffs[name], metric)
+            print(f"verdict, {name}: {out[f'verdict {name}']}")
+        return out
+
+    three = lambda f: {"start": f(start), "SFT->SFT": [f(a) for a in arms["sft"]],
+                       "SFT->GRPO": [f(a) for a in arms["grpo"]]}
+    ways = {"greedy": lambda a: a.test(), f"sampled, mean of {n} at T {d.temperature:g}":
+            lambda a: a.test("sampled", n)[0], f"best of {n}": lambda a: a.test("sampled", n)[1]}
+    out = {}
+    for way, f in ways.items():
+        out[f"(a) {way}"] = row(f"(a) sharpening or moving the mode: {way}", three(f),
+                                [("SFT->GRPO", None)])
+    out["(b)"] = row("(b) threshold tightening: F1@0.5 (greedy)",
+                     {**three(lambda a: a.test()),
+                      "SFT->GRPO, F1@0.5 reward": [a.test() for a in strict]},
+                     [("SFT->GRPO", "f1_50"), ("SFT->GRPO, F1@0.5 reward", "f1_50")])
+    for k, (_, world) in SHIFTS.items():
+        out[f"(c) {k}"] = row(f"(c) shift, test only: {world} (greedy)",
+                              three(lambda a, k=k: a.test(k)), [("SFT->GRPO", None)])
+    return out
+
+
 def knob_rows(task, cfg, q, seeds, test_n, lr, arm, start_arms, arms, best):
-    """A generator (learning_task's step 4, detection): trains the knob rows, one change each from
-    the baseline, then prints their table. Returns the table's rows."""
+    """A generator (learning_task's step 5, detection, --knobs): trains the knob rows, one change
+    each from the baseline, then prints their table. Returns the table's rows."""
     knob_arms = []
     for name, grpo_flags, sft_flags, start_key in [k for k in KNOBS
                                                    if "knobs" not in cfg or k[0] in cfg["knobs"]]:
@@ -1037,6 +1102,8 @@ def main(argv=None):
                     help="a few minutes: tiny budgets, one seed (checks the pipeline)")
     lp.add_argument("--task", choices=["detection", "grounding", "both"], default="both")
     lp.add_argument("--jobs", type=int, default=2, help="training runs at once (one thread each)")
+    lp.add_argument("--knobs", action="store_true",
+                    help="also the one-knob-at-a-time rows (detection; ~1 h 40 min more)")
     gp = sub.add_parser("gpu", help="real-size random-weight SFT/GRPO step on one GPU (bf16)")
     gp.add_argument("--model", default="qwen2.5-vl-3b", choices=["qwen2.5-vl-3b", "qwen2.5-vl-7b"])
     gp.add_argument("--frames", type=int, default=32)

@@ -8,7 +8,7 @@ records are plain dicts (rft3d.py's eval records) and metric logs are JSONL rows
 metrics.jsonl).
 
   1. per_scene (records -> reward-independent metrics per scene), paired differences with standard
-     errors, tables
+     errors over test scenes and training seeds, tables
   2. claim: DESIGN.md section 9's 3-standard-error rule
   3. plots with matplotlib: the training curves of a run; the main command's closing report
      (greedy, sampled at the training temperature, best of G)
@@ -82,15 +82,23 @@ def sampled(task_name, records, n):
 
 
 def paired(a, b):
-    """Paired difference of two per-scene arrays (or [seeds, scenes] arrays, averaged over seeds
-    first): (mean of a - b, its standard error over scenes)."""
+    """Paired difference of two per-scene arrays, or of [seeds, scenes] arrays (seed s of a paired
+    with seed s of b, or with b's one array): (mean of a - b, its standard error). With one seed
+    the error is over scenes. With S > 1 seeds it adds the spread between training runs:
+    SE^2 = var_scenes(seed-mean d) / N + var_seeds(scene-mean d) / S. The first term is the test
+    scenes' sampling error, the second that of drawing S training runs (which the first cannot
+    see: every seed is scored on the same scenes). Their sum counts the seed x scene noise twice
+    (a small overestimate, 1 / (N S) of it), never too small a standard error."""
     d = np.asarray(a, float) - np.asarray(b, float)
-    d = d.mean(0) if d.ndim == 2 else d
+    d = d[None] if d.ndim == 1 else d  # [S, N]
     # scenes where a metric is undefined (NaN: grounding rows without a target frame)
-    d = d[np.isfinite(d)]
-    if not len(d):
+    d = d[:, np.isfinite(d).all(0)]
+    S, N = d.shape
+    if not N:
         return float("nan"), float("nan")
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    scene_var = d.mean(0).var(ddof=1) / N if N > 1 else float("nan")
+    seed_var = d.mean(1).var(ddof=1) / S if S > 1 else 0.0
+    return float(d.mean()), float(math.sqrt(scene_var + seed_var))
 
 
 def fmt(value, scale, sign=False):
@@ -111,8 +119,9 @@ def table(header, rows):
 
 def compare_table(task_name, arms, base):
     """Print each arm's mean metrics over the same scenes, then each arm's paired difference to
-    `base` with its standard error. arms: {name: per_scene dict, or a list of them (seeds: per-scene
-    values averaged over seeds)}. Returns {arm: {metric: (difference, standard error)}}."""
+    `base` with its standard error. arms: {name: per_scene dict, or a list of them, one per
+    training seed (means over seeds; differences paired seed by seed, their error counting the
+    seeds: paired)}. Returns {arm: {metric: (difference, standard error)}}."""
     metrics = SCENE_METRICS[task_name]
     arms = {name: {k: np.stack([x[k] for x in v]) if isinstance(v, list) else v[k]
                    for k, _, _ in metrics}
@@ -136,12 +145,12 @@ def compare_table(task_name, arms, base):
 # --------------------------------------------------------------------------------------------------
 
 
-def claim(task_name, diff):
+def claim(task_name, diff, main=None):
     """DESIGN section 9's rule for a paired difference {metric: (d, se)} of a trained arm against
     the best SFT model: real above 3 standard errors on the main reward-independent metric (the
-    first of SCENE_METRICS), with no loss of more than one standard error on the guards
-    (detection: count accuracy and F1@0.25; grounding: frame)."""
-    main = SCENE_METRICS[task_name][0][0]
+    first of SCENE_METRICS, or `main` where a row asks about another), with no loss of more than
+    one standard error on the guards (detection: count accuracy and F1@0.25; grounding: frame)."""
+    main = main or SCENE_METRICS[task_name][0][0]
     d, se = diff[main]
     guards = {"detection": ("count", "f1_25"), "grounding": ("frame",), "spatial": ()}[task_name]
     lost = [k for k in guards if diff[k][0] < -diff[k][1]]

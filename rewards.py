@@ -275,8 +275,8 @@ def format_reward(text, task, n_frames=None):
     return float(parsed is not None and (n_frames is None or 0 <= parsed[0] < n_frames))
 
 
-def detection_reward(text, gt_boxes, iou_mode="paper"):
-    """R = format + R_IoU + R_F1 (F1 at IoU > 0.25 with VG-LLM's matching).
+def detection_reward(text, gt_boxes, iou_mode="paper", f1_iou=MATCH_IOU):
+    """R = format + R_IoU + R_F1 (F1 at IoU > f1_iou with VG-LLM's matching; the paper's 0.25).
     iou_mode "paper":  R_IoU = mean over predicted boxes of the best IoU with a same-label GT box
                        (0 without predictions). Dropping uncertain boxes raises it.
     iou_mode "robust": R_IoU = sum of the IoUs of the matched (true-positive) pairs of that same
@@ -288,15 +288,18 @@ def detection_reward(text, gt_boxes, iou_mode="paper"):
                        whole share whatever else is predicted; extra boxes cost only through F1. On
                        a scene without objects 1 for a parsed empty answer, 0 for boxes or
                        unparseable text (as F1).
-    At most MAX_BOXES predictions are considered."""
+    f1_iou: the F1 term's threshold; 0.5 rewards the stricter F1@0.5 that eval reports beside
+    F1@0.25 (the IoU terms keep the paper's 0.25 matching). At most MAX_BOXES predictions count."""
     if iou_mode not in ("paper", "robust", "gt"):
         raise ValueError(f"iou_mode must be 'paper', 'robust' or 'gt', got {iou_mode!r}")
+    if not 0 <= f1_iou < 1:
+        raise ValueError(f"f1_iou must be in [0, 1), got {f1_iou!r}")
     fmt = format_reward(text, "detection")
     pred = parse_detections(text)
     # all ground-truth boxes count
     gt = [{"label": g.get("label"), "bbox_3d": g.get("bbox_3d")} for g in (gt_boxes or [])]
-    counts, best, matched = _match(pred, gt, MATCH_IOU)
-    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    _, best, matched = _match(pred, gt, MATCH_IOU)
+    tp, fp, fn = match_detections(pred, gt, f1_iou)
     # "Nothing here" must be said (a JSON list, [] included): unparseable text earns no F1 on an
     # empty scene
     parsed = answered_list(text, pred)

@@ -76,8 +76,8 @@ def detection_target(s: Sample):
     return _sft(seen, f"[{listed}]")
 
 
-def detection_reward(s: Sample, completion, iou_mode="paper", **_):
-    return rewards.detection_reward(completion, s.boxes, iou_mode=iou_mode)
+def detection_reward(s: Sample, completion, iou_mode="paper", f1_iou=rewards.MATCH_IOU, **_):
+    return rewards.detection_reward(completion, s.boxes, iou_mode=iou_mode, f1_iou=f1_iou)
 
 
 def detection_record(s: Sample, completion, protocol="ours"):

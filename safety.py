@@ -98,6 +98,8 @@ REAL = {
                                         "1 - eps-low must stay > 0 (try 0.2)"),
     "--eps-high": (lambda v: v >= 0, "must be >= 0 (try 0.2; DAPO's clip-higher uses 0.28)"),
     "--max-grad-norm": (lambda v: v > 0, "the gradient clipping norm must be > 0 (try 1.0)"),
+    "--f1-iou": (lambda v: 0 <= v < 1, "the F1 term's IoU threshold must be in [0, 1) (the "
+                                       "paper's 0.25; 0.5 for F1@0.5)"),
 }
 
 

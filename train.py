@@ -105,6 +105,8 @@ def get_args(argv=None, stage=None):
       "term: paper (mean over predicted boxes; at one object per scene it equals gt on every "
       "one-box answer, so dropping boxes cannot pay), robust, or gt (a missed box costs; use it "
       "with --max-objects > 1); rewards.detection_reward")
+    a("--f1-iou", type=float, default=0.25, help="detection reward's F1 term: IoU threshold "
+      "(0.25: the paper's; 0.5: reward the stricter F1@0.5)")
     a("--frame-window", choices=["scaled", "fixed"], default="scaled", help="grounding frame "
       "reward window: tau = 5 S / 32 for S frames (32 frames: the paper's 5; 4 frames: only the "
       "exact frame pays), or fixed: the paper's 5 whatever S (to reproduce published numbers)")
@@ -159,7 +161,7 @@ def finish_args(p, args, stage=None):
     args.save_every = given(args.save_every, max(args.steps // 5, 1))
     args.out = given(args.out, f"runs/{args.task}")
     safety.check_args(args, p)
-    args.reward_opts = {"detection": {"iou_mode": args.iou_mode},
+    args.reward_opts = {"detection": {"iou_mode": args.iou_mode, "f1_iou": args.f1_iou},
                         "grounding": {"frame_window": args.frame_window}, "spatial": {}}[args.task]
     args.fsdp = args.shard == "fsdp" and "RANK" in os.environ  # one process: nothing to shard
     return args

@@ -160,11 +160,34 @@ def test_per_scene_and_paired_differences():
     mean = sum(d) / 4
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2
     assert C.paired(a, b) == pytest.approx((mean, se))
-    seeds = np.stack([a, a + 0.2])  # two seeds of one arm: scenes averaged over seeds, then paired
-    assert C.paired(seeds, b) == pytest.approx((mean + 0.1, se))
+    # two seeds of one arm, 0.2 apart: the error adds the spread of the seed means (var 0.02, /2)
+    seeds = np.stack([a, a + 0.2])
+    assert C.paired(seeds, b) == pytest.approx((mean + 0.1, math.sqrt(se ** 2 + 0.02 / 2)))
     # a scene where the metric is undefined (NaN: a grounding row without a target
     # frame) is left out of the pair
     assert C.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se))
+
+
+def test_paired_standard_error_covers_the_spread_between_training_seeds():
+    """Monte Carlo: d[s, i] = a_i (scene) + b_s (training seed) + e_si, every seed on the same N
+    scenes. The standard deviation of the mean over many draws is the truth the standard error
+    must reach; the scenes-only error (what the one-seed formula sees) falls far short."""
+    import math
+
+    import numpy as np
+    rng = np.random.default_rng(0)
+    S, N, reps = 3, 100, 2000
+    a = rng.normal(0, 1.0, (reps, 1, N))
+    b = rng.normal(0, 0.3, (reps, S, 1))
+    e = rng.normal(0, 0.5, (reps, S, N))
+    d = a + b + e
+    truth = d.mean((1, 2)).std()  # ~ sqrt(1/N + 0.09/S + 0.25/(N S)) = 0.20
+    ses = np.array([C.paired(x, np.zeros(N))[1] for x in d])
+    assert truth == pytest.approx(math.sqrt(1 / N + 0.09 / S + 0.25 / (N * S)), rel=0.05)
+    # the root mean square error estimate: at the truth, or a little above (never below)
+    assert 0.97 * truth < math.sqrt((ses ** 2).mean()) < 1.1 * truth
+    scenes_only = np.array([C.paired(x.mean(0), np.zeros(N))[1] for x in d])
+    assert math.sqrt((scenes_only ** 2).mean()) < 0.6 * truth
 
 
 def test_claim_follows_the_three_standard_error_rule():
@@ -175,3 +198,7 @@ def test_claim_follows_the_three_standard_error_rule():
     # lost the count guard
     assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01))).startswith("no claim")
     assert C.claim("detection", diff(-0.04, 0.01)).startswith("worse")
+    # a row that asks about another metric (bench.py's F1@0.5 row)
+    f1_50 = {**diff(-0.01, 0.01), "f1_50": (0.04, 0.01)}
+    assert C.claim("detection", f1_50, main="f1_50").startswith("better: f1_50")
+    assert C.claim("detection", f1_50).startswith("no claim: iou_gt")

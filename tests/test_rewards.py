@@ -316,6 +316,23 @@ def test_detection_gt_mode_is_one_to_one_iou_over_ground_truth():
     assert R.gt_iou(near, GT) == pytest.approx(r["iou"])
 
 
+def test_detection_reward_stricter_f1_term():
+    """f1_iou=0.5 (train.py --f1-iou): the F1 term counts a box only above IoU 0.5; the IoU term
+    and the format term do not move. Unit cubes shifted by s along x: IoU = (1 - s) / (1 + s),
+    0.2 -> 2/3, 0.4 -> 3/7 (between the two thresholds)."""
+    pred = [det("chair", 0.2), det("chair", 3.4), det("table", 6.0)]  # IoUs 2/3, 3/7, 1
+    paper = R.detection_reward(tagged(json.dumps(pred)), GT)
+    strict = R.detection_reward(tagged(json.dumps(pred)), GT, f1_iou=0.5)
+    assert paper["f1"] == 1.0
+    # TP 2, FP 1, FN 1 at 0.5
+    assert strict["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert strict["iou"] == paper["iou"] == pytest.approx((2 / 3 + 3 / 7 + 1) / 3)
+    assert strict["format"] == 1.0 and strict["total"] == pytest.approx(1 + strict["iou"] + 2 / 3)
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="f1_iou"):
+            R.detection_reward(tagged("[]"), GT, f1_iou=bad)
+
+
 def test_detection_parsing_variants():
     body = json.dumps(GT, indent=1)
     bare = f"```json\n{body}\n```"  # a VG-LLM checkpoint's answer: no tags

@@ -417,6 +417,7 @@ BAD_FLAGS = [
     ["--frames", "0"], ["--val-size", "0"], ["--mu", "0"], ["--max-new-tokens", "0"],
     ["--eval-every", "0"], ["--save-every", "0"], ["--temperature", "0"], ["--beta", "-0.1"],
     ["--eps-low", "1"], ["--eps-high", "-0.1"], ["--max-grad-norm", "0"], ["--warmup", "-1"],
+    ["--f1-iou", "1"], ["--f1-iou", "-0.5"],
     ["--seed", "-1"], ["--log-every", "0"], ["--max-bad-steps", "0"], ["--model", "/no/such/dir"],
     ["--data", "/no/such/file.json"], ["--qwen", "/no/such/dir"], ["--vggt", "/no/such/file"],
 ]
@@ -462,7 +463,8 @@ def test_frame_window_flag_reaches_the_grounding_reward():
     assert train.get_args(["--task", "grounding"]).reward_opts == {"frame_window": "scaled"}
     assert (train.get_args(["--task", "grounding", "--frame-window", "fixed"]).reward_opts
             == {"frame_window": "fixed"})
-    assert train.get_args(["--task", "detection"]).reward_opts == {"iou_mode": "paper"}
+    assert (train.get_args(["--task", "detection"]).reward_opts
+            == {"iou_mode": "paper", "f1_iou": 0.25})
 
 
 def test_skip_bad_reaches_the_reader(tmp_path):

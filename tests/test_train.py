@@ -374,6 +374,39 @@ def test_eval_command_samples(init_dir, tmp_path):
         evaluation.main(["--ckpt", init_dir, "--samples", "-1"])
 
 
+def test_eval_command_scores_a_shifted_world(init_dir, tmp_path):
+    """eval.py's world flags (bench.py's shifted test worlds): the test scenes are drawn with the
+    given pitch, objects and frames (checked against the scenes drawn directly), and metrics.json
+    says which world it scored."""
+    world = dict(frames=3, pitch=15.0, max_objects=2)
+    evaluation.main(["--ckpt", init_dir, "--test-size", "8", "--frames", "3", "--pitch", "15",
+                     "--max-objects", "2", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    drawn = scenes.SyntheticDataset("detection", 8, seed=2, **world)
+    assert [r["n_gt"] for r in rows] == [len(s.boxes) for s in drawn]
+    assert {len(s.boxes) for s in drawn} == {1, 2} and all(len(s.frames) == 3 for s in drawn)
+    report = json.loads((tmp_path / "metrics.json").read_text())["data"][0]
+    assert {k: report[k] for k in world} == world
+
+
+def test_f1_iou_flag_reaches_the_detection_reward():
+    """train.py --f1-iou 0.5: the reward GRPO computes (task.reward with reward_opts) counts F1 at
+    IoU 0.5; a box at IoU 3/7 (unit cubes 0.4 apart) is a hit by default and a miss there."""
+    s = scenes.SyntheticDataset("detection", 1, seed=0)[0]
+    box = list(s.boxes[0]["bbox_3d"])
+    size = box[3:6]
+    box[0] += 0.4 * size[0]  # shifted by 0.4 of its own width along x: IoU (1 - 0.4) / (1 + 0.4)
+    assert box[6:] == [0, 0, 0]  # axis-aligned (this scene's box), so the shift's IoU is exact
+    text = ('<think>t</think><answer>[{"label": "%s", "bbox_3d": %s}]</answer>'
+            % (s.boxes[0]["label"], json.dumps(box)))
+    reward = rft3d.TASKS["detection"].reward
+    paper = reward(s, text, **train.get_args(["--out", "/tmp/never-written"]).reward_opts)
+    strict = reward(s, text, **train.get_args(["--f1-iou", "0.5",
+                                               "--out", "/tmp/never-written"]).reward_opts)
+    assert paper["iou"] == strict["iou"] == pytest.approx(0.6 / 1.4)
+    assert (paper["f1"], strict["f1"]) == (1.0, 0.0)
+
+
 def test_sampled_mean_and_best_of_n_per_scene():
     """compare.sampled: per-scene metrics of n samples -> their mean and their maximum, per scene
     (2 scenes x 3 samples of a spatial score, written out)."""
