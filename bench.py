@@ -787,8 +787,9 @@ def mechanism_rows(task, cfg, seeds, test_n, lr, arm, start, arms, best):
 
     three = lambda f: {"start": f(start), "SFT->SFT": [f(a) for a in arms["sft"]],
                        "SFT->GRPO": [f(a) for a in arms["grpo"]]}
+    drawn = {a.name: a.test("sampled", n) for a in models}  # (mean, best of n), read once
     ways = {"greedy": lambda a: a.test(), f"sampled, mean of {n} at T {d.temperature:g}":
-            lambda a: a.test("sampled", n)[0], f"best of {n}": lambda a: a.test("sampled", n)[1]}
+            lambda a: drawn[a.name][0], f"best of {n}": lambda a: drawn[a.name][1]}
     out = {}
     for way, f in ways.items():
         out[f"(a) {way}"] = row(f"(a) sharpening or moving the mode: {way}", three(f),

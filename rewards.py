@@ -298,8 +298,10 @@ def detection_reward(text, gt_boxes, iou_mode="paper", f1_iou=MATCH_IOU):
     pred = parse_detections(text)
     # all ground-truth boxes count
     gt = [{"label": g.get("label"), "bbox_3d": g.get("bbox_3d")} for g in (gt_boxes or [])]
-    _, best, matched = _match(pred, gt, MATCH_IOU)
-    tp, fp, fn = match_detections(pred, gt, f1_iou)
+    counts, best, matched = _match(pred, gt, MATCH_IOU)
+    if f1_iou != MATCH_IOU:  # the F1 term at its own threshold: its own matching
+        counts = _match(pred, gt, f1_iou)[0]
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
     # "Nothing here" must be said (a JSON list, [] included): unparseable text earns no F1 on an
     # empty scene
     parsed = answered_list(text, pred)
