@@ -47,10 +47,9 @@ def per_scene(task_name, records):
     """eval records (rft3d.py's) -> {metric: array over scenes}, in record order. Detection F1 is
     per scene, 2TP / (2TP + FP + FN) at each threshold; an empty scene scores 1 when the answer
     says "nothing" (parsed, no boxes) and 0 for boxes or an answer that did not parse, as iou_gt
-    and the training reward do. Grounding "frame" (1 exact frame, else 0) is NaN for a row without
-    a target frame (frame_gt None, ScanRefer val): undefined, not wrong, and the array stays
-    aligned with the scenes; compare_table and paired() read it over the scenes where it is
-    defined."""
+    and the training reward do; so does its count. Grounding "frame" (1 exact frame, else 0) is
+    NaN for a row without a target frame (frame_gt None, ScanRefer val): undefined, not wrong; the
+    array stays aligned with the scenes, and compare_table and paired() read it where defined."""
     parse = np.array([float(bool(r.get("parsed"))) for r in records])
     if task_name == "detection":
         def f1(r, thr):
@@ -60,7 +59,8 @@ def per_scene(task_name, records):
         return {"iou_gt": np.array([_finite(r.get("iou_gt")) for r in records]),
                 "f1_25": np.array([f1(r, "0.25") for r in records]),
                 "f1_50": np.array([f1(r, "0.5") for r in records]),
-                "count": np.array([float(r["n_pred"] == r["n_gt"]) for r in records]),
+                "count": np.array([float(bool(r.get("parsed")) and r["n_pred"] == r["n_gt"])
+                                   for r in records]),  # an unparsed answer counts nothing
                 "boxes": np.array([float(r["n_pred"]) for r in records]), "parse": parse}
     if task_name == "grounding":
         iou = np.array([_finite(r.get("iou")) for r in records])
@@ -76,29 +76,70 @@ def per_scene(task_name, records):
 def sampled(task_name, records, n):
     """Records of n samples per scene (eval.evaluate(samples=n), ordered by scene then sample) ->
     (mean, best): per-scene metrics averaged over the n samples (the policy GRPO optimises, at its
-    temperature) and their maximum (best of n: what the policy can reach)."""
+    temperature), and best of n (what the policy can reach): per scene the one sample with the
+    highest main metric (the first of SCENE_METRICS; ties: the first such sample), every metric
+    that sample's own, so a best-of-n row never mixes samples."""
     per = {k: v.reshape(-1, n) for k, v in per_scene(task_name, records).items()}  # [scenes, n]
-    return {k: v.mean(1) for k, v in per.items()}, {k: v.max(1) for k, v in per.items()}
+    pick = per[SCENE_METRICS[task_name][0][0]].argmax(1)  # [scenes]
+    rows = np.arange(len(pick))
+    return {k: v.mean(1) for k, v in per.items()}, {k: v[rows, pick] for k, v in per.items()}
 
 
 def paired(a, b):
     """Paired difference of two per-scene arrays, or of [seeds, scenes] arrays (seed s of a paired
-    with seed s of b, or with b's one array): (mean of a - b, its standard error). With one seed
-    the error is over scenes. With S > 1 seeds it adds the spread between training runs:
-    SE^2 = var_scenes(seed-mean d) / N + var_seeds(scene-mean d) / S. The first term is the test
-    scenes' sampling error, the second that of drawing S training runs (which the first cannot
-    see: every seed is scored on the same scenes). Their sum counts the seed x scene noise twice
-    (a small overestimate, 1 / (N S) of it), never too small a standard error."""
+    with seed s of b, or with b's one array) -> (mean of d = a - b, its standard error, degrees of
+    freedom). One seed: the error over scenes, N - 1 degrees of freedom. S > 1 seeds: the two-way
+    random-effects model d[s, i] = mu + seed_s + scene_i + interaction_si (DESIGN.md section 9),
+    each variance component counted once: var(mean) = var_seed / S + var_scene / N + var_inter / NS.
+    The seed means carry the first and last (their spread is var_seed + var_inter / N, estimated
+    from S values); the scene means add var_scene, net of the interaction (truncated at 0). The
+    degrees of freedom are Satterthwaite's for that sum: near S - 1 when the seeds' term dominates,
+    which is what claim() must respect."""
     d = np.asarray(a, float) - np.asarray(b, float)
     d = d[None] if d.ndim == 1 else d  # [S, N]
     # scenes where a metric is undefined (NaN: grounding rows without a target frame)
     d = d[:, np.isfinite(d).all(0)]
     S, N = d.shape
-    if not N:
-        return float("nan"), float("nan")
-    scene_var = d.mean(0).var(ddof=1) / N if N > 1 else float("nan")
-    seed_var = d.mean(1).var(ddof=1) / S if S > 1 else 0.0
-    return float(d.mean()), float(math.sqrt(scene_var + seed_var))
+    if N < 2:
+        return float(d.mean()) if N else math.nan, math.nan, math.nan
+    if S == 1:
+        return float(d.mean()), float(math.sqrt(d.var(ddof=1) / N)), float(N - 1)
+    seed_means, scene_means = d.mean(1), d.mean(0)                    # [S], [N]
+    ms_seed = N * seed_means.var(ddof=1)                               # E = var_inter + N var_seed
+    ms_scene = S * scene_means.var(ddof=1)                             # E = var_inter + S var_scene
+    resid = d - seed_means[:, None] - scene_means[None, :] + d.mean()  # [S, N]
+    ms_inter = (resid ** 2).sum() / ((S - 1) * (N - 1))                # E = var_inter
+    terms = [(ms_seed, S - 1, 1.0)]                   # (mean square, its dof, its sign)
+    if ms_scene > ms_inter:
+        terms += [(ms_scene, N - 1, 1.0), (ms_inter, (S - 1) * (N - 1), -1.0)]
+    var = sum(sign * ms for ms, _, sign in terms)     # = N S var(mean)
+    if var <= 0:  # every seed's mean identical and no scene term: nothing varies
+        return float(d.mean()), 0.0, float("inf")
+    dof = var ** 2 / sum(ms ** 2 / k for ms, k, _ in terms)
+    return float(d.mean()), float(math.sqrt(var / (N * S))), float(dof)
+
+
+def t_critical(dof, tail=0.5 * math.erfc(3 / math.sqrt(2))):
+    """k with P(T > k) = tail for Student's t with `dof` (fractional: Satterthwaite's) degrees of
+    freedom; the default tail is that of 3 normal standard errors (0.135%), so k -> 3 for many
+    degrees of freedom and grows for few (2: 19.2, 5: 5.6). The density integrated numerically and
+    bisected (no scipy)."""
+    if not dof > 0:
+        return math.nan
+    dof = min(dof, 1e6)
+    log_norm = math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2) - 0.5 * math.log(dof * math.pi)
+
+    def upper(k):  # P(T > k) = 1/2 - the density's integral over [0, k] (trapezoids)
+        t = np.linspace(0.0, k, 4001)
+        y = np.exp(log_norm - (dof + 1) / 2 * np.log1p(t * t / dof))
+        return 0.5 - (y[1:] + y[:-1]).sum() * (t[1] - t[0]) / 2
+
+    lo, hi = 0.0, 4.0
+    while upper(hi) > tail:
+        lo, hi = hi, 2 * hi
+    for _ in range(50):
+        lo, hi = (lo, (lo + hi) / 2) if upper((lo + hi) / 2) < tail else ((lo + hi) / 2, hi)
+    return (lo + hi) / 2
 
 
 def fmt(value, scale, sign=False):
@@ -146,21 +187,24 @@ def compare_table(task_name, arms, base):
 
 
 def claim(task_name, diff, main=None):
-    """DESIGN section 9's rule for a paired difference {metric: (d, se)} of a trained arm against
-    the best SFT model: real above 3 standard errors on the main reward-independent metric (the
-    first of SCENE_METRICS, or `main` where a row asks about another), with no loss of more than
-    one standard error on the guards (detection: count accuracy and F1@0.25; grounding: frame)."""
+    """DESIGN section 9's rule for a paired difference {metric: (d, se, dof)} of a trained arm
+    against the best SFT model: real when d exceeds k standard errors on the main reward-independent
+    metric (the first of SCENE_METRICS, or `main` where a row asks about another), k = t_critical
+    (3 with many degrees of freedom, more with few seeds behind the error), with no loss of more
+    than one standard error on the guards (detection: count accuracy and F1@0.25; grounding:
+    frame)."""
     main = main or SCENE_METRICS[task_name][0][0]
-    d, se = diff[main]
+    d, se, dof = diff[main]
+    k = t_critical(dof)
     guards = {"detection": ("count", "f1_25"), "grounding": ("frame",), "spatial": ()}[task_name]
-    lost = [k for k in guards if diff[k][0] < -diff[k][1]]
-    if d > 3 * se and not lost:
-        return (f"better: {main} {d:+.3f} +- {se:.3f} (> 3 standard errors), "
-                "no guard metric lost more than 1")
-    if d < -3 * se:
-        return f"worse: {main} {d:+.3f} +- {se:.3f}"
-    return (f"no claim: {main} {d:+.3f} +- {se:.3f}"
-            + (f"; lost more than 1 standard error on {lost}" if lost else ""))
+    lost = [g for g in guards if diff[g][0] < -diff[g][1]]
+    z = d / se if se > 0 else math.copysign(math.inf, d) if d else 0.0  # NaN se: NaN, no claim
+    said = f"{main} {d:+.3f} +- {se:.3f} ({z:+.1f} SE; k = {k:.1f} at {dof:.0f} dof)"
+    if z > k and not lost:
+        return f"better: {said}, no guard metric lost more than 1 SE"
+    if z < -k:
+        return f"worse: {said}"
+    return f"no claim: {said}" + (f"; lost more than 1 SE on {lost}" if lost else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,17 +261,22 @@ def closing_report(task, per, start, grpo_dir, primary, val_size):
     """The main command's closing tables (train.report): the SFT start and the GRPO result on the
     same test scenes, paired per scene, three ways: greedy (what eval reports), sampled at the
     training temperature (mean over G samples per scene: the policy GRPO optimises) and best of G
-    (what that policy can reach); the claim rule's verdict for one run on each; grpo/curves.png and
-    grpo/report.json. per: {way: {"SFT start": per_scene dict, "GRPO": per_scene dict}}."""
+    (what that policy can reach); grpo/curves.png. One run is one training seed, so each table
+    states its difference in standard errors over the test scenes and makes no claim (DESIGN.md
+    section 9; bench.py learning makes claims). per: {way: {"SFT start": per_scene dict, "GRPO":
+    per_scene dict}}. -> the report (train.report writes it as grpo/report.json)."""
     n = len(next(iter(per["greedy"]["GRPO"].values())))
+    main = SCENE_METRICS[task][0][0]
     report = {"test_size": n, "start": str(start)}
     for way, arms in per.items():
         print(f"\n== {task}, {way}: the SFT start ({start}) vs GRPO ({grpo_dir / 'best'}), {n} "
               f"unseen test scenes, paired per scene (mean +- standard error) ==")
         diffs = compare_table(task, arms, base="SFT start")
-        print(claim(task, diffs["GRPO"]) + " (one run, one seed)")
-        means = {k: {m: float(np.nanmean(v)) for m, v in d.items()} for k, d in arms.items()}
+        d, se, _ = diffs["GRPO"][main]
+        print(f"GRPO - start, {main}: {d:+.3f} +- {se:.3f} ({d / se if se else 0:+.1f} standard "
+              "errors over test scenes); one run, one training seed: not a claim (DESIGN.md "
+              "section 9)")
+        means = {a: {m: float(np.nanmean(v)) for m, v in x.items()} for a, x in arms.items()}
         report[way] = {"diffs": diffs, "means": means}
     training_curves(grpo_dir / "curves.png", grpo_dir / "metrics.jsonl", primary, task, val_size)
-    (grpo_dir / "report.json").write_text(json.dumps(report, indent=1))
-    print(f"wrote {grpo_dir / 'curves.png'} and {grpo_dir / 'report.json'}")
+    return report

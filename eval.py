@@ -118,7 +118,9 @@ def detection_metrics(records):
     #    parse rate
     out["n_pred"] = _mean(_finite(r.get("n_pred")) for r in records)
     out["n_gt"] = _mean(_finite(r.get("n_gt")) for r in records)
-    out["count_acc"] = 100 * _mean(float(r.get("n_pred") == r.get("n_gt")) for r in records)
+    # an answer that did not parse names no count, not "zero boxes" (right on an empty scene)
+    out["count_acc"] = 100 * _mean(float(bool(r.get("parsed")) and r.get("n_pred") == r.get("n_gt"))
+                                   for r in records)
     out["iou_gt"] = _mean(_finite(r.get("iou_gt")) for r in records)
     out["parse_rate"] = 100 * _mean(float(bool(r.get("parsed"))) for r in records)
     return out
@@ -309,6 +311,8 @@ def get_args(argv=None):
                    "--temperature (the policy GRPO optimises), metrics over all of them and "
                    "predictions.jsonl with a 'sample' field")
     p.add_argument("--temperature", type=float, default=1.0, help="with --samples (training's T)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="with --samples: rank r samples with seed + r")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--no-think", action="store_true",
                    help="prompt without the think/answer instruction (VG-LLM checkpoints)")
@@ -332,6 +336,8 @@ def get_args(argv=None):
     for name in ("test_size", "frames", "image_size", "batch_size", "max_new_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if args.seed < 0:
+        p.error(f"--seed {args.seed}: seeds are non-negative integers")
     if args.samples < 0 or not (math.isfinite(args.temperature) and args.temperature > 0):
         p.error(f"--samples {args.samples} --temperature {args.temperature}: samples >= 0 and a "
                 "finite temperature > 0")
@@ -394,6 +400,7 @@ def run(args, rank, device):
     if not args.data and rank == 0 and net.config["image_width"] != args.image_size:
         print(f"--image-size {args.image_size}: this model resizes every frame to "
               f"{net.config['image_width']} px wide (its config's image_width)")
+    torch.manual_seed(args.seed + rank)  # --samples: each rank its own stream, the same every run
     out = evaluate(net, tok, args.task, dataset,
                    args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task], args.batch_size,
                    think=not args.no_think, progress=True, protocol=args.protocol,
@@ -414,8 +421,9 @@ def run(args, rank, device):
                   f"{m['replaced_rate']:.1f}% of boxes replaced)")
             for t in ("0.25", "0.5"):
                 print(f"  {'Acc@' + t:<12}{m['acc@' + t]:10.2f}{m['acc@' + t + '/refined']:10.2f}")
-        for r in out["records"][: args.viz]:
-            viz(dataset[r["index"]], r["completion"]).save(out_dir / f"viz-{r['index']:05d}.png")
+        for r in out["records"][: args.viz]:  # with --samples: one PNG per sample
+            name = f"viz-{r['index']:05d}" + (f"-{r['sample']}" if "sample" in r else "")
+            viz(dataset[r["index"]], r["completion"]).save(out_dir / f"{name}.png")
         print(f"wrote {out_dir}/predictions.jsonl, metrics.json"
               + (f" and {args.viz} PNGs" if args.viz else ""))
 

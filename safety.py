@@ -359,15 +359,16 @@ def save_model(policy, tokenizer, path, rank):
 # --------------------------------------------------------------------------------------------------
 
 
-def json_line(record):
-    """One strict-JSON log line: NaN and inf (no JSON literal for them) are logged as null."""
+def json_line(record, indent=None):
+    """One strict-JSON log line (or, with indent, a readable file): NaN and inf (no JSON literal
+    for them) are written as null."""
     def clean(x):
         if isinstance(x, float):
             return x if math.isfinite(x) else None
         if isinstance(x, dict):
             return {k: clean(v) for k, v in x.items()}
         return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
-    return json.dumps(clean(record), allow_nan=False) + "\n"
+    return json.dumps(clean(record), allow_nan=False, indent=indent) + "\n"
 
 
 def truncate_log(path, step):

@@ -462,9 +462,10 @@ def report(args, start, rank, device):
     test = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **world(args))
     grpo_dir = Path(args.out) / "grpo"
     per = {"greedy": {}, "sampled": {}, f"best of {args.G}": {}}
-    for name, path in (("SFT start", Path(start)), ("GRPO", grpo_dir / "best")):
-        safety.recover(path)
-        net, tok = checkpoints.load_pretrained(path)
+    for name, path in (("SFT start", start), ("GRPO", grpo_dir / "best")):
+        if path is not None:
+            safety.recover(Path(path))
+        net, tok = load_model(args, rank, path)  # path None: the --qwen/--vggt pair, as trained
         run = lambda **kw: evaluate(net.to(device), tok, args.task, test, progress=True,
                                     max_new_tokens=args.max_new_tokens, **kw)["records"]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):  # as training
@@ -474,8 +475,21 @@ def report(args, start, rank, device):
                                                         temperature=args.temperature), args.G)
         per["sampled"][name], per[f"best of {args.G}"][name] = mean, best
     if rank == 0:
-        compare.closing_report(args.task, per, Path(start), grpo_dir, PRIMARY_METRIC[args.task],
-                               args.val_size)
+        start_name = start or f"{args.qwen} + {args.vggt}"
+        out = compare.closing_report(args.task, per, start_name, grpo_dir,
+                                     PRIMARY_METRIC[args.task], args.val_size)
+        out["float_path"] = float_path(device)
+        (grpo_dir / "report.json").write_text(safety.json_line(out, indent=1))
+        print(f"wrote {grpo_dir / 'curves.png'} and {grpo_dir / 'report.json'}")
+
+
+def float_path(device):
+    """What a run's numbers depend on besides its seed: results are bit-exact on one machine, but
+    float rounding differs across CPU kernels, GPUs, thread and process counts (README)."""
+    on = (torch.cuda.get_device_name(device) if device.type == "cuda"
+          else f"cpu, ATen capability {torch.backends.cpu.get_cpu_capability()}")
+    return {"torch": torch.__version__, "device": on, "threads": torch.get_num_threads(),
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1}
 
 
 def start_point(args):

@@ -42,7 +42,8 @@ def test_detection_metrics_sums_per_class_then_averages_over_lists():
     # IoU 0.5: chair 1/2/2 -> P 1/3, R 1/3, F1 1/3
     assert m["f1@0.5/cate8"] == pytest.approx(100 / 3 / 8)
     assert m["n_pred"] == pytest.approx(8 / 3) and m["n_gt"] == pytest.approx(7 / 3)
-    assert m["count_acc"] == pytest.approx(200 / 3)  # samples 1 and 3
+    # sample 1 only: sample 3 is an empty scene whose answer did not parse, which names no count
+    assert m["count_acc"] == pytest.approx(100 / 3)
     assert m["iou_gt"] == pytest.approx(0.25) and m["parse_rate"] == pytest.approx(200 / 3)
     assert m["n"] == 3
 
@@ -153,52 +154,79 @@ def test_per_scene_and_paired_differences():
     # perfect there, as in the reward)
     assert m["f1_25"].tolist() == pytest.approx([6 / 8, 2 / 7, 0.0])
     assert m["f1_50"].tolist() == pytest.approx([2 / 6, 1.0, 0.0])  # 0.5: scene 1 TP 1 FP 2 FN 2
-    assert m["count"].tolist() == [1.0, 0.0, 1.0] and m["boxes"].tolist() == [4, 4, 0]
+    # scene 3's answer did not parse: it names no count, so it is not a right count of 0 boxes
+    assert m["count"].tolist() == [1.0, 0.0, 0.0] and m["boxes"].tolist() == [4, 4, 0]
     assert m["iou_gt"].tolist() == [0.5, 0.25, 0.0] and m["parse"].tolist() == [1, 1, 0]
     a, b = np.array([0.5, 0.25, 0.0, 1.0]), np.array([0.25, 0.25, 0.5, 0.0])
     d = [0.25, 0.0, -0.5, 1.0]
     mean = sum(d) / 4
     se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2
-    assert C.paired(a, b) == pytest.approx((mean, se))
-    # two seeds of one arm, 0.2 apart: the error adds the spread of the seed means (var 0.02, /2)
+    assert C.paired(a, b) == pytest.approx((mean, se, 3))
+    # two seeds of one arm, 0.2 apart, no interaction: the error adds the spread of the seed
+    # means (var 0.02, /2); Satterthwaite's dof from the two mean squares (seeds 4 x 0.02 with 1
+    # dof, scenes 2 var(d) with 3)
     seeds = np.stack([a, a + 0.2])
-    assert C.paired(seeds, b) == pytest.approx((mean + 0.1, math.sqrt(se ** 2 + 0.02 / 2)))
+    var_d = sum((x - mean) ** 2 for x in d) / 3
+    dof = (0.08 + 2 * var_d) ** 2 / (0.08 ** 2 + (2 * var_d) ** 2 / 3)
+    assert C.paired(seeds, b) == pytest.approx((mean + 0.1, math.sqrt(se ** 2 + 0.02 / 2), dof))
     # a scene where the metric is undefined (NaN: a grounding row without a target
     # frame) is left out of the pair
-    assert C.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se))
+    assert C.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se, 3))
 
 
-def test_paired_standard_error_covers_the_spread_between_training_seeds():
-    """Monte Carlo: d[s, i] = a_i (scene) + b_s (training seed) + e_si, every seed on the same N
-    scenes. The standard deviation of the mean over many draws is the truth the standard error
-    must reach; the scenes-only error (what the one-seed formula sees) falls far short."""
+@pytest.mark.parametrize("mix", ["interaction", "seeds", "scenes"])
+def test_paired_standard_error_and_claim_rate_over_variance_mixes(mix):
+    """Monte Carlo: d[s, i] = seed_s + scene_i + interaction_si, S = 3 training seeds on the same
+    N = 400 scenes, no effect. The standard deviation of the mean over many draws is the truth:
+    the root mean square standard error must reach it within 15% whatever the mix (the old formula
+    counted the interaction twice: 1.41x with interaction only), and claim() must call a zero
+    effect "better" in at most 1% of draws (3 standard errors with the 2 degrees of freedom that
+    seed-dominated noise leaves fire in ~5%: shown as the reason for the t critical value)."""
     import math
 
     import numpy as np
-    rng = np.random.default_rng(0)
-    S, N, reps = 3, 100, 2000
-    a = rng.normal(0, 1.0, (reps, 1, N))
-    b = rng.normal(0, 0.3, (reps, S, 1))
-    e = rng.normal(0, 0.5, (reps, S, N))
-    d = a + b + e
-    truth = d.mean((1, 2)).std()  # ~ sqrt(1/N + 0.09/S + 0.25/(N S)) = 0.20
-    ses = np.array([C.paired(x, np.zeros(N))[1] for x in d])
-    assert truth == pytest.approx(math.sqrt(1 / N + 0.09 / S + 0.25 / (N * S)), rel=0.05)
-    # the root mean square error estimate: at the truth, or a little above (never below)
-    assert 0.97 * truth < math.sqrt((ses ** 2).mean()) < 1.1 * truth
-    scenes_only = np.array([C.paired(x.mean(0), np.zeros(N))[1] for x in d])
-    assert math.sqrt((scenes_only ** 2).mean()) < 0.6 * truth
+    sd_seed, sd_scene, sd_inter = {"interaction": (0, 0, 1), "seeds": (0.1, 0, 1),
+                                   "scenes": (0, 1, 0.3)}[mix]
+    rng = np.random.default_rng(1)
+    S, N, reps = 3, 400, 1500
+    d = (rng.normal(0, sd_seed, (reps, S, 1)) + rng.normal(0, sd_scene, (reps, 1, N))
+         + rng.normal(0, sd_inter, (reps, S, N)))
+    truth = math.sqrt(sd_seed ** 2 / S + sd_scene ** 2 / N + sd_inter ** 2 / (N * S))
+    assert d.mean((1, 2)).std() == pytest.approx(truth, rel=0.06)
+    out = np.array([C.paired(x, np.zeros(N)) for x in d])  # [reps, (mean, se, dof)]
+    assert math.sqrt((out[:, 1] ** 2).mean()) == pytest.approx(truth, rel=0.15)
+    z = out[:, 0] / out[:, 1]
+    better = np.mean([zi > C.t_critical(dof) for zi, dof in zip(z, out[:, 2])])
+    assert better <= 0.01
+    if mix != "scenes":  # few degrees of freedom: a normal 3 SE rule would fire far too often
+        assert np.mean(z > 3) > 0.02 and np.median(out[:, 2]) < 3
+
+
+def test_t_critical_against_closed_forms():
+    """Student's t quantiles with closed forms: 1 dof is Cauchy (tan), 2 dof is
+    (2p - 1) / sqrt(2p(1 - p)); many dof is the normal's 3; the default tail is 3 normal SEs'."""
+    import math
+    p = 1 - 0.5 * math.erfc(3 / math.sqrt(2))  # 0.99865
+    assert C.t_critical(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-3)
+    assert C.t_critical(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-3)
+    assert C.t_critical(1e9) == pytest.approx(3.0, abs=1e-3)
+    assert 3.0 < C.t_critical(400) < C.t_critical(30) < C.t_critical(5) < C.t_critical(2)
 
 
 def test_claim_follows_the_three_standard_error_rule():
-    diff = lambda d, se, count=(0.0, 0.01), f1=(0.0, 0.01): {"iou_gt": (d, se), "count": count,
-                                                             "f1_25": f1}
+    """Many degrees of freedom: 3 standard errors; few (3 seeds' worth): Student's t at the same
+    tail, so 4 SE is not enough at 2 dof (k = 19.2)."""
+    diff = lambda d, se, count=(0.0, 0.01, 400), f1=(0.0, 0.01, 400), dof=1e6: {
+        "iou_gt": (d, se, dof), "count": count, "f1_25": f1}
     assert C.claim("detection", diff(0.031, 0.01)).startswith("better")
     assert C.claim("detection", diff(0.029, 0.01)).startswith("no claim")
+    assert C.claim("detection", diff(0.04, 0.01, dof=2)).startswith("no claim")
+    assert C.claim("detection", diff(0.2, 0.01, dof=2)).startswith("better")
     # lost the count guard
-    assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01))).startswith("no claim")
+    assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01, 400))).startswith("no claim")
     assert C.claim("detection", diff(-0.04, 0.01)).startswith("worse")
+    assert C.claim("detection", diff(0.0, 0.0)).startswith("no claim")  # nothing varied
     # a row that asks about another metric (bench.py's F1@0.5 row)
-    f1_50 = {**diff(-0.01, 0.01), "f1_50": (0.04, 0.01)}
+    f1_50 = {**diff(-0.01, 0.01), "f1_50": (0.04, 0.01, 1e6)}
     assert C.claim("detection", f1_50, main="f1_50").startswith("better: f1_50")
     assert C.claim("detection", f1_50).startswith("no claim: iou_gt")

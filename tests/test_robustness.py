@@ -397,6 +397,36 @@ def test_skipped_steps_are_logged_and_counted(tmp_path, init_dir, monkeypatch):
         train.main([*common, "--steps", "3", "--max-bad-steps", "2", "--out", str(tmp_path / "b")])
 
 
+def _one_rank_nonfinite_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same weights on both ranks, as DDP would hold them
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in net.parameters()]
+        seen = []
+        for bad_rank in (1, None):  # step 1: rank 1's gradient alone is NaN; step 2: all finite
+            for p in net.parameters():
+                p.grad = torch.full_like(p, math.nan if rank == bad_rank else 1.0)
+            _, skipped = grpo.finish_step(net, opt, 1.0, max_grad_norm=1.0)
+            seen.append((skipped, all(torch.equal(a, b) for a, b in zip(before, net.parameters()))))
+        torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Two gloo ranks with local gradients (FSDP's shards, or a rank whose loss overflowed): rank
+    1's gradient is NaN, rank 0's finite. Both ranks skip (a rank that stepped alone would
+    desynchronise the replicas) and keep their weights; the next, finite step moves both."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_one_rank_nonfinite_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == [(True, True), (False, False)], rank
+
+
 def test_saved_files_get_ordinary_permissions(tmp_path):
     net = __import__("model").VGLLM(__import__("model").tiny_config(64))
     checkpoints.save_pretrained(net, None, tmp_path)

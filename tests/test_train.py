@@ -167,6 +167,10 @@ def test_resume_is_bit_exact(init_dir, tmp_path, monkeypatch):
 # End to end: SFT, then GRPO, then eval.py
 
 
+def strict(constant):
+    raise ValueError(f"not strict JSON: {constant}")
+
+
 def test_sft_then_grpo_then_eval(tmp_path):
     out = tmp_path / "run"
     train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2",
@@ -179,10 +183,31 @@ def test_sft_then_grpo_then_eval(tmp_path):
     assert all(r["step_time"] > 0 for r in sft_rows if "loss" in r)
     lines = [json.loads(x) for x in (out / "grpo/metrics.jsonl").read_text().splitlines()]
     # the main command's last part: start vs GRPO on 3 test scenes, paired, and the curves
-    report = json.loads((out / "grpo/report.json").read_text())
+    report = json.loads((out / "grpo/report.json").read_text(), parse_constant=strict)
     assert report["test_size"] == 3 and {"greedy", "sampled", "best of 2"} <= set(report)
-    assert all(set(report[way]["means"]) == {"SFT start", "GRPO"}
-               for way in ("greedy", "sampled", "best of 2"))
+    assert report["float_path"]["world_size"] == 1 and report["float_path"]["torch"]
+    # its numbers, recomputed from eval.evaluate on the same models, scenes and sampling seed:
+    # greedy and sampled means over every record; best of 2 per scene the sample with the
+    # higher IoU, every metric that sample's own
+    test = scenes.SyntheticDataset("grounding", 3, seed=2, frames=2)
+    for name, path in (("SFT start", out / "sft/best"), ("GRPO", out / "grpo/best")):
+        net, tok = checkpoints.load_pretrained(path)
+        run = lambda **kw: evaluation.evaluate(net, tok, "grounding", test, max_new_tokens=16,
+                                               **kw)["records"]
+        greedy = run()
+        torch.manual_seed(0 + 2)  # the report's stream: --seed + 2 + rank
+        drawn = run(samples=2, temperature=1.0)
+        iou = [r["iou"] if r["iou"] is not None else 0.0 for r in drawn]
+        best = [max((0, 1), key=lambda j: (iou[2 * i + j], -j)) + 2 * i for i in range(3)]
+        means = {way: report[way]["means"][name] for way in ("greedy", "sampled", "best of 2")}
+        assert means["greedy"]["iou"] == pytest.approx(
+            sum(r["iou"] or 0.0 for r in greedy) / 3)
+        assert means["sampled"]["iou"] == pytest.approx(sum(iou) / 6)
+        assert means["sampled"]["parse"] == pytest.approx(
+            sum(bool(r["parsed"]) for r in drawn) / 6)
+        assert means["best of 2"]["iou"] == pytest.approx(sum(iou[k] for k in best) / 3)
+        assert means["best of 2"]["parse"] == pytest.approx(
+            sum(bool(drawn[k]["parsed"]) for k in best) / 3)
     assert (out / "grpo/curves.png").stat().st_size > 0
     for key in ("reward", "reward_std", "zero_std_frac", "kl", "clip_frac", "ratio", "entropy",
                 "completion_len", "truncated", "reward_format", "reward_frame", "reward_iou", "lr",
@@ -408,13 +433,20 @@ def test_f1_iou_flag_reaches_the_detection_reward():
 
 
 def test_sampled_mean_and_best_of_n_per_scene():
-    """compare.sampled: per-scene metrics of n samples -> their mean and their maximum, per scene
-    (2 scenes x 3 samples of a spatial score, written out)."""
+    """compare.sampled: per-scene metrics of n samples -> their mean, and best of n: the one sample
+    with the highest main metric, every metric that sample's own (2 scenes x 3 samples of a
+    spatial score, written out; then the issue's detection scene: a 3-box answer at IoU 0.8 over
+    GT and a 1-box answer at 0.1 is best at 0.8 with 3 boxes and the count wrong, never a mix)."""
     scores = [0.0, 1.0, 0.5, 0.2, 0.2, 0.2]
     records = [{"score": x, "parsed": True} for x in scores]
     mean, best = compare.sampled("spatial", records, 3)
     assert mean["score"].tolist() == pytest.approx([0.5, 0.2])
     assert best["score"].tolist() == [1.0, 0.2] and mean["parse"].tolist() == [1.0, 1.0]
+    det = lambda n_pred, iou: {"counts": {"0.25": {}, "0.5": {}}, "n_pred": n_pred, "n_gt": 1,
+                               "iou_gt": iou, "parsed": True}
+    mean, best = compare.sampled("detection", [det(3, 0.8), det(1, 0.1)], 2)
+    assert (best["iou_gt"][0], best["boxes"][0], best["count"][0]) == (0.8, 3.0, 0.0)
+    assert mean["count"][0] == 0.5
 
 
 def test_training_curves_draw_every_term(tmp_path):
