@@ -449,6 +449,53 @@ def test_sampled_mean_and_best_of_n_per_scene():
     assert mean["count"][0] == 0.5
 
 
+def test_closing_report_starts_where_training_did(init_dir, tmp_path, monkeypatch):
+    """The closing table's SFT start is loaded as training loaded it: `--qwen DIR --vggt FILE`
+    (no start directory: it crashed on Path(None)) through from_qwen_and_vggt, and a VG-LLM dir as
+    --model through from_vgllm (it went through load_pretrained). The loaders are stand-ins that
+    record the call and return the tiny model."""
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(init_dir, out / "grpo/best")
+    (out / "grpo/metrics.jsonl").write_text(json.dumps({"step": 1, "reward": 1.0}) + "\n")
+    (tmp_path / "qwen").mkdir()
+    (tmp_path / "qwen/config.json").write_text("{}")
+    (tmp_path / "vggt.pt").write_bytes(b"")
+    (tmp_path / "vgllm").mkdir()
+    (tmp_path / "vgllm/config.json").write_text(json.dumps({"use_vggt_feature": True}))
+    loaded = []
+    for name in ("from_qwen_and_vggt", "from_vgllm"):
+        monkeypatch.setattr(checkpoints, name, lambda *a, _n=name, **kw: (
+            loaded.append(_n), checkpoints.load_pretrained(init_dir))[1])
+    common = ["--out", str(out), "--test-size", "2", "--G", "2", "--frames", "2",
+              "--max-new-tokens", "6"]
+    for start in (["--qwen", str(tmp_path / "qwen"), "--vggt", str(tmp_path / "vggt.pt")],
+                  ["--model", str(tmp_path / "vgllm")]):
+        args = train.get_args([*start, *common])
+        train.report(args, train.start_point(args), 0, torch.device("cpu"))
+    assert loaded == ["from_qwen_and_vggt", "from_vgllm"]
+    assert json.loads((out / "grpo/report.json").read_text())["start"] == str(tmp_path / "vgllm")
+
+
+def test_eval_samples_are_seeded_per_rank(init_dir, tmp_path):
+    """eval.py --samples --seed 3 under torchrun: rank r draws from seed 3 + r (unseeded, every rank
+    drew torch's one default stream), so each rank's samples equal an in-process evaluation of its
+    scene after torch.manual_seed(3 + r); --viz writes one PNG per sample, not one per scene."""
+    torchrun(2, ["--ckpt", init_dir, "--task", "detection", "--test-size", "2", "--frames", "2",
+                 "--max-new-tokens", "10", "--samples", "2", "--batch-size", "2", "--viz", "4",
+                 "--seed", "3", "--out", str(tmp_path)], tmp_path, script="eval.py")
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    net, tok = checkpoints.load_pretrained(init_dir)
+    test = scenes.SyntheticDataset("detection", 2, seed=2, frames=2)
+    for rank in (0, 1):  # scene r is rank r's shard
+        torch.manual_seed(3 + rank)
+        alone = evaluation.evaluate(net, tok, "detection", [test[rank]], max_new_tokens=10,
+                                    samples=2, batch_size=2)["records"]
+        assert [r["completion"] for r in rows if r["index"] == rank] == [
+            r["completion"] for r in alone], rank
+    assert len(list(tmp_path.glob("viz-*.png"))) == 4
+
+
 def test_training_curves_draw_every_term(tmp_path):
     """curves.png from a metrics.jsonl with reward terms, KL, entropy, a skipped step's nulls and an
     evaluation line: the figure has the five panels and each reward term's line."""
