@@ -857,7 +857,7 @@ def knob_cells(task, a, b):
     standard errors for the first five scene metrics, as table cells."""
     ta, tb = [x.test() for x in a], [x.test() for x in b]
     return [f"{fmt(d, s, True)}+-{fmt(se, s)}" for k, _, s in SCENE_METRICS[task][:5]
-            for d, se in [paired(np.stack([t[k] for t in ta]), np.stack([t[k] for t in tb]))]]
+            for d, se, _ in [paired(np.stack([t[k] for t in ta]), np.stack([t[k] for t in tb]))]]
 
 
 def learning(args):

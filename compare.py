@@ -122,8 +122,8 @@ def paired(a, b):
 def t_critical(dof, tail=0.5 * math.erfc(3 / math.sqrt(2))):
     """k with P(T > k) = tail for Student's t with `dof` (fractional: Satterthwaite's) degrees of
     freedom; the default tail is that of 3 normal standard errors (0.135%), so k -> 3 for many
-    degrees of freedom and grows for few (2: 19.2, 5: 5.6). The density integrated numerically and
-    bisected (no scipy)."""
+    degrees of freedom and grows for few (2: 19.2, 4: 6.6, 10: 4.0). The density is integrated
+    numerically and bisected (no scipy)."""
     if not dof > 0:
         return math.nan
     dof = min(dof, 1e6)
@@ -224,7 +224,7 @@ def plot(path, panels, xlabel="step"):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if series:
+        if ax.get_legend_handles_labels()[0]:  # something was drawn
             ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

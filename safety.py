@@ -144,8 +144,17 @@ def check_args(args, p):
 
 def check_out(args, warmup):
     """Before anything is written. A fresh run refuses an --out/<stage> that already holds work
-    (what is there, what to do; nothing is deleted): mixing two runs there would lose both.
-    --resume needs something to resume."""
+    (what is there, what to do; nothing is deleted): mixing two runs there would lose both. A run
+    of the tiny default refuses an --out whose init/ another --seed built. --resume needs something
+    to resume."""
+    built = Path(args.out) / "init" / "init.json"  # train.tiny_init's seed (the model's draw)
+    if not (args.model or args.qwen) and built.is_file():
+        seed = json.loads(built.read_text())["seed"]
+        if seed != args.seed:
+            fail(f"{built.parent} was built with --seed {seed} and this run asks for --seed "
+                 f"{args.seed}: it would start from seed {seed}'s model (and any SFT warm-up "
+                 f"under {args.out}), not its own. Pass another --out for a new seed, or delete "
+                 f"{args.out} yourself to start over")
     stages = (["sft"] if warmup else []) + [args.stage]
     for stage in stages:
         d = Path(args.out) / stage

@@ -236,6 +236,8 @@ def tiny_init(args, rank):
                                             image_size=args.image_size))
         with safety.atomic_dir(init) as tmp:
             checkpoints.save_pretrained(net, tok, tmp)
+            (tmp / "init.json").write_text(json.dumps({"seed": args.seed}))  # safety.check_out
+            checkpoints.seal(tmp)  # listed in checksums.json too
         n = sum(p.numel() for p in net.parameters())
         print(f"built the tiny default model ({n:,} parameters) -> {init}")
     if dist.is_initialized():
@@ -480,7 +482,11 @@ def report(args, start, rank, device):
                                      PRIMARY_METRIC[args.task], args.val_size)
         out["float_path"] = float_path(device)
         (grpo_dir / "report.json").write_text(safety.json_line(out, indent=1))
-        print(f"wrote {grpo_dir / 'curves.png'} and {grpo_dir / 'report.json'}")
+        # the per-scene values behind the tables, so verdicts across runs can be recomputed
+        (grpo_dir / "per_scene.json").write_text(safety.json_line(
+            {way: {arm: {k: v.tolist() for k, v in m.items()} for arm, m in arms.items()}
+             for way, arms in per.items()}))
+        print(f"wrote {grpo_dir / 'curves.png'}, report.json and per_scene.json")
 
 
 def float_path(device):

@@ -186,6 +186,9 @@ def test_sft_then_grpo_then_eval(tmp_path):
     report = json.loads((out / "grpo/report.json").read_text(), parse_constant=strict)
     assert report["test_size"] == 3 and {"greedy", "sampled", "best of 2"} <= set(report)
     assert report["float_path"]["world_size"] == 1 and report["float_path"]["torch"]
+    per = json.loads((out / "grpo/per_scene.json").read_text(), parse_constant=strict)
+    assert report["sampled"]["means"]["GRPO"]["iou"] == pytest.approx(
+        sum(per["sampled"]["GRPO"]["iou"]) / 3)
     # its numbers, recomputed from eval.evaluate on the same models, scenes and sampling seed:
     # greedy and sampled means over every record; best of 2 per scene the sample with the
     # higher IoU, every metric that sample's own
