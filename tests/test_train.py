@@ -171,13 +171,16 @@ def strict(constant):
     raise ValueError(f"not strict JSON: {constant}")
 
 
-def test_sft_then_grpo_then_eval(tmp_path):
+def test_sft_then_grpo_then_eval(tmp_path, capsys):
     out = tmp_path / "run"
     train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2",
                 "--out", str(out), *FAST])
     # starts from the SFT model in out/sft/best
     train.main(["--stage", "grpo", "--task", "grounding", "--steps", "2", "--G", "2",
                 "--prompts-per-rank", "2", "--out", str(out), *FAST, "--test-size", "3"])
+    # one run is one training seed: each table says so and claims nothing (DESIGN.md section 9)
+    printed = capsys.readouterr().out
+    assert printed.count("not a claim") == 3 and "standard errors)" not in printed
     sft_rows = [json.loads(x) for x in (out / "sft/metrics.jsonl").read_text().splitlines()]
     # bench.py's wall time per arm reads it
     assert all(r["step_time"] > 0 for r in sft_rows if "loss" in r)
