@@ -13,6 +13,12 @@ does.
     python bench.py gpu [--model qwen2.5-vl-7b] [--frames 32] [--fsdp] [--compare-rollout]
         real size on one GPU, random bf16 weights: SFT MFU, GRPO phases, memory (--compare-rollout:
         ms per decoding step vs transformers' generate and vs the memory-bandwidth limit)
+    python bench.py vllm [--repeats 5]
+        --rollout own vs vllm (rollout_vllm.py; run it in the vLLM venv) on issue 13's rollout
+        setting: ms per rollout / prefill / decoding step, the weight push, and the GRPO step
+    python bench.py runs DIR [DIR ...]
+        several runs of the main command (their --out dirs: seeds, float paths, machines): GRPO
+        minus its own start per scene, the runs as training draws, with the claim rule
     python bench.py threads [--quick]
         CPU threads: SFT warm-up s/step for 1 thread, all cores, all cores with
         OMP_WAIT_POLICY=passive; idle and with a busy loop on the last core
@@ -45,6 +51,7 @@ import decoding
 import grpo
 import model as vgllm
 import rft3d
+import rollout_vllm
 import scenes
 import train
 from compare import (SCENE_METRICS, claim, compare_table, fmt, paired, per_scene, plot, sampled,
@@ -334,11 +341,9 @@ def rollout_comparison(net, batch, enc, new_tokens, repeats):
     return res
 
 
-def rollout_section(net, ref, tok, args):
-    """Issue 13's side-by-side setting: tiny default, 2 prompts x G = 8, 4 frames of 112 px, 32 new
-    tokens (forced), the rollout alone and the whole GRPO step, with the decode loop and with
-    transformers' generate."""
-    B, G, S, C = 2, 8, 4, 32
+def issue13_batch(net, tok, B, G, S):
+    """Issue 13's rollout setting: B grounding scenes of S frames at 112 px, each prompt G times ->
+    (samples, task, encodings per row, the prompt batch)."""
     samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S, size=112)[i]
                for i in range(B)]
     task = rft3d.TASKS["grounding"]
@@ -346,6 +351,15 @@ def rollout_section(net, ref, tok, args):
     enc_G = [e for e in enc for _ in range(G)]
     batch = net.prompt_batch(tok, [task.prompt(s, think=True) for s in samples for _ in range(G)],
                              enc_G)
+    return samples, task, enc_G, batch
+
+
+def rollout_section(net, ref, tok, args):
+    """Issue 13's side-by-side setting: tiny default, 2 prompts x G = 8, 4 frames of 112 px, 32 new
+    tokens (forced), the rollout alone and the whole GRPO step, with the decode loop and with
+    transformers' generate."""
+    B, G, S, C = 2, 8, 4, 32
+    samples, task, enc_G, batch = issue13_batch(net, tok, B, G, S)
     print(f"\n== Rollout, tiny model, grounding: {B} prompts x G={G} ({B * G} rows, prompt "
           f"{batch['input_ids'].shape[1]} tokens), {S} frames of 112 px, {C} new tokens (EOS "
           f"suppressed), device {net.device}, median of {args.repeats} ==")
@@ -366,6 +380,53 @@ def rollout_section(net, ref, tok, args):
           "seconds:")
     table(["rollouts by"] + phases + ["step s", "tokens", "rollout share"], rows)
     print(f"GRPO step speed-up {totals['transformers'] / totals['decode loop']:.2f}x")
+
+
+def vllm_bench(args):
+    """--rollout own vs vllm on the tiny default in issue 13's setting (grounding, 2 prompts x
+    G = 8, 4 frames of 112 px, 32 new tokens, EOS suppressed): the rollout alone (ms per rollout,
+    per prefill (a 1-token call) and per decoding step), the weight push, then grpo.grpo_step
+    (lr 0) with each sampler. Informative on a CPU: both samplers run the same tiny layers there."""
+    net, tok = tiny_model(OUT / "vllm")
+    ref = copy.deepcopy(net).requires_grad_(False).eval()
+    B, G, S, C = 2, 8, 4, 32
+    samples, task, enc_G, batch = issue13_batch(net, tok, B, G, S)
+    t0 = time.perf_counter()
+    with eos_suppressed(net):  # the engine reads the suppressed tokens once, at its start
+        engine = rollout_vllm.Engine(net, tok, seed=0)
+    start_s = time.perf_counter() - t0
+    rollout_vllm._ENGINES[net] = engine  # grpo_step's sampler (--rollout vllm) uses this one
+    push_ms = 1e3 * time_calls({"push": engine.push_weights}, args.repeats)["push"]
+    print(f"\n== --rollout own vs vllm, tiny model, grounding: {B} prompts x G={G} ({B * G} rows, "
+          f"prompt {batch['input_ids'].shape[1]} tokens), {S} frames of 112 px, {C} new tokens "
+          f"(EOS suppressed), {torch.get_num_threads()} thread(s), median of {args.repeats} ==")
+    print(f"vLLM engine start {start_s:.1f} s (vLLM's import included); weight push "
+          f"{push_ms:.1f} ms")
+    variants = {"own loop (model.generate)": net.generate, "vLLM (rollout_vllm)": engine.generate}
+    net.eval()
+    with eos_suppressed(net), torch.no_grad():
+        t = time_calls({(name, n): (lambda g=gen, n=n: g(batch, enc_G, n))
+                        for name, gen in variants.items() for n in (1, C)}, args.repeats)
+    rows = []
+    for name in variants:
+        full, one = t[(name, C)], t[(name, 1)]
+        rows.append([name, f"{1e3 * full:.1f}", f"{1e3 * one:.1f}",
+                     f"{1e3 * (full - one) / (C - 1):.2f}"])
+    table(["rollout", "rollout ms", "prefill ms (1 token)", "ms / decoding step"], rows)
+    rows = []
+    for rollout in ("own", "vllm"):
+        a = grpo_args(G, C, rollout=rollout)
+        opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)
+        steps = []
+        with eos_suppressed(net):
+            for _ in range(1 + args.repeats):  # the first one warms up
+                steps.append(grpo.grpo_step(net, ref, tok, task, samples, opt, a))
+        step = float(np.median([o["step_time"] for o in steps[1:]]))
+        roll = float(np.median([o["rollout_time"] for o in steps[1:]]))
+        rows.append([rollout, f"{step:.3f}", f"{roll:.3f}", f"{roll / step:.0%}"])
+    print("\nGRPO step (grpo.grpo_step, lr 0; vllm: the weight push included), seconds:")
+    table(["--rollout", "step s", "rollout s", "rollout share"], rows)
+    rollout_vllm.close()
 
 
 def logprob_mem_child(a):
@@ -1087,6 +1148,27 @@ def threads(args):
         json.dumps({f"{n} / {ld}": v for (n, ld), v in results.items()}, indent=1))
 
 
+def across_runs(args):
+    """The main command run several times (seeds, float paths, machines): per scene, GRPO minus its
+    own SFT start in each run, read from <dir>/grpo/per_scene.json; the runs are the training
+    draws of compare.paired (its two-way error and degrees of freedom) and the claim rule's."""
+    runs = [json.loads((Path(d) / "grpo" / "per_scene.json").read_text()) for d in args.dirs]
+    task = next(t for t, ms in SCENE_METRICS.items()
+                if set(runs[0]["greedy"]["GRPO"]) == {k for k, _, _ in ms})
+    start = [float(np.mean(r["greedy"]["SFT start"][SCENE_METRICS[task][0][0]])) for r in runs]
+    print(f"{len(runs)} runs of the main command ({task}); SFT start, greedy "
+          f"{SCENE_METRICS[task][0][1]}: mean {np.mean(start):.3f}, range {min(start):.3f}-"
+          f"{max(start):.3f}")
+    rows = []
+    for way in runs[0]:
+        pick = lambda arm, k: np.array([r[way][arm][k] for r in runs], float)  # [runs, scenes]
+        diff = {k: paired(pick("GRPO", k), pick("SFT start", k)) for k, _, _ in SCENE_METRICS[task]}
+        rows.append([way] + [f"{fmt(diff[k][0], s, True)} +- {fmt(diff[k][1], s)}"
+                             for k, _, s in SCENE_METRICS[task][:4]]
+                    + [f"{diff[SCENE_METRICS[task][0][0]][2]:.1f}", claim(task, diff)])
+    table(["GRPO - start"] + [n for _, n, _ in SCENE_METRICS[task][:4]] + ["dof", "verdict"], rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1117,6 +1199,10 @@ def main(argv=None):
     gp.add_argument("--fsdp", action="store_true")
     gp.add_argument("--compare-rollout", action="store_true",
                     help="also time transformers' generate (issue 13)")
+    vp = sub.add_parser("vllm", help="--rollout own vs vllm on the tiny default (vLLM venv)")
+    vp.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median)")
+    rp = sub.add_parser("runs", help="GRPO - its start across runs of the main command")
+    rp.add_argument("dirs", nargs="+", help="--out dirs of main-command runs (runs/detection)")
     th = sub.add_parser("threads", help="CPU threads: SFT warm-up step time per setting, idle and "
                                         "with a busy core")
     th.add_argument("--quick", action="store_true")
@@ -1132,6 +1218,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     {"throughput": throughput, "learning": learning, "gpu": gpu, "threads": threads,
+     "vllm": vllm_bench, "runs": across_runs,
      "_sft_speed": sft_speed_child, "_logprob_mem": logprob_mem_child}[args.cmd](args)
 
 

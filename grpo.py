@@ -22,6 +22,8 @@ import time
 import torch
 import torch.distributed as dist
 
+import rollout_vllm  # train.py --rollout vllm (machinery; vLLM is imported only then)
+
 # --------------------------------------------------------------------------------------------------
 # Small helpers: the distributed world and the unwrapped module
 
@@ -257,8 +259,10 @@ def grpo_step(policy, ref, tokenizer, task, samples, optimizer, args):
     model.eval()
     with torch.no_grad():
         batch = model.prompt_batch(tokenizer, prompts_G, enc_G)
-        completion = model.generate(batch, enc_G, max_new_tokens=args.max_new_tokens, temperature=T,
-                                    do_sample=True, synced_gpus=getattr(args, "fsdp", False))
+        generate = (model.generate if getattr(args, "rollout", "own") == "own"
+                    else rollout_vllm.sampler(model, tokenizer, args))  # a vLLM engine: machinery
+        completion = generate(batch, enc_G, max_new_tokens=args.max_new_tokens, temperature=T,
+                              do_sample=True, synced_gpus=getattr(args, "fsdp", False))
     t_rollout = time.time() - t0  # completion: [B*G, C]
 
     # 3. Rewards r_i = R(q, o_i): the task's metric on the decoded text (untrusted: parsed by json).

@@ -14,6 +14,7 @@ Also the CPU thread default (set_threads). Who calls it: train.py. It imports on
 (checkpoints.py).
 """
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 import checkpoints
+import rollout_vllm
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,6 +124,11 @@ def check_args(args, p):
     if args.vggt and not args.qwen:
         fail(f"--vggt {args.vggt}: the VGGT file goes with --qwen (a VG-LLM dir given to --model "
              "has its own)")
+    if args.rollout == "vllm" and args.shard == "fsdp":
+        fail("--rollout vllm --shard fsdp: the engine needs the LLM's whole weights on each rank; "
+             "use --shard ddp (rollout_vllm.py)")
+    if args.rollout == "vllm" and importlib.util.find_spec("vllm") is None:
+        fail(rollout_vllm.INSTALL)  # now, not after the SFT warm-up at the first rollout
     files = lambda flag: [path for path, _ in value(flag) or []]  # --data a.json:2 b.json: pairs
     for flag, kind in (("--model", "dir"), ("--qwen", "dir"), ("--vggt", "file"),
                        ("--data", "files"), ("--val-data", "files"), ("--media-root", "dir")):

@@ -38,6 +38,7 @@ import grpo
 import lora
 import model as vgllm
 import rft3d
+import rollout_vllm
 import compare
 import safety
 import scenes
@@ -116,6 +117,8 @@ def get_args(argv=None, stage=None):
     a("--bf16", action="store_true", help="bf16 autocast (GPU)")
     a("--grad-ckpt", action="store_true", help="gradient checkpointing of the LLM layers")
     a("--shard", choices=["ddp", "fsdp"], default="ddp", help="DDP or FSDP2 under torchrun")
+    a("--rollout", choices=["own", "vllm"], default="own", help="GRPO's sampler: our decode loop, "
+      "or a vLLM engine per rank (rollout_vllm.py; vLLM in its own venv, README)")
     a("--workers", type=int, default=0, help="data-loader worker processes (frame decoding)")
     a("--seed", type=int, default=0, help="seed (each rank samples with seed + rank)")
     a("--eval-every", type=int, help="steps between evaluations (default: steps // 5)")
@@ -533,6 +536,7 @@ def main(argv=None):
             report(args, start_point(args), rank, device)
     except (checkpoints.CheckpointError, data.DataError) as e:  # one line naming the file (and row)
         safety.fail_on(e, Path(args.out) / "init")
+    rollout_vllm.close()  # --rollout vllm: its engines first, they hold groups of this process
     if dist.is_initialized():
         dist.destroy_process_group()
 

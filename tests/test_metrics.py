@@ -230,3 +230,26 @@ def test_claim_follows_the_three_standard_error_rule():
     f1_50 = {**diff(-0.01, 0.01), "f1_50": (0.04, 0.01, 1e6)}
     assert C.claim("detection", f1_50, main="f1_50").startswith("better: f1_50")
     assert C.claim("detection", f1_50).startswith("no claim: iou_gt")
+
+
+def test_bench_runs_reads_every_run_and_pairs_each_with_its_own_start(tmp_path, capsys):
+    """bench.py runs: three main-command runs (their grpo/per_scene.json) whose GRPO is its own
+    start + 0.1 IoU on every scene, while the starts differ by run: GRPO - start is +0.100 with no
+    error (each run paired with its own start, not another run's), the start's range is printed."""
+    import json
+
+    import bench
+    rng = np.random.default_rng(0)
+    dirs = []
+    for k in range(3):
+        start = {m: (rng.uniform(0, 1, 50) + k).tolist() for m, _, _ in C.SCENE_METRICS["detection"]}
+        grpo = {m: [x + 0.1 for x in v] for m, v in start.items()}
+        run = {way: {"SFT start": start, "GRPO": grpo} for way in ("greedy", "sampled")}
+        (tmp_path / f"r{k}" / "grpo").mkdir(parents=True)
+        (tmp_path / f"r{k}" / "grpo" / "per_scene.json").write_text(json.dumps(run))
+        dirs.append(str(tmp_path / f"r{k}"))
+    bench.main(["runs", *dirs])
+    out = capsys.readouterr().out
+    assert "3 runs of the main command (detection)" in out and "range" in out
+    sampled = next(line for line in out.splitlines() if line.strip().startswith("sampled"))
+    assert "+0.100 +- 0.000" in sampled
