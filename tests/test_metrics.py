@@ -242,7 +242,8 @@ def test_bench_runs_reads_every_run_and_pairs_each_with_its_own_start(tmp_path, 
     rng = np.random.default_rng(0)
     dirs = []
     for k in range(3):
-        start = {m: (rng.uniform(0, 1, 50) + k).tolist() for m, _, _ in C.SCENE_METRICS["detection"]}
+        start = {m: (rng.uniform(0, 1, 50) + k).tolist()
+                 for m, _, _ in C.SCENE_METRICS["detection"]}
         grpo = {m: [x + 0.1 for x in v] for m, v in start.items()}
         run = {way: {"SFT start": start, "GRPO": grpo} for way in ("greedy", "sampled")}
         (tmp_path / f"r{k}" / "grpo").mkdir(parents=True)
