@@ -216,6 +216,7 @@ def test_t_critical_against_closed_forms():
 def test_claim_follows_the_three_standard_error_rule():
     """Many degrees of freedom: 3 standard errors; few (3 seeds' worth): Student's t at the same
     tail, so 4 SE is not enough at 2 dof (k = 19.2)."""
+    import math
     diff = lambda d, se, count=(0.0, 0.01, 400), f1=(0.0, 0.01, 400), dof=1e6: {
         "iou_gt": (d, se, dof), "count": count, "f1_25": f1}
     assert C.claim("detection", diff(0.031, 0.01)).startswith("better")
@@ -226,6 +227,7 @@ def test_claim_follows_the_three_standard_error_rule():
     assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01, 400))).startswith("no claim")
     assert C.claim("detection", diff(-0.04, 0.01)).startswith("worse")
     assert C.claim("detection", diff(0.0, 0.0)).startswith("no claim")  # nothing varied
+    assert C.claim("detection", diff(0.05, math.nan, dof=30)).startswith("no claim")  # undefined
     # a row that asks about another metric (bench.py's F1@0.5 row)
     f1_50 = {**diff(-0.01, 0.01), "f1_50": (0.04, 0.01, 1e6)}
     assert C.claim("detection", f1_50, main="f1_50").startswith("better: f1_50")
