@@ -10,8 +10,8 @@ understand 3D-RFT: train.py calls each piece in one line.
      damaged ones aside as damaged-step-<k>
   3. logs: strict JSON lines (NaN/inf as null), cut back to the checkpoint on --resume;
      <stage>/data.json records what each start of a stage read
-Also the CPU thread default (set_threads). Who calls it: train.py. It imports only substrate
-(checkpoints.py).
+Also the CPU thread default (set_threads). Who calls it: train.py. It imports substrate
+(checkpoints.py) and, for --rollout vllm's install message, rollout_vllm.py (machinery).
 """
 import contextlib
 import importlib.util
