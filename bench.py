@@ -16,9 +16,6 @@ does.
     python bench.py vllm [--repeats 5]
         --rollout own vs vllm (rollout_vllm.py; run it in the vLLM venv) on issue 13's rollout
         setting: ms per rollout / prefill / decoding step, the weight push, and the GRPO step
-    python bench.py runs DIR [DIR ...]
-        several runs of the main command (their --out dirs: seeds, float paths, machines): GRPO
-        minus its own start per scene, the runs as training draws, with the claim rule
     python bench.py threads [--quick]
         CPU threads: SFT warm-up s/step for 1 thread, all cores, all cores with
         OMP_WAIT_POLICY=passive; idle and with a busy loop on the last core
@@ -1148,27 +1145,6 @@ def threads(args):
         json.dumps({f"{n} / {ld}": v for (n, ld), v in results.items()}, indent=1))
 
 
-def across_runs(args):
-    """The main command run several times (seeds, float paths, machines): per scene, GRPO minus its
-    own SFT start in each run, read from <dir>/grpo/per_scene.json; the runs are the training
-    draws of compare.paired (its two-way error and degrees of freedom) and the claim rule's."""
-    runs = [json.loads((Path(d) / "grpo" / "per_scene.json").read_text()) for d in args.dirs]
-    task = next(t for t, ms in SCENE_METRICS.items()
-                if set(runs[0]["greedy"]["GRPO"]) == {k for k, _, _ in ms})
-    start = [float(np.mean(r["greedy"]["SFT start"][SCENE_METRICS[task][0][0]])) for r in runs]
-    print(f"{len(runs)} runs of the main command ({task}); SFT start, greedy "
-          f"{SCENE_METRICS[task][0][1]}: mean {np.mean(start):.3f}, range {min(start):.3f}-"
-          f"{max(start):.3f}")
-    rows = []
-    for way in runs[0]:
-        pick = lambda arm, k: np.array([r[way][arm][k] for r in runs], float)  # [runs, scenes]
-        diff = {k: paired(pick("GRPO", k), pick("SFT start", k)) for k, _, _ in SCENE_METRICS[task]}
-        rows.append([way] + [f"{fmt(diff[k][0], s, True)} +- {fmt(diff[k][1], s)}"
-                             for k, _, s in SCENE_METRICS[task][:4]]
-                    + [f"{diff[SCENE_METRICS[task][0][0]][2]:.1f}", claim(task, diff)])
-    table(["GRPO - start"] + [n for _, n, _ in SCENE_METRICS[task][:4]] + ["dof", "verdict"], rows)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1201,8 +1177,6 @@ def main(argv=None):
                     help="also time transformers' generate (issue 13)")
     vp = sub.add_parser("vllm", help="--rollout own vs vllm on the tiny default (vLLM venv)")
     vp.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median)")
-    rp = sub.add_parser("runs", help="GRPO - its start across runs of the main command")
-    rp.add_argument("dirs", nargs="+", help="--out dirs of main-command runs (runs/detection)")
     th = sub.add_parser("threads", help="CPU threads: SFT warm-up step time per setting, idle and "
                                         "with a busy core")
     th.add_argument("--quick", action="store_true")
@@ -1218,7 +1192,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     {"throughput": throughput, "learning": learning, "gpu": gpu, "threads": threads,
-     "vllm": vllm_bench, "runs": across_runs,
+     "vllm": vllm_bench,
      "_sft_speed": sft_speed_child, "_logprob_mem": logprob_mem_child}[args.cmd](args)
 
 

@@ -12,10 +12,14 @@ metrics.jsonl).
   2. claim: DESIGN.md section 9's 3-standard-error rule
   3. plots with matplotlib: the training curves of a run; the main command's closing report
      (greedy, sampled at the training temperature, best of G)
+  4. across runs of the main command: `python compare.py runs DIR [DIR ...]` (their --out dirs:
+     seeds, float paths, machines) pairs each run's GRPO with its own start, per scene
 """
+import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 import matplotlib
 import numpy as np
@@ -282,3 +286,37 @@ def closing_report(task, per, start, grpo_dir, primary, val_size):
         report[way] = {"diffs": diffs, "means": means}
     training_curves(grpo_dir / "curves.png", grpo_dir / "metrics.jsonl", primary, task, val_size)
     return report
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. Across runs of the main command
+# --------------------------------------------------------------------------------------------------
+
+
+def across_runs(dirs):
+    """The main command run several times (seeds, float paths, machines): per scene, GRPO minus its
+    own SFT start in each run, read from <dir>/grpo/per_scene.json (train.report); the runs are
+    the training draws of paired() and claim()."""
+    runs = [json.loads((Path(d) / "grpo" / "per_scene.json").read_text()) for d in dirs]
+    task = next(t for t, ms in SCENE_METRICS.items()
+                if set(runs[0]["greedy"]["GRPO"]) == {k for k, _, _ in ms})
+    main = SCENE_METRICS[task][0]
+    start = [float(np.mean(r["greedy"]["SFT start"][main[0]])) for r in runs]
+    print(f"{len(runs)} runs of the main command ({task}); SFT start, greedy {main[1]}: mean "
+          f"{np.mean(start):.3f}, range {min(start):.3f}-{max(start):.3f}")
+    rows = []
+    for way in runs[0]:
+        pick = lambda arm, k: np.array([r[way][arm][k] for r in runs], float)  # [runs, scenes]
+        diff = {k: paired(pick("GRPO", k), pick("SFT start", k)) for k, _, _ in SCENE_METRICS[task]}
+        rows.append([way] + [f"{fmt(diff[k][0], s, True)} +- {fmt(diff[k][1], s)}"
+                             for k, _, s in SCENE_METRICS[task][:4]]
+                    + [f"{diff[main[0]][2]:.1f}", claim(task, diff)])
+    table(["GRPO - start"] + [n for _, n, _ in SCENE_METRICS[task][:4]] + ["dof", "verdict"], rows)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="GRPO - its own SFT start across runs of the main "
+                                            "command, with the claim rule (DESIGN.md section 9)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("runs").add_argument("dirs", nargs="+", help="--out dirs (runs/detection)")
+    across_runs(p.parse_args().dirs)

@@ -234,13 +234,11 @@ def test_claim_follows_the_three_standard_error_rule():
     assert C.claim("detection", f1_50).startswith("no claim: iou_gt")
 
 
-def test_bench_runs_reads_every_run_and_pairs_each_with_its_own_start(tmp_path, capsys):
-    """bench.py runs: three main-command runs (their grpo/per_scene.json) whose GRPO is its own
+def test_runs_reads_every_run_and_pairs_each_with_its_own_start(tmp_path, capsys):
+    """compare.py runs: three main-command runs (their grpo/per_scene.json) whose GRPO is its own
     start + 0.1 IoU on every scene, while the starts differ by run: GRPO - start is +0.100 with no
     error (each run paired with its own start, not another run's), the start's range is printed."""
     import json
-
-    import bench
     rng = np.random.default_rng(0)
     dirs = []
     for k in range(3):
@@ -251,7 +249,7 @@ def test_bench_runs_reads_every_run_and_pairs_each_with_its_own_start(tmp_path, 
         (tmp_path / f"r{k}" / "grpo").mkdir(parents=True)
         (tmp_path / f"r{k}" / "grpo" / "per_scene.json").write_text(json.dumps(run))
         dirs.append(str(tmp_path / f"r{k}"))
-    bench.main(["runs", *dirs])
+    C.across_runs(dirs)
     out = capsys.readouterr().out
     assert "3 runs of the main command (detection)" in out and "range" in out
     sampled = next(line for line in out.splitlines() if line.strip().startswith("sampled"))

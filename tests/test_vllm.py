@@ -4,10 +4,7 @@ sampled token equals the policy's forward), and after GRPO steps with the weight
 still answers as the updated policy. Needs vLLM (its own venv, README); skipped without it, except
 the first test: without vLLM, --rollout vllm says what to install."""
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +17,7 @@ import rft3d
 import rollout_vllm
 import scenes
 import train
+from test_train import torchrun
 
 # fp32 on both sides, the same weights, the same fused embeddings: the two differ only in the order
 # of float32 sums (vLLM's attention and matmul kernels vs transformers'). Measured on the tiny
@@ -27,7 +25,6 @@ import train
 # that 100x room and still catches any real mismatch (a wrong temperature, a suppressed token left
 # in the softmax, an off-by-one position: each moves log-probs by 1e-2 or more).
 LOGP_ATOL = 1e-4
-ROOT = Path(__file__).resolve().parents[1]
 NEW_TOKENS = 24
 
 
@@ -181,11 +178,7 @@ def test_two_ranks_torchrun(init_dir, tmp_path):
             "--rollout", "vllm", "--G", "4", "--prompts-per-rank", "1", "--val-size", "2",
             "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "4", "--warmup", "1",
             "--test-size", "0", "--eval-every", "100", "--save-every", "100", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *argv]
-    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    r = torchrun(2, argv, tmp_path)  # exit code 0, else its output
     assert "Traceback" not in r.stderr
     rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steps = [row for row in rows if "completion_tokens" in row]
