@@ -16,6 +16,9 @@ does.
     python bench.py vllm [--repeats 5]
         --rollout own vs vllm (rollout_vllm.py; run it in the vLLM venv) on issue 13's rollout
         setting: ms per rollout / prefill / decoding step, the weight push, and the GRPO step
+    python bench.py path [--readme]
+        the reading path's size (README's stops and the core functions they call) and each core
+        file's docstring share; --readme writes the counts into README.md's table
     python bench.py threads [--quick]
         CPU threads: SFT warm-up s/step for 1 thread, all cores, all cores with
         OMP_WAIT_POLICY=passive; idle and with a busy loop on the last core
@@ -27,11 +30,13 @@ train.py / eval.py.
 Measured numbers (date, device, command): BENCHMARKS.md. Add new entries there, keep the old ones.
 """
 import argparse
+import ast
 import contextlib
 import copy
 import functools
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -100,56 +105,44 @@ def tiny_model(out):
     return net, tok
 
 
-def grpo_args(G, max_new_tokens, **kw):
+def grpo_args(G, max_new_tokens, *flags, net=None, tok=None):
+    """GRPO's hyper-parameters as train.py builds them from its defaults (grounding)."""
     a = train.get_args(["--stage", "grpo", "--task", "grounding", "--G", str(G),
-                        "--max-new-tokens", str(max_new_tokens)])
-    vars(a).update(kw)
-    return a
+                        "--max-new-tokens", str(max_new_tokens), *flags])
+    return train.grpo_config(a, net, tok, rank=0)
 
 
 def step_encode_once(net, ref, tok, task, samples, opt, a, t):
-    """grpo.grpo_step's pipeline with a timer per phase and an explicit old-policy pass (as with
-    mu > 1), so both variants do the same passes: rollout, reference, old, policy. Frames are
-    encoded once for everything."""
-    G, T, mb = a.G, a.temperature, a.micro_batch
-    with t("encode"):
-        encs = net.encode([s.frames for s in samples])
-    enc_G = [e for e in encs for _ in range(G)]
-    prompts_G = [task.prompt(s, think=True) for s in samples for _ in range(G)]
-    with t("rollout"), torch.no_grad():
-        net.eval()
-        completion = net.generate(net.prompt_batch(tok, prompts_G, enc_G), enc_G, a.max_new_tokens,
-                                  temperature=T)
-        net.train()
-    with t("reward"):
-        texts = tok.batch_decode(completion, skip_special_tokens=True)
-        r = torch.tensor([task.reward(s, x)["total"]
-                          for s, x in zip([s for s in samples for _ in range(G)], texts)])
-        adv, _ = grpo.group_advantages(r, G)
-    slices = [slice(k, k + mb) for k in range(0, len(prompts_G), mb)]
-    batches = [grpo.sequence_batch(net, tok, prompts_G[sl], enc_G[sl], completion[sl])
-               for sl in slices]
-    n_tok = sum(m.sum() for _, m in batches).item()
-    with t("ref+old logp"):
-        fwd = [(b, enc_G[sl]) for (b, _), sl in zip(batches, slices)]
-        old, refl = grpo.logprobs_no_grad(net, fwd, T), grpo.logprobs_no_grad(ref, fwd, T)
-    with t("policy fwd/bwd"):
-        total = 0.0
-        for k, ((b, mask), sl) in enumerate(zip(batches, slices)):
-            logp = net(**b, encodings=enc_G[sl], temperature=T)
-            loss, _ = grpo.grpo_loss(logp, old[k], refl[k], adv[sl], mask, 0.2, 0.2, a.beta,
-                                     "token", n_tok, len(r), 1)
-            loss.backward()
-            total += loss.item()
-    with t("optimizer"):
-        grpo.finish_step(net, opt, total, 1.0)
-    return n_tok
+    """grpo.grpo_step itself, its phases timed by wrapping what it calls: encode, generate, the
+    reward, the no-grad log-probs, the optimiser step; the rest is the policy's forward/backward."""
+    def timed(name, fn):
+        def run(*args, **kw):
+            with t(name):
+                return fn(*args, **kw)
+        return run
+    module_fns = {"logprobs_no_grad": "ref+old logp", "finish_step": "optimizer"}
+    saved = {name: getattr(grpo, name) for name in module_fns}
+    shadowed = {k: vars(net)[k] for k in ("encode", "generate") if k in vars(net)}  # e.g. hf's
+    before, t0 = sum(t.s.values()), time.perf_counter()
+    try:
+        net.encode, net.generate = timed("encode", net.encode), timed("rollout", net.generate)
+        for name, phase in module_fns.items():
+            setattr(grpo, name, timed(phase, saved[name]))
+        out, _ = grpo.grpo_step(net, ref, tok, task._replace(reward=timed("reward", task.reward)),
+                                samples, opt, a)
+    finally:
+        del net.encode, net.generate  # the methods again, or what shadowed them before
+        vars(net).update(shadowed)
+        for name, fn in saved.items():
+            setattr(grpo, name, fn)
+    t.s["policy fwd/bwd"] += time.perf_counter() - t0 - (sum(t.s.values()) - before)
+    return out["completion_tokens"]
 
 
 def step_naive(net, ref, tok, task, samples, opt, a, t):
     """The loop one writes without the encode-once cache: every sample of every group, and every
-    pass over it (its generation, the reference, the old policy, the policy), encodes the frames
-    again, one sequence at a time."""
+    pass over it (its generation, the reference, the policy), encodes the frames again, one
+    sequence at a time."""
     G, T = a.G, a.temperature
     seqs = []  # (sample, encoding of the rollout, completion [1, C])
     for s in samples:
@@ -176,15 +169,17 @@ def step_naive(net, ref, tok, task, samples, opt, a, t):
 
     n_tok = sum(grpo.completion_mask(c, tok.eos_token_id, tok.pad_token_id).sum().item()
                 for _, c in seqs)
-    with t("ref+old logp"):
-        old = [one(net, s, c, False)[0] for s, c in seqs]
+    with t("ref+old logp"):  # as grpo_step: an old-policy pass only with mu > 1
+        old = [one(net, s, c, False)[0] for s, c in seqs] if a.mu > 1 else None
         refl = [one(ref, s, c, False)[0] for s, c in seqs]
     with t("policy fwd/bwd"):
         total = 0.0
         for i, (s, c) in enumerate(seqs):
             logp, mask = one(net, s, c, True)
-            loss, _ = grpo.grpo_loss(logp, old[i], refl[i], adv[i:i + 1], mask, 0.2, 0.2, a.beta,
-                                     "token", n_tok, len(r), 1)
+            old_i = logp.detach() if old is None else old[i]
+            loss, _ = grpo.grpo_loss(logp, old_i, refl[i], adv[i:i + 1], mask, eps_low=0.2,
+                                     eps_high=0.2, beta=a.beta, agg="token", n_tokens=n_tok,
+                                     n_seqs=len(r), max_len=1)
             loss.backward()
             total += loss.item()
     with t("optimizer"):
@@ -209,18 +204,6 @@ def time_step(fn, net, ref, tok, samples, a, repeats=1):
     return per, sum(per.values()), n_tok / repeats, {k: v / repeats for k, v in counts.items()}
 
 
-def library_step(net, ref, tok, samples, a):
-    """The real grpo.grpo_step (mu = 1: no old pass), with encoder call counts."""
-    opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)
-    counts, hooks = count_calls({"vision": [net.qwen.model.visual, ref.qwen.model.visual],
-                                 "vggt": [net.vggt, ref.vggt]})
-    torch.manual_seed(0)
-    out = grpo.grpo_step(net, ref, tok, rft3d.TASKS["grounding"], samples, opt, a)
-    for h in hooks:
-        h.remove()
-    return out, dict(counts)
-
-
 @contextlib.contextmanager
 def eos_suppressed(net):
     """Both decoders read config["suppress_token_ids"] (generate through suppressed_ids, hf_generate
@@ -236,8 +219,7 @@ def eos_suppressed(net):
 
 @contextlib.contextmanager
 def transformers_rollouts(net):
-    """Every caller of net.generate (grpo.grpo_step, step_encode_once) gets transformers' generate
-    instead."""
+    """Every caller of net.generate (grpo.grpo_step) gets transformers' generate instead."""
     # an instance attribute shadows the method
     net.generate = functools.partial(decoding.hf_generate, net)
     try:
@@ -373,8 +355,7 @@ def rollout_section(net, ref, tok, args):
         totals[name] = tot
         rows.append([name] + [f"{p[k]:.3f}" for k in phases]
                     + [f"{tot:.3f}", f"{nt:.0f}", f"{p['rollout'] / tot:.0%}"])
-    print("\nGRPO step (step_encode_once: rollout, reference, old policy, policy, optimizer), "
-          "seconds:")
+    print("\nGRPO step (grpo.grpo_step, mu = 1: rollout, reference, policy, optimizer), seconds:")
     table(["rollouts by"] + phases + ["step s", "tokens", "rollout share"], rows)
     print(f"GRPO step speed-up {totals['transformers'] / totals['decode loop']:.2f}x")
 
@@ -412,12 +393,12 @@ def vllm_bench(args):
     table(["rollout", "rollout ms", "prefill ms (1 token)", "ms / decoding step"], rows)
     rows = []
     for rollout in ("own", "vllm"):
-        a = grpo_args(G, C, rollout=rollout)
+        a = grpo_args(G, C, "--rollout", rollout, net=net, tok=tok)
         opt = torch.optim.AdamW(net.trainable_parameters(), lr=0.0)
         steps = []
         with eos_suppressed(net):
             for _ in range(1 + args.repeats):  # the first one warms up
-                steps.append(grpo.grpo_step(net, ref, tok, task, samples, opt, a))
+                steps.append(grpo.grpo_step(net, ref, tok, task, samples, opt, a)[0])
         step = float(np.median([o["step_time"] for o in steps[1:]]))
         roll = float(np.median([o["rollout_time"] for o in steps[1:]]))
         rows.append([rollout, f"{step:.3f}", f"{roll:.3f}", f"{roll / step:.0%}"])
@@ -507,7 +488,7 @@ def throughput(args):
 
 
 def grpo_step_section(net, ref, tok, B, args):
-    """One GRPO step at 32 frames: encode-once vs the naive loop, then grpo.grpo_step itself."""
+    """One GRPO step at 32 frames: grpo.grpo_step (encode-once) vs the naive loop."""
     G, S = 8, 32
     samples = [scenes.SyntheticDataset("grounding", B, seed=0, frames=S)[i] for i in range(B)]
     a = grpo_args(G, args.max_new_tokens)
@@ -525,10 +506,6 @@ def grpo_step_section(net, ref, tok, B, args):
     speedup = res["naive loop"][1] / res["encode-once"][1]
     print(f"speed-up encode-once vs naive: {speedup:.1f}x "
           f"(target >= 3x: {'met' if speedup >= 3 else 'MISSED'})")
-    lib, counts = library_step(net, ref, tok, samples, a)
-    print(f"grpo.grpo_step itself (mu=1, no old pass): {lib['step_time']:.2f} s/step, "
-          f"rollout {lib['rollout_time']:.2f} s, {lib['tokens_per_s']:.0f} tok/s, "
-          f"vision tower calls {counts.get('vision', 0)}, VGGT calls {counts.get('vggt', 0)}")
 
 
 def logprob_section(args):
@@ -552,8 +529,8 @@ def logprob_section(args):
 
 
 def scaling_section(net, ref, tok, B, args):
-    """The encode-once step's time over G x frames."""
-    print("\n== Scaling: encode-once step (explicit old pass), B=4 prompts ==")
+    """grpo.grpo_step's time over G x frames."""
+    print("\n== Scaling: grpo.grpo_step (encode-once), B=4 prompts ==")
     Gs, Ss = ((2, 8), (4, 32)) if args.quick else ((2, 4, 8, 16), (4, 8, 16, 32))
     rows = []
     for g in Gs:
@@ -581,7 +558,7 @@ def torchrun_section(out, args):
 
 
 # --------------------------------------------------------------------------------------------------
-# 2. Learning: does SFT -> GRPO beat the best SFT model? (DESIGN.md section 9; README "Learning")
+# 2. Learning: does SFT -> GRPO beat the best SFT model? (DESIGN.md section 9; RESULTS.md)
 #    One start: the main command's own SFT warm-up (train.py's defaults), best on validation. From
 #    it, with the same number of optimiser updates, SFT -> SFT and SFT -> GRPO (train.py's GRPO
 #    defaults), each with its learning rate picked on validation from a sweep and early stopping on
@@ -1070,8 +1047,10 @@ def gpu_grpo_step(net, opt, enc, seq_batch, answer, P, t, dev, args):
             logp = net(**seq_batch(completion[sl]), encodings=enc_G[sl])
             mask = torch.zeros_like(logp)
             mask[:, P - 1:] = 1
-            loss, _ = grpo.grpo_loss(logp, logp.detach(), ref[k], adv[sl], mask, 0.2, 0.2, 0.04,
-                                     "token", mask.sum().item() * len(mb), args.G, args.new_tokens)
+            loss, _ = grpo.grpo_loss(logp, logp.detach(), ref[k], adv[sl], mask, eps_low=0.2,
+                                     eps_high=0.2, beta=0.04, agg="token",
+                                     n_tokens=mask.sum().item() * len(mb), n_seqs=args.G,
+                                     max_len=args.new_tokens)
             loss.backward()
     with t("optimizer"):
         opt.step()
@@ -1145,6 +1124,120 @@ def threads(args):
         json.dumps({f"{n} / {ld}": v for (n, ld), v in results.items()}, indent=1))
 
 
+# --------------------------------------------------------------------------------------------------
+# 5. The reading path's size: the README's stops plus every core function they call directly
+
+
+CORE = ("rft3d", "grpo", "rewards", "model", "train", "eval")
+
+
+def core_index(root):
+    """{module: (source lines, {name or Class.method: ast node}, {alias: core import})}."""
+    out = {}
+    for mod in CORE:
+        src = (Path(root) / f"{mod}.py").read_text()
+        defs, imports = {}, {}
+        for node in ast.parse(src).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defs[node.name] = node
+                defs.update({f"{node.name}.{m.name}": m for m in getattr(node, "body", [])
+                             if isinstance(node, ast.ClassDef) and isinstance(m, ast.FunctionDef)})
+            elif isinstance(node, ast.Import):
+                imports.update({a.asname or a.name: (a.name, None) for a in node.names
+                                if a.name in CORE})
+            elif isinstance(node, ast.ImportFrom) and node.module in CORE:
+                imports.update({a.asname or a.name: (node.module, a.name) for a in node.names})
+        out[mod] = (src.splitlines(), defs, imports)
+    return out
+
+
+def direct_calls(index, mod, node):
+    """The core definitions a function calls directly: a name of its own module or imported from
+    a core one, `module.name` of a core module, and `x.method(...)` of a VGLLM method."""
+    _, defs, imports = index[mod]
+    methods = {k.split(".")[1] for k in index["model"][1] if k.startswith("VGLLM.")}
+    found = set()
+    for call in (n for n in ast.walk(node) if isinstance(n, ast.Call)):
+        f = call.func
+        if isinstance(f, ast.Name) and f.id in defs:
+            found.add((mod, f.id))
+        elif isinstance(f, ast.Name) and imports.get(f.id, (None, None))[1]:
+            found.add(imports[f.id])
+        elif not isinstance(f, ast.Attribute):
+            continue
+        elif isinstance(f.value, ast.Name) and f.value.id in imports:
+            found.add((imports[f.value.id][0], f.attr))
+        elif f.attr in methods:
+            found.add(("model", f"VGLLM.{f.attr}"))
+    return {(m, n) for m, n in found if n in index[m][1]}
+
+
+def reading_path(root=".", readme=None):
+    """-> (rows, totals): per README stop and per core callee (counted once) its lines and
+    characters, the whole definition as written (docstring and comments included)."""
+    readme = Path(readme or Path(root) / "README.md").read_text()
+    section = readme.split("## Reading path")[1].split("\n## ")[0]
+    stops = []
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.split("|")]
+        if len(cells) > 3 and cells[1].isdigit():
+            stops += [(m.removesuffix(".py"), n) for m, n in re.findall(r"`(\w+)\.py:([\w.]+)`",
+                                                                         cells[2])]
+    index = core_index(root)
+    size = lambda m, n: (lambda d: (lambda seg: (len(seg), sum(len(x) + 1 for x in seg)))(
+        index[m][0][d.lineno - 1:d.end_lineno]))(index[m][1][n])
+    rows = [("stop", m, n, *size(m, n)) for m, n in stops]
+    seen = set(stops)
+    for m, n in stops:
+        for c in sorted(direct_calls(index, m, index[m][1][n]) - seen):
+            seen.add(c)
+            rows.append(("callee", *c, *size(*c)))
+    return rows, (sum(r[3] for r in rows), sum(r[4] for r in rows))
+
+
+def docstring_share(path):
+    """Docstring lines / non-blank lines of a file (module, class and function docstrings)."""
+    src = Path(path).read_text()
+    doc = 0
+    for node in ast.walk(ast.parse(src)):
+        kinds = (ast.Module, ast.ClassDef, ast.FunctionDef)
+        if isinstance(node, kinds) and ast.get_docstring(node):
+            doc += node.body[0].end_lineno - node.body[0].lineno + 1
+    return doc / sum(1 for line in src.splitlines() if line.strip())
+
+
+def write_readme_counts(rows, lines, chars, path="README.md"):
+    """Rewrite the reading-path table's lines column and its total sentence from the code."""
+    text = Path(path).read_text()
+    head, rest = text.split("## Reading path", 1)
+    section, tail = rest.split("\n## ", 1)
+    stop_lines = {(m, n): nl for kind, m, n, nl, _ in rows if kind == "stop"}
+    out = []
+    for row in section.splitlines():
+        cells = row.split("|")
+        if len(cells) > 4 and cells[1].strip().isdigit():
+            names = re.findall(r"`(\w+)\.py:([\w.]+)`", cells[2])
+            cells[3] = " " + " + ".join(str(stop_lines[n]) for n in names) + " "
+        out.append("|".join(cells))
+    said = f"{lines} lines and {chars:,} characters"
+    section = re.sub(r"[\d,]+ lines and [\d,]+ characters", said, "\n".join(out))
+    Path(path).write_text(head + "## Reading path" + section + "\n## " + tail)
+
+
+def path_report(args):
+    rows, (lines, chars) = reading_path()
+    if args.readme:
+        write_readme_counts(rows, lines, chars)
+    table(["", "definition", "lines", "chars"],
+          [[kind, f"{m}.py:{n}", str(nl), str(nc)] for kind, m, n, nl, nc in rows])
+    print(f"reading path: {lines} lines, {chars:,} characters "
+          f"({len([r for r in rows if r[0] == 'stop'])} stops, "
+          f"{len([r for r in rows if r[0] == 'callee'])} core functions they call)")
+    table(["core file", "non-blank lines", "docstrings"],
+          [[f"{m}.py", str(sum(1 for x in Path(f"{m}.py").read_text().splitlines() if x.strip())),
+            f"{100 * docstring_share(f'{m}.py'):.0f}%"] for m in CORE])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1175,6 +1268,8 @@ def main(argv=None):
     gp.add_argument("--fsdp", action="store_true")
     gp.add_argument("--compare-rollout", action="store_true",
                     help="also time transformers' generate (issue 13)")
+    pp = sub.add_parser("path", help="the reading path's lines and characters; docstring shares")
+    pp.add_argument("--readme", action="store_true", help="write the counts into README.md")
     vp = sub.add_parser("vllm", help="--rollout own vs vllm on the tiny default (vLLM venv)")
     vp.add_argument("--repeats", type=int, default=5, help="timed calls per variant (median)")
     th = sub.add_parser("threads", help="CPU threads: SFT warm-up step time per setting, idle and "
@@ -1192,7 +1287,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     {"throughput": throughput, "learning": learning, "gpu": gpu, "threads": threads,
-     "vllm": vllm_bench,
+     "vllm": vllm_bench, "path": path_report,
      "_sft_speed": sft_speed_child, "_logprob_mem": logprob_mem_child}[args.cmd](args)
 
 

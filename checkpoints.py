@@ -6,6 +6,7 @@
     (b) from_vgllm: a released VG-LLM directory (4.x keys + `vggt.aggregator.*` + `merger.*`)
     (c) save/load_pretrained: our own saves: config.json (our dict) + safetensors (sharded above
         5 GiB) + tokenizer
+    load(path): (b) or (c), whichever the directory holds
 
 Every tensor of a file lands somewhere or is a documented ignore (VGGT's heads); anything missing
 or unexpected raises. Loading never trusts bytes: a file that is missing, torn, not JSON, or holds
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, Qwen2_5_VLConfig
 
 from lora import LoRALinear
-from model import VGLLM, GeometryMerger
+from model import VGLLM, GeometryMerger, check_tokenizer
 from vggt import VGGT_1B, read_checkpoint, split_checkpoint
 
 # --------------------------------------------------------------------------------------------------
@@ -269,10 +270,15 @@ def load_pretrained(path, dtype=None):
     if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
         return model, None
     try:
-        return model, AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # tokenizers / transformers raise many types on a damaged file
         raise CheckpointError(f"{path}: cannot load its tokenizer "
                               f"({type(e).__name__}: {e})") from None
+    try:
+        check_tokenizer(model.config, tokenizer)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return model, tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -329,6 +335,7 @@ def from_qwen_and_vggt(qwen_dir, vggt_file, dtype=torch.bfloat16, vggt_config=No
     model = _build(config, state, dtype, fresh=("merger.",))
     print(f"from_qwen_and_vggt: {len(state)} tensors loaded, {len(ignored)} VGGT head tensors "
           "ignored, merger fresh")
+    check_tokenizer(model.config, tokenizer)  # the ids prompts are built with
     return model, tokenizer
 
 
@@ -355,4 +362,13 @@ def from_vgllm(path, dtype=torch.bfloat16, vggt_config=None, image_width=518):
     state.update({"unexpected.vggt." + k: v for k, v in unexpected.items()})  # reported by _assign
     model = _build(config, state, dtype)
     print(f"from_vgllm: {len(state)} tensors loaded, {len(ignored)} VGGT head tensors ignored")
+    check_tokenizer(model.config, tokenizer)
     return model, tokenizer
+
+
+def load(path, dtype=None):
+    """A model directory, ours (c) or VG-LLM's (b), told apart by its config.json -> (model,
+    tokenizer). What train.py and eval.py load with."""
+    if "use_vggt_feature" in read_json(os.path.join(path, "config.json")):
+        return from_vgllm(path, dtype)
+    return load_pretrained(path, dtype)

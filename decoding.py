@@ -1,7 +1,7 @@
 """decoding.py: the fast decode loop that samples GRPO's rollouts and eval's greedy answers. Not
 needed to understand 3D-RFT: model.VGLLM.generate calls generate() below in one line, and
 transformers' own `generate` (hf_generate below) gives the same greedy tokens, only slower
-(tests/test_decode.py checks it; bench.py times both).
+(tests/test_decoding.py checks it; bench.py times both).
 
 What it does, and why (measured on the tiny CPU default: 2.2x transformers' generate per rollout):
     - one shared prefill per distinct prompt: GRPO repeats each prompt G times, so it is prefilled
@@ -107,7 +107,7 @@ def _all_ranks_done(finished, synced_gpus):
 # tokens are one precomputed index tensor, filled by the same policy_logits that forward() scores
 # with, EOS bookkeeping is a tensor, keys/values go into a cache allocated once, and the host looks
 # at a tensor value only every DONE_CHECK_EVERY steps. The two give the same greedy tokens
-# (tests/test_decode.py).
+# (tests/test_decoding.py).
 
 # CUDA graphs of the decoding step: "auto" = on a CUDA device unless FSDP shards the model (its
 # per-layer all-gathers cannot be captured); True / False force it. A graph reads the parameters in
@@ -132,7 +132,7 @@ def generation_config(model, max_new_tokens, temperature=1.0, do_sample=True):
 def hf_generate(model, batch, encodings, max_new_tokens, temperature=1.0, do_sample=True,
                 synced_gpus=False):
     """transformers' own generate on the same inputs, same output contract as generate(): the
-    reference that tests/test_decode.py checks generate() against and bench.py times it against."""
+    reference that tests/test_decoding.py checks generate() against and bench.py times."""
     P = batch["input_ids"].shape[1]
     out = model.qwen.generate(input_ids=batch["input_ids"].to(model.device),
                               attention_mask=batch["attention_mask"].to(model.device),
@@ -141,10 +141,7 @@ def hf_generate(model, batch, encodings, max_new_tokens, temperature=1.0, do_sam
                                                                   temperature, do_sample),
                               synced_gpus=synced_gpus,
                               **model.mm_inputs(batch.get("image_grid_thw"), encodings))
-    completion = out[:, P:]
-    is_eos = completion == model.config["eos_token_id"]
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    return completion.masked_fill(after_eos, model.config["pad_token_id"])
+    return out[:, P:]  # transformers writes pad_token_id after a row's EOS, as generate() does
 
 
 @torch.no_grad()

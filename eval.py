@@ -1,29 +1,15 @@
 """eval.py: decoding over an eval set (greedy; or n samples per scene) and the official metrics.
 
-What is in it:
   1. metrics: detection_metrics, grounding_metrics, spatial_metrics (per-sample records -> numbers)
   2. evaluate(): greedy (or sampled) decoding over a dataset, sharded over ranks -> records, metrics
   3. the command line, `python eval.py --ckpt DIR --task T`: get_args, main, run, print_table, viz
-Paired comparisons of trained models (per-scene metrics, standard errors, the claim rule, plots) are
-in compare.py; the published protocol (the public evaluators' quirks) and ScanRefer's proposal
-refinement are in published.py.
 
-The metrics follow the public evaluators so numbers compare with the papers:
-  - ScanNet detection: VG-LLM's evaluator (TP/FP/FN summed per class over the set, per-class P/R/F1,
-    averaged over fixed 8/20/31-class lists),
-  - ScanRefer: Acc@0.25 / Acc@0.5 (share of samples with IoU >= threshold; failures count as 0),
-  - VSI-Bench: mean score per question type, the three relative-direction types merged, overall
-    mean.
-Rates and scores are reported x100, as the papers print them; mean IoUs and mean box counts are raw.
-The per-sample records come from rft3d.py (TASKS[task].record); this file only aggregates them.
-
---protocol ours (default) scores with the same self-consistent rules as the training rewards;
---protocol published reproduces the public evaluators' quirks (VG-LLM's ScanRefer angle conversion,
-VSI-Bench's unstripped first token, every detection line counted; published.py) so numbers compare
-with the papers' tables.
---proposals FILE (grounding): ScanRefer "with proposal refinement": each predicted box, moved to the
-world, is replaced by the detector proposal of its scene with the highest IoU to it, then scored;
-raw and refined Acc@0.25/0.5 are reported side by side.
+The metrics follow the public evaluators so numbers compare with the papers (DESIGN.md section 4):
+ScanNet detection as VG-LLM's evaluator (TP/FP/FN summed per class over the set, P/R/F1 per class,
+averaged over its 8/20/31-class lists), ScanRefer Acc@0.25 / 0.5, VSI-Bench's mean per question
+type. Rates and scores x100, as the papers print them; mean IoUs and box counts raw. Per-sample
+records come from rft3d.py; --protocol published (the public evaluators' quirks) and --proposals
+(ScanRefer's proposal refinement) are published.py's; paired comparisons of models, compare.py's.
 """
 import argparse
 import hashlib
@@ -39,8 +25,8 @@ from tqdm import tqdm
 
 import checkpoints
 import data
-import grpo
 import rft3d
+import safety  # setup_distributed (machinery)
 import scenes
 import published  # the public evaluators' quirks and ScanRefer proposal refinement (machinery)
 from boxes import box_to_world
@@ -200,11 +186,8 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     over all samples, and compare.sampled gives the mean and best of n per scene.
     Each rank decodes a strided shard; shards are padded to equal length (the padding is dropped) so
     every rank runs the same number of generate calls, which FSDP needs (synced_gpus). protocol:
-    "ours" or "published" (rft3d.py). proposals (grounding): {scene: [9-number world boxes]} from
-    load_proposals."""
-    task = rft3d.TASKS[task_name]
-    if proposals is not None and task_name != "grounding":
-        raise ValueError("proposals refine grounding boxes only")
+    "ours" or "published"; proposals (grounding): from published.load_proposals."""
+    task, opts = rft3d.TASKS[task_name], published.record_opts(task_name, protocol)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     shard = list(range(rank, len(dataset), world))
@@ -219,11 +202,6 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
                       disable=not progress or rank != 0):
         idx = shard[start:start + step]
         items = [dataset[i] for i in idx]
-        missing = (sorted({published.scene_of(s) for s in items} - set(proposals))
-                   if proposals is not None else [])
-        if missing:   # before decoding anything: a wrong proposals file fails in the first batch
-            raise data.DataError(f"--proposals: no proposals for scene {missing[0]!r} (the file "
-                                 f"has {len(proposals)} scenes, e.g. {sorted(proposals)[:3]})")
         encodings = model.encode([s.frames for s in items])  # once per scene
         enc = [e for e in encodings for _ in range(reps)]  # a scene's n rows share one prefill
         prompts = [task.prompt(s, think=think) for s in items for _ in range(reps)]
@@ -237,11 +215,8 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
             if start + j < n_real:  # not padding
                 rec = {"index": i, "id": s.id, "completion": text,
                        **({"sample": row % reps} if samples else {}),
-                       **task.record(s, text, protocol=protocol)}
-                if proposals is not None:
-                    rec["iou_refined"], rec["proposal"] = published.refine(
-                        rec["box_world"], s.world_box, proposals[published.scene_of(s)])
-                records.append(rec)
+                       **task.record(s, text, **opts)}
+                records.append(rec if proposals is None else published.refined(rec, s, proposals))
     model.train(was_training)
     if dist.is_initialized():
         gathered = [None] * world
@@ -299,13 +274,6 @@ def get_args(argv=None):
                    help="synthetic test scenes (seed 2: never trained on); --n is its old name, "
                         "which torchrun's own parser refuses as ambiguous")
     p.add_argument("--frames", type=int, default=4, help="frames per video / scene")
-    p.add_argument("--image-size", type=int, default=56, help="synthetic frame size")
-    p.add_argument("--pitch", type=float, default=0.0,
-                   help="synthetic: camera pitch in degrees (as in training)")
-    p.add_argument("--max-objects", type=int, default=1,
-                   help="synthetic: objects per scene, at most (as in training)")
-    p.add_argument("--spelling", choices=["canonical", "random"], default="canonical",
-                   help="synthetic: box spellings")
     p.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
     p.add_argument("--samples", type=int, default=0, help="0: greedy; n: n samples per scene at "
                    "--temperature (the policy GRPO optimises), metrics over all of them and "
@@ -331,6 +299,7 @@ def get_args(argv=None):
                         "with the highest IoU to it (raw and refined Acc@0.25/0.5 side by side)")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip bad rows of --data (listed with reasons)")
+    scenes.add_world_args(p)
     args = p.parse_args(argv)
     # explicit 0s are errors, not defaults
     for name in ("test_size", "frames", "image_size", "batch_size", "max_new_tokens"):
@@ -355,7 +324,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    rank, _, device = grpo.setup_distributed()  # each rank bound to its own GPU, as in train.py
+    rank, _, device = safety.setup_distributed()  # each rank bound to its own GPU, as in train.py
     try:
         run(args, rank, device)
     except (data.DataError, checkpoints.CheckpointError) as e:
@@ -373,11 +342,9 @@ def run(args, rank, device):
         dataset, reports = data.load_files(args.task, args.files, media_root=args.media_root,
                                            frames=args.frames, skip_bad=args.skip_bad)
     else:
-        world = dict(frames=args.frames, size=args.image_size, pitch=args.pitch,
-                     max_objects=args.max_objects, spelling=args.spelling)
-        dataset = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **world)
+        dataset = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **scenes.world(args))
         reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2,
-                    "n": args.test_size, **world}]
+                    "n": args.test_size, **scenes.world(args)}]
     proposals, info = None, {"protocol": args.protocol, "data": reports}
     if args.proposals:
         proposals = published.load_proposals(args.proposals)
@@ -392,14 +359,11 @@ def run(args, rank, device):
         print(f"protocol: {args.protocol}"
               + (f"; proposals: {json.dumps(info['proposals'])}" if proposals else ""))
     # 2. The model, greedy decoding, the metrics
-    dtype = torch.bfloat16 if args.bf16 else None
-    cfg = checkpoints.read_json(Path(args.ckpt) / "config.json")
-    load = checkpoints.from_vgllm if "use_vggt_feature" in cfg else checkpoints.load_pretrained
-    net, tok = load(args.ckpt, dtype)
+    net, tok = checkpoints.load(args.ckpt, torch.bfloat16 if args.bf16 else None)
     net.to(device)
-    if not args.data and rank == 0 and net.config["image_width"] != args.image_size:
-        print(f"--image-size {args.image_size}: this model resizes every frame to "
-              f"{net.config['image_width']} px wide (its config's image_width)")
+    note = None if args.data else scenes.image_size_note(net, args.image_size)
+    if note and rank == 0:
+        print(note)
     torch.manual_seed(args.seed + rank)  # --samples: each rank its own stream, the same every run
     out = evaluate(net, tok, args.task, dataset,
                    args.max_new_tokens or rft3d.MAX_NEW_TOKENS[args.task], args.batch_size,

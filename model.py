@@ -1,25 +1,13 @@
 """model.py: VG-LLM (Qwen2.5-VL + VGGT-1B geometry features), from scratch around transformers.
-
-What flows through this file (DESIGN.md section 5):
-
+DESIGN.md section 5:
     frames uint8 [S,H,W,3] --preprocess--> Qwen patches + VGGT pixels
-      --encode (frozen, no grad, once per sample)--> Encoding (vision embeds per frame,
-                                                     VGGT layer -2 patch tokens)
+      --encode (frozen, once per sample)--> Encoding (vision embeds, VGGT layer -2 patch tokens)
       --image_embeds (trainable merger, THE fusion point)--> [T_i, d] = vision + merger(geometry)
-      --forward / generate--> into the <|image_pad|> positions of Qwen2.5-VL through transformers'
-          `mm_encoder_outputs` seam, with image_grid_thw + mm_token_type_ids for 3D M-RoPE.
-
-Sections:
-    1. configs (tiny / real)     5. VGLLM: encode, fusion, prompts, forward (chunked log-probs),
-    2. tiny tokenizer               generate (the decode loop itself is machinery: decoding.py)
-    3. frame preprocessing       6. the policy's distribution: suppressed tokens, chunked log-probs
-    4. geometry merger           (LoRA on the LLM linears, an option: lora.py)
-
-Beside it: vggt.py, the geometry encoder (VGGT's aggregator; used only through its documented
-interface, features [S, h*w, out_dim] + grid (h, w), so a fork can swap it); checkpoints.py moves
-weights in and out (our saves, a Qwen2.5-VL dir + VGGT file, a VG-LLM dir). Of rft3d, only vggt.py
-and decoding.py (the decode loop) are imported here.
-"""
+      --forward / generate--> the <|image_pad|> positions, via transformers' mm_encoder_outputs
+Sections: 1. configs  2. tiny tokenizer  3. frame preprocessing  4. geometry merger
+    5. VGLLM: encode, fusion, prompts, forward, generate (the decode loop: decoding.py)
+    6. the policy's distribution: suppressed tokens, chunked log-probs (LoRA option: lora.py)
+Beside it: vggt.py (the geometry encoder), checkpoints.py (weights in and out)."""
 import inspect
 from dataclasses import dataclass
 
@@ -62,9 +50,8 @@ QWEN_FIRST_SPECIAL_ID = 151643  # real Qwen2.5's <|endoftext|>; the specials are
 
 
 def _token_fields(first_special_id, suppress_end):
-    """Token ids of a vocabulary with Qwen's special tokens contiguous from `first_special_id`, in
-    Qwen's order. Sampling suppresses all ids in [first_special_id, suppress_end) but EOS: the
-    specials and (real vocabulary) the unused embedding rows past the tokenizer (151665..151935)."""
+    """Token ids, Qwen's specials contiguous from first_special_id; suppressed: all ids in
+    [first_special_id, suppress_end) but EOS (real vocabulary: also unused rows 151665..151935)."""
     ids = {tok: first_special_id + i for i, tok in enumerate(TINY_SPECIAL_TOKENS)}
     eos = ids["<|im_end|>"]
     return dict(eos_token_id=eos, pad_token_id=ids["<|endoftext|>"],
@@ -86,11 +73,8 @@ def _make_config(text, vision, tokens, vggt, merger_hidden, image_width, tie=Fal
 
 
 def tiny_config(vocab_size, vggt=True, patch_size=7, image_size=56):
-    """DESIGN section 8's toy size: text hidden 128 x 4 layers, vision depth 2 x 128, a 2-layer
-    64-wide VGGT. 7 px patches (Qwen and VGGT alike): a 56 px frame is an 8 x 8 grid, 16 image
-    tokens after the 2x2 merge. image_size: the frame width the model sees (preprocess resizes to
-    it; 112 px: 64 tokens a frame). 14 px patches: 4 tokens of 28 x 28 px, too coarse to place 10 px
-    objects (measured: detection F1@0.25 10.6 vs 14.9 after 600 SFT steps, README "Learning")."""
+    """DESIGN.md section 8's toy size, 7 px patches (why: section 5): 56 px frames (image_size) are
+    8 x 8 patches, 16 tokens."""
     text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                 rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
@@ -155,9 +139,8 @@ CHAT_TEMPLATE = ("{% for message in messages %}"
 
 
 def build_tiny_tokenizer(corpus, vocab_size=1024):
-    """Byte-level BPE with every digit, '-', '.', bracket and brace split off as its own token
-    first: numbers are spelled digit by digit, frequent JSON fragments and labels between them merge
-    into one token. Special ids 0..13 in Qwen's order; pad (<|endoftext|>) != eos (<|im_end|>)."""
+    """Byte-level BPE, every digit, '-', '.', bracket and brace split off first (numbers digit by
+    digit). Special ids 0..13 in Qwen's order; pad (<|endoftext|>) != eos (<|im_end|>)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -179,14 +162,7 @@ def build_tiny_tokenizer(corpus, vocab_size=1024):
 
 
 def preprocess(frames, config):
-    """frames uint8 [S,H,W,3] -> dict(pixel_values [S*gh*gw, 3*2*14*14], image_grid_thw [S,3],
-    vggt_images [S,3,H',W']).
-
-    VG-LLM: resize (PIL bicubic) to `image_width` wide, the height a multiple of 14 (taller frames
-    centre-cropped to a square); VGGT sees exactly these pixels. Qwen sees them cropped at the
-    bottom/right to an even patch grid (518x392 -> 504x392: 36x28 patches -> 252 tokens),
-    CLIP-normalised, cut into 14x14 patches, the still frame repeated for the temporal patch of 2,
-    in the order Qwen's 2x2 patch merger expects."""
+    """frames uint8 [S,H,W,3] -> Qwen patches + VGGT pixels, as VG-LLM (DESIGN.md section 5)."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [S,H,W,3], got {frames.dtype} {frames.shape}")
@@ -211,6 +187,7 @@ def preprocess(frames, config):
     x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, tp, -1, -1)  # the frame twice: [..,3,tp,p,p]
     pixel_values = x.reshape(S * gh * gw, 3 * tp * p * p)
     image_grid_thw = torch.tensor([[1, gh, gw]] * S, dtype=torch.long)
+    # -> pixel_values [S*gh*gw, 3*tp*p*p], image_grid_thw [S, 3], vggt_images [S, 3, H', W']
     return {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
             "vggt_images": vggt_images}
 
@@ -267,12 +244,6 @@ class Encoding:
     image_grid_thw: torch.Tensor  # [S, 3] long: Qwen patch grid per frame (1, gh, gw)
     n_tokens_per_image: list  # T_i = gh * gw / 4
 
-    def to(self, device):
-        move = lambda t: None if t is None else t.to(device)
-        return Encoding(tuple(t.to(device) for t in self.image_embeds), move(self.geometry),
-                        self.geometry_hw, self.image_grid_thw.to(device),
-                        list(self.n_tokens_per_image))
-
 
 class VGLLM(nn.Module):
     def __init__(self, config):
@@ -309,13 +280,6 @@ class VGLLM(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    def param_groups(self):
-        """(llm_params, merger_params) for two learning rates (VG-LLM: 5e-6 LLM, 1e-5 merger)."""
-        llm = [p for p in self.qwen.parameters() if p.requires_grad]
-        merger = ([p for p in self.merger.parameters() if p.requires_grad]
-                  if self.merger is not None else [])
-        return llm, merger
-
     def enable_gradient_checkpointing(self):
         self.qwen.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -324,9 +288,7 @@ class VGLLM(nn.Module):
 
     @torch.no_grad()
     def encode(self, frames):
-        """frames: list (one per sample) of uint8 [S,H,W,3] -> list of Encoding. Vision tower over
-        all frames of all samples in one call; VGGT per sample (all its frames together, the
-        reference frame first: the last one under VG-LLM's option reference_frame="last")."""
+        """frames: list (per sample) of uint8 [S,H,W,3] -> list of Encoding (DESIGN.md 5)."""
         visual = self.qwen.model.visual
         inputs = [preprocess(f, self.config) for f in frames]
         pixels = torch.cat([x["pixel_values"] for x in inputs]).to(self.device, visual.dtype)
@@ -351,9 +313,7 @@ class VGLLM(nn.Module):
     # 5b. THE fusion point -------------------------------------------------------------------------
 
     def image_embeds(self, encodings):
-        """Per-image fused embeddings (vision + merger(geometry)), in batch-row order. The merger is
-        trainable, the encoder outputs are constants. An Encoding repeated G times is merged once
-        and reused (same values and gradients as G separate encodings, less work)."""
+        """Per-image embeds = vision + merger(geometry), batch-row order; repeats merged once."""
         fused, out = {}, []
         dtype = self.qwen.lm_head.weight.dtype
         for enc in encodings:
@@ -381,52 +341,37 @@ class VGLLM(nn.Module):
     # 5c. prompts ----------------------------------------------------------------------------------
 
     def prompt_batch(self, tokenizer, prompts, encodings):
-        """Chat-templated, left-padded prompts with each "<image>" expanded to <|vision_start|>
-        <|image_pad|> x T_i <|vision_end|>. Nothing is ever truncated. Returns input_ids,
-        attention_mask, mm_token_type_ids [B,P] and image_grid_thw [N_images,3] (CPU tensors)."""
-        check_tokenizer(self.config, tokenizer)
-        q = self.config["qwen"]
-        start, pad_img, end = (q["vision_start_token_id"], q["image_token_id"],
-                               q["vision_end_token_id"])
-        rows = []
+        """Chat-templated, left-padded, "<image>" -> vision_start + image_pad x T_i + vision_end.
+        tokenizer: the model's (checkpoints.py checks their token ids agree when it loads them)."""
+        q, rows = self.config["qwen"], []
+        tokens = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
         for b, (text, enc) in enumerate(zip(prompts, encodings, strict=True)):
-            n = text.count(IMAGE_PLACEHOLDER)
-            if n != len(enc.n_tokens_per_image):
-                raise ValueError(f"prompt {b} has {n} {IMAGE_PLACEHOLDER} placeholders but its "
-                                 f"sample has {len(enc.n_tokens_per_image)} frames")
             chat = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
                                                   {"role": "user", "content": text}],
                                                  tokenize=False, add_generation_prompt=True)
-            ids, types = [], []
-            for i, piece in enumerate(chat.split(IMAGE_PLACEHOLDER)):
-                if i > 0:  # the vision block of frame i-1
-                    T = enc.n_tokens_per_image[i - 1]
-                    ids += [start] + [pad_img] * T + [end]
-                    types += [0] + [1] * T + [0]
-                piece_ids = tokenizer(piece, add_special_tokens=False)["input_ids"]
-                ids += piece_ids
-                types += [0] * len(piece_ids)
-            rows.append((ids, types))
-        P = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), P), self.config["pad_token_id"], dtype=torch.long)
-        attention_mask = torch.zeros(len(rows), P, dtype=torch.long)
-        mm_token_type_ids = torch.zeros(len(rows), P, dtype=torch.long)
-        for b, (ids, types) in enumerate(rows):  # left padding
-            input_ids[b, P - len(ids):] = torch.tensor(ids)
-            attention_mask[b, P - len(ids):] = 1
-            mm_token_type_ids[b, P - len(ids):] = torch.tensor(types)
-        image_grid_thw = (torch.cat([e.image_grid_thw.cpu() for e in encodings])
-                          if encodings else None)
-        return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "mm_token_type_ids": mm_token_type_ids, "image_grid_thw": image_grid_thw}
+            first, *pieces = chat.split(IMAGE_PLACEHOLDER)
+            if len(pieces) != len(enc.n_tokens_per_image):
+                raise ValueError(f"prompt {b} has {len(pieces)} {IMAGE_PLACEHOLDER} placeholders "
+                                 f"but its sample has {len(enc.n_tokens_per_image)} frames")
+            ids = tokens(first)
+            for T, piece in zip(enc.n_tokens_per_image, pieces):  # frame i's vision block, text
+                ids += [q["vision_start_token_id"], *[q["image_token_id"]] * T,
+                        q["vision_end_token_id"], *tokens(piece)]
+            rows.append(ids)
+        left_pad = lambda seqs, value: torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(x, dtype=torch.long) for x in seqs], batch_first=True,
+            padding_value=value, padding_side="left")  # [B, P], on the CPU, never truncated
+        input_ids = left_pad(rows, self.config["pad_token_id"])
+        return {"input_ids": input_ids, "attention_mask": left_pad([[1] * len(r) for r in rows], 0),
+                "mm_token_type_ids": (input_ids == q["image_token_id"]).long(),  # 1: image token
+                "image_grid_thw": (torch.cat([e.image_grid_thw.cpu() for e in encodings])
+                                   if encodings else None)}  # [N_images, 3]
 
     # 5d. per-token log-probs (one call of the root module: FSDP2 wraps the root) ------------------
 
     def forward(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, encodings,
                 temperature=1.0, return_entropy=False, chunk_size=512, first_position=0):
-        """logp [B, L-1]: logp[b,t] = log softmax(logits[b,t] / temperature)[input_ids[b,t+1]]
-        (+ entropy [B, L-1] of that tempered distribution, no grad). Positions t < first_position
-        are skipped (left 0): pass the prompt length - 1 to skip prompt log-probs nobody uses."""
+        """logp [B, L-1]: logp[b,t] = log softmax(logits[b,t] / temperature)[input_ids[b,t+1]]."""
         out = self.qwen.model(input_ids=input_ids, attention_mask=attention_mask,
                               mm_token_type_ids=mm_token_type_ids, use_cache=False,
                               **self.mm_inputs(image_grid_thw, encodings))
@@ -443,9 +388,7 @@ class VGLLM(nn.Module):
     # 5e. the policy's distribution and sampling from it -------------------------------------------
 
     def suppressed_ids(self, device=None):
-        """[n] long: the never-sampled tokens (vision and special tokens but EOS, unused vocabulary
-        rows). generate() and forward() both pass them to policy_logits, which sets their logits to
-        SUPPRESSED_LOGIT: one definition, one distribution. Built once per call, not per token."""
+        """[n] long: never-sampled ids (specials but EOS, unused vocab rows) for policy_logits."""
         return torch.tensor(self.config["suppress_token_ids"], dtype=torch.long, device=device)
 
     def policy_logits(self, hidden, temperature=1.0, suppress=None):
@@ -455,11 +398,7 @@ class VGLLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch, encodings, max_new_tokens, temperature=1.0, do_sample=True,
                  synced_gpus=False, return_logprobs=False):
-        """Completion ids [B, C] sampled from policy_logits at `temperature` (do_sample=False:
-        greedy), new tokens only, padding after the first EOS. For GRPO's groups repeat the batch
-        rows and the encodings list G times: nothing is re-encoded, each distinct prompt prefilled
-        once. The loop (shared prefill, static KV cache, CUDA graphs) is machinery: decoding.py. A
-        method, so FSDP gathers the root's weights for it (train.py registers it)."""
+        """Completion ids [B, C] sampled from policy_logits; the loop: decoding.py (DESIGN.md 6)."""
         return decoding.generate(self, batch, encodings, max_new_tokens, temperature, do_sample,
                                  synced_gpus, return_logprobs)
 
@@ -470,27 +409,14 @@ class VGLLM(nn.Module):
 
 
 def policy_logits(hidden, lm_head, temperature, suppress):
-    """hidden [N, d] -> [N, V] float32 logits / temperature, SUPPRESSED_LOGIT at the `suppress` ids
-    (VGLLM.suppressed_ids): THE distribution, sampled by generate() and scored by token_logprobs().
-    A fill, not an added bias: a suppressed logit is a constant, so no gradient flows into it. In
-    place where autograd allows it (the matmul's backward needs its inputs, not its output): each
-    extra [N, V] float32 copy would cost as much memory as the logits themselves."""
+    """hidden [N, d] -> [N, V] float32: logits / T, SUPPRESSED_LOGIT at suppress (DESIGN.md 6)."""
     z = lm_head(hidden).float().div_(temperature)
     return z if suppress is None else z.index_fill_(1, suppress, SUPPRESSED_LOGIT)
 
 
 def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, return_entropy=False,
                    suppress=None):
-    """hidden [B, L, d], targets [B, L] -> (logp, entropy or None) [B, L] of softmax(policy_logits).
-
-    suppress: the ids sampling never draws (VGLLM.suppressed_ids); scoring removes them from the
-    softmax exactly as the sampler does (both via policy_logits), else pi_theta would differ from
-    the sampler by their probability mass. SUPPRESSED_LOGIT is finite (large negative, not -inf):
-    a masked position with a suppressed target (padding after EOS) has a finite logp, 0*logp = 0.
-
-    chunk_size tokens at a time, each chunk under torch.utils.checkpoint: backward recomputes its
-    logits instead of keeping them, so only one chunk's [chunk_size, V] logits are alive at once.
-    Cost: one more lm_head matmul a chunk in backward (~2*d*V flops/token, small beside the LLM)."""
+    """[B, L, d], targets [B, L] -> (logp, entropy or None) [B, L] of softmax(policy_logits)."""
     B, L, d = hidden.shape
     h, y = hidden.reshape(B * L, d), targets.reshape(B * L)
 
@@ -504,16 +430,13 @@ def token_logprobs(hidden, lm_head, targets, temperature=1.0, chunk_size=512, re
             entropy = lse - (torch.softmax(z, dim=-1) * z).sum(-1)
         return logp, entropy
 
-    logps, entropies = [], []
-    for s in range(0, B * L, chunk_size):
-        if torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad):
-            logp, entropy = checkpoint(chunk, h[s:s + chunk_size], y[s:s + chunk_size],
-                                       use_reentrant=False)
-        else:
-            logp, entropy = chunk(h[s:s + chunk_size], y[s:s + chunk_size])
-        logps.append(logp)
-        entropies.append(entropy)
-    logp = torch.cat(logps).view(B, L) if logps else hidden.new_zeros(B, L, dtype=torch.float32)
-    entropy = ((torch.cat(entropies).view(B, L) if logps else torch.zeros_like(logp))
-               if return_entropy else None)
+    # chunk_size tokens at a time, each checkpointed (backward recomputes its logits): DESIGN.md 6
+    grad = torch.is_grad_enabled() and (h.requires_grad or lm_head.weight.requires_grad)
+    run = (lambda *a: checkpoint(chunk, *a, use_reentrant=False)) if grad else chunk
+    parts = [run(h[s:s + chunk_size], y[s:s + chunk_size]) for s in range(0, B * L, chunk_size)]
+    if not parts:  # no tokens
+        logp = hidden.new_zeros(B, L, dtype=torch.float32)
+        return logp, torch.zeros_like(logp) if return_entropy else None
+    logp = torch.cat([lp for lp, _ in parts]).view(B, L)
+    entropy = torch.cat([e for _, e in parts]).view(B, L) if return_entropy else None
     return logp, entropy

@@ -1,8 +1,8 @@
 """published.py: the public evaluators' quirks and ScanRefer's proposal refinement, so that numbers
 compare with the papers' tables. Not needed to understand 3D-RFT: the training rewards and the
-default evaluation (--protocol ours) never use it. Who calls it: rft3d.py's eval records under
-protocol="published", and eval.py (--protocol published, --proposals FILE). It imports only
-substrate (boxes.py, data.py).
+default evaluation (--protocol ours) never use it. Who calls it: eval.evaluate, one line each for
+--protocol published (record_opts: options of rft3d.py's records) and --proposals FILE (refined).
+It imports only substrate (boxes.py, data.py).
 
   1. the published protocol: three quirks of the public evaluators, one function or constant each
   2. proposal refinement (ScanRefer "with proposals", VG-LLM-8B: 41.6 -> 57.6 Acc@0.25): each
@@ -67,6 +67,17 @@ def check(protocol):
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
+# The quirks as rft3d's record options (the records' defaults are ours).
+RECORD_OPTS = {"detection": {"max_boxes": MAX_BOXES}, "grounding": {"to_world": box_to_world},
+               "spatial": {"answer": first_token}}
+
+
+def record_opts(task, protocol):
+    """The keyword options of task `task`'s record under `protocol`: none for ours."""
+    check(protocol)
+    return RECORD_OPTS[task] if protocol == "published" else {}
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. Proposal refinement (ScanRefer "with proposals"; VG-LLM reports it with Mask3D proposals)
 # --------------------------------------------------------------------------------------------------
@@ -109,6 +120,18 @@ def scene_of(sample):
     else the images' folder), VSI-Bench's scene_name, else the sample id (synthetic scenes)."""
     m = sample.meta
     return str(m.get("scene_id") or m.get("scene") or m.get("scene_name") or sample.id)
+
+
+def refined(record, sample, proposals):
+    """A grounding eval record plus iou_refined and the proposal used (eval.py --proposals)."""
+    if "box_world" not in record:
+        raise ValueError("proposals refine grounding boxes only")
+    scene = scene_of(sample)
+    if scene not in proposals:
+        raise DataError(f"--proposals: no proposals for scene {scene!r} (the file has "
+                        f"{len(proposals)} scenes, e.g. {sorted(proposals)[:3]})")
+    iou, k = refine(record["box_world"], sample.world_box, proposals[scene])
+    return {**record, "iou_refined": iou, "proposal": k}
 
 
 def refine(box_world, gt_box, proposals):

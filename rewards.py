@@ -1,21 +1,10 @@
-"""rewards.py: the verifiable rewards of 3D-RFT as pure functions (numpy, json, re, math; boxes.py
-for the IoU).
-
-A reward *is* the task's evaluation metric, so everything here follows the official evaluators
-(VG-LLM's ScanNet detection and ScanRefer code, VSI-Bench's scoring) and DESIGN.md sections 3-4:
-
+"""rewards.py: 3D-RFT's verifiable rewards, pure functions; a reward *is* the task's official
+metric (VG-LLM's ScanNet detection and ScanRefer evaluators, VSI-Bench's scoring; DESIGN.md 3-4):
   1. parsing      <answer>..</answer> (or the whole text) -> JSON -> boxes / frame / answer string
   2. matching     VG-LLM's greedy per-label matching -> TP/FP/FN -> F1
   3. VSI-Bench    option-letter exact match and mean relative accuracy (MRA)
   4. rewards      total = format (0/1) + task reward, one function per task
-Boxes are 9 floats [cx, cy, cz, dx, dy, dz, a, b, c], R = Rz(a) @ Rx(b) @ Ry(c) (intrinsic ZXY);
-their exact 3D IoU (one box clipped by the 6 half-spaces of the other, the volume of the convex
-result) is boxes.iou_3d.
-
-Every reward is a total function of the model text: any string in (1 MB, nested or truncated JSON,
-NaN, huge numbers, wrong types), finite floats out, never an exception. Model text is parsed with
-`json`, never `eval` (the reference evaluators eval() model output: a code-execution hole).
-"""
+Total: any string in, finite floats out, never an exception; text parsed with json, never eval."""
 import json
 import math
 import re
@@ -62,9 +51,7 @@ def parse_answer(text):
 
 
 def answer_text(text):
-    """What the task reward parses: the <answer> block, or the whole text when there is none.
-    (DESIGN 4: only the format reward demands the tags; VG-LLM checkpoints answer with a bare
-    ```json.)"""
+    """What the task reward parses: the <answer> block, else the whole text (DESIGN.md 4)."""
     if not isinstance(text, str):
         return ""
     ans = parse_answer(text)
@@ -89,10 +76,7 @@ def _detection(e):
 
 
 def parse_detections(text, max_boxes=MAX_BOXES):
-    """Valid {"label", "bbox_3d"} entries of the answer (invalid ones skipped), at most max_boxes.
-    When the answer is not valid JSON (e.g. truncated at max_new_tokens) fall back to VG-LLM's
-    evaluator: one box per line, each line parsed on its own (trailing commas stripped), so complete
-    lines count."""
+    """Valid {"label", "bbox_3d"} answer entries, at most max_boxes (bad JSON: DESIGN.md 4)."""
     s = answer_text(text)
     data = load_json(s)
     if isinstance(data, dict):
@@ -125,8 +109,7 @@ def _grounding(obj):
 
 
 def parse_grounding(text):
-    """(frame: int, box: [9 floats]) from a {"frame", "bbox_3d"} JSON answer, else None.
-    Fallback like VG-LLM's evaluator: the first line that mentions bbox_3d, parsed alone."""
+    """(frame: int, box: [9 floats]) from a {"frame", "bbox_3d"} JSON answer, else None."""
     s = answer_text(text)
     obj = load_json(s)
     if obj is None:
@@ -147,8 +130,7 @@ def parse_spatial(text):
 
 
 def _match(pred, gt, thr):
-    """-> (per-label {label: [tp, fp, fn]}, best IoU per prediction (any same-label GT), matched
-    IoUs)."""
+    """-> ({label: [tp, fp, fn]}, best same-label IoU per prediction, IoUs of the matched pairs)."""
     gts = {}
     for g in gt:
         gts.setdefault(g["label"], []).append(prepare(g["bbox_3d"]))
@@ -177,27 +159,19 @@ def _match(pred, gt, thr):
 
 
 def match_by_label(pred, gt, iou_threshold=MATCH_IOU):
-    """{label: [tp, fp, fn]} for pred / gt lists of {"label", "bbox_3d"} (the per-sample eval
-    record)."""
+    """{label: [tp, fp, fn]} of pred / gt lists of {"label", "bbox_3d"} (the per-sample record)."""
     return _match(pred, gt, iou_threshold)[0]
 
 
 def gt_iou(pred, gt, parsed=True):
-    """Mean over ground-truth boxes of the IoU of the prediction matched to each, one to one (the
-    same greedy matching at any overlap > 0; an unmatched box counts 0). Duplicates earn nothing and
-    a missed object costs its whole share. A scene without ground truth: 1.0 for an answer that says
-    "nothing" (no predictions and parsed, i.e. a JSON list such as []: vacuously perfect, as F1 is),
-    0.0 for predicted boxes or for an answer that did not parse (parsed=False; see
-    answered_list)."""
+    """iou_gt = sum of matched IoUs (any overlap > 0) / #gt; no gt: 1.0 iff parsed and no pred."""
     if not gt:
         return float(not pred and bool(parsed))
     return sum(_match(pred, gt, 0.0)[2]) / len(gt)
 
 
 def answered_list(text, pred):
-    """True iff a detection answer parsed: it has valid boxes (pred, from parse_detections) or is a
-    JSON list, [] included ("nothing here" must be said: unparseable text is not an empty
-    answer)."""
+    """True iff a detection answer parsed: valid boxes (pred) or a JSON list, [] included."""
     return bool(pred) or isinstance(load_json(answer_text(text)), list)
 
 
@@ -208,7 +182,7 @@ def match_detections(pred, gt, iou_threshold=MATCH_IOU):
 
 
 def f1_score(tp, fp, fn):
-    """2TP / (2TP + FP + FN); 1 when there is neither prediction nor ground truth."""
+    """F1 = 2TP / (2TP + FP + FN); 1 when there is neither prediction nor ground truth."""
     return 1.0 if tp + fp + fn == 0 else 2.0 * tp / (2 * tp + fp + fn)
 
 
@@ -229,10 +203,7 @@ def choice_accuracy(pred, gt_letter):
 
 
 def mra(pred, gt):
-    """Mean relative accuracy: mean over t in {0.50, ..., 0.95} of [|p - g| / g <= 1 - t],
-    p = float() of the first token. Unparseable, nan or inf -> 0; g <= 0 -> 0 (VSI-Bench ground
-    truths are positive; its own code divides by zero at g = 0). The float comparison is
-    VSI-Bench's, boundary quirks included."""
+    """MRA = mean_t [|p - g| / g <= 1 - t], t in {0.50, ..., 0.95}; bad p or g, or g <= 0: 0."""
     try:
         p = float(_first_token(pred)) if isinstance(pred, str) else float(pred)
         g = float(gt)
@@ -248,8 +219,7 @@ def mra(pred, gt):
 
 
 def _tagged(text):
-    """True iff text is <think>..</think><answer>..</answer>, whitespace around and between allowed,
-    each tag exactly once (so an answer cannot hide a second answer)."""
+    """True iff text is <think>..</think><answer>..</answer>, each tag once, whitespace allowed."""
     s = text.strip()
     if any(s.count(t) != 1 for t in ("<think>", "</think>", "<answer>", "</answer>")):
         return False
@@ -258,11 +228,7 @@ def _tagged(text):
 
 
 def format_reward(text, task, n_frames=None):
-    """1.0 iff the text has the think/answer format and the answer parses (strict JSON) for the
-    task: detection = a JSON list whose every entry is a valid box (an empty list is a valid
-    answer); grounding = {"frame": int, "bbox_3d": 9 finite numbers}, the frame in [0, n_frames)
-    when n_frames is given (a frame outside the video is no answer); spatial = a non-empty
-    answer."""
+    """1.0 iff <think>..</think><answer>..</answer> and the answer parses (strict JSON) for task."""
     if not isinstance(text, str) or not _tagged(text):
         return 0.0
     ans = parse_answer(text)
@@ -276,35 +242,18 @@ def format_reward(text, task, n_frames=None):
 
 
 def detection_reward(text, gt_boxes, iou_mode="paper", f1_iou=MATCH_IOU):
-    """R = format + R_IoU + R_F1 (F1 at IoU > f1_iou with VG-LLM's matching; the paper's 0.25).
-    iou_mode "paper":  R_IoU = mean over predicted boxes of the best IoU with a same-label GT box
-                       (0 without predictions). Dropping uncertain boxes raises it.
-    iou_mode "robust": R_IoU = sum of the IoUs of the matched (true-positive) pairs of that same
-                       matching / max(#pred, #gt) (0 when both are empty). One-to-one, so
-                       duplicates earn nothing, and the denominator is at least #gt, so predicting
-                       fewer boxes cannot pay.
-    iou_mode "gt":     R_IoU = gt_iou: the mean over ground-truth boxes of their one-to-one IoU at
-                       any overlap (the quantity eval reports as iou_gt). A missed object costs its
-                       whole share whatever else is predicted; extra boxes cost only through F1. On
-                       a scene without objects 1 for a parsed empty answer, 0 for boxes or
-                       unparseable text (as F1).
-    f1_iou: the F1 term's threshold; 0.5 rewards the stricter F1@0.5 that eval reports beside
-    F1@0.25 (the IoU terms keep the paper's 0.25 matching). At most MAX_BOXES predictions count."""
+    """R = format + R_IoU + R_F1 (F1 at IoU > f1_iou); iou_mode, f1_iou: DESIGN.md section 4."""
     if iou_mode not in ("paper", "robust", "gt"):
         raise ValueError(f"iou_mode must be 'paper', 'robust' or 'gt', got {iou_mode!r}")
     if not 0 <= f1_iou < 1:
         raise ValueError(f"f1_iou must be in [0, 1), got {f1_iou!r}")
-    fmt = format_reward(text, "detection")
-    pred = parse_detections(text)
-    # all ground-truth boxes count
+    fmt, pred = format_reward(text, "detection"), parse_detections(text)
     gt = [{"label": g.get("label"), "bbox_3d": g.get("bbox_3d")} for g in (gt_boxes or [])]
     counts, best, matched = _match(pred, gt, MATCH_IOU)
     if f1_iou != MATCH_IOU:  # the F1 term at its own threshold: its own matching
         counts = _match(pred, gt, f1_iou)[0]
     tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
-    # "Nothing here" must be said (a JSON list, [] included): unparseable text earns no F1 on an
-    # empty scene
-    parsed = answered_list(text, pred)
+    parsed = answered_list(text, pred)  # "nothing here" must be said: [] earns F1, junk does not
     f1 = f1_score(tp, fp, fn) if parsed else 0.0
     if iou_mode == "paper":
         iou = sum(best) / len(best) if best else 0.0
@@ -323,20 +272,8 @@ def frame_reward(f_pred, f_gt, tau):
 
 def grounding_reward(text, gt_box, gt_frame, cam2global, axis_align=None, frame_window="scaled",
                      n_frames=None):
-    """R = format + R_frame + R_IoU for an integer frame f_pred of the video of S frames.
-    R_frame = frame_reward: max(0, 1 - |f_pred - f_gt| / tau). frame_window "scaled" (default):
-    tau = 5 S / 32, the paper's window as the same share of the video (32 frames: exactly the
-    paper's tau = 5; 4 frames: tau = 0.625, so only the exact frame pays); "fixed": the paper's
-    tau = 5 whatever S (S not needed). gt_frame None = the row has no target frame (e.g. ScanRefer
-    val): no frame is right, so R_frame = 0 for every answer (the "frame" part is 0.0); format and
-    IoU are scored as usual, so the best total is 2, not 3.
-    R_IoU = IoU of the predicted box, moved from camera frame f_pred to the aligned world by
-    E = axis_align @ cam2global[f_pred], with the world GT box (0 without poses).
-    S = n_frames, else len(cam2global) (both given: they must agree). A frame outside the video's
-    S frames is not an answer: no format, frame or IoU credit. Without poses and n_frames S is
-    unknown: the range is not checked and "scaled" raises a ValueError (rft3d always passes the
-    sample's frame count). A gt_frame outside [0, S) is a ValueError (a data error, e.g. an old -1
-    "no frame" sentinel: use None). Setup and data errors raise at once, whatever the text."""
+    """R = format + R_frame + R_IoU; R_IoU in the world, E = axis_align @ cam2global[f_pred].
+    S = n_frames or len(cam2global); tau, poses, gt_frame None, errors: DESIGN.md section 4."""
     if frame_window not in FRAME_WINDOWS:
         raise ValueError(f"frame_window must be one of {FRAME_WINDOWS}, got {frame_window!r}")
     if cam2global is not None:

@@ -1,21 +1,12 @@
-"""rft3d.py: the task layer of 3D-RFT. For each task: sample -> prompt, sample -> SFT target,
-completion -> reward (the task's own metric, computed by rewards.py) and completion -> per-sample
-eval record (aggregated by eval.py).
+"""rft3d.py: the task layer of 3D-RFT. Per task: sample -> prompt, sample -> SFT target,
+completion -> reward (the task's metric, rewards.py), completion -> eval record (eval.py sums them).
 
-Prompts are VG-LLM's training templates word for word (DESIGN.md section 3; its checkpoints were
-trained on them): detection = "<image>\\n" per frame + the instruction; grounding =
-"Frame-k: <image>" per frame + the instruction; spatial = VSI-Bench's pre/post prompts. With
-think=True one sentence of ours asks for the <think>...</think><answer>...</answer> format that the
-format reward checks.
+Prompts are VG-LLM's training templates word for word (DESIGN.md section 3); think=True adds our one
+sentence asking for <think>...</think><answer>...</answer>. A record's keyword options are where the
+public evaluators' quirks plug in (published.RECORD_OPTS, eval.py --protocol published).
 
-Eval records take a protocol: "ours" (default; self-consistent, the same rules as the training
-rewards) or "published", which reproduces three quirks of the public evaluators so numbers compare
-with the papers' tables (published.py, one function or constant each). Training rewards are always
-"ours".
-
-Adding a fourth task: write its four functions (prompt, target, reward, record) below, make samples
-with task="yourtask" (scenes.py for synthetic ones, a reader in data.py for files), and add one line
-to TASKS at the bottom of this file. Nothing else dispatches on tasks.
+Adding a fourth task: its four functions below, samples with task="yourtask" (scenes.py or a reader
+in data.py), and one line in TASKS at the bottom. Nothing else dispatches on tasks.
 """
 import json
 import math
@@ -24,7 +15,6 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 import boxes
-import published  # the public evaluators' quirks, for --protocol published (machinery)
 import rewards
 from data import DET_TEXT, GROUND_TEXT, Sample  # VG-LLM's instruction texts live by the exporter
 
@@ -40,12 +30,11 @@ class Task(NamedTuple):
     prompt: Callable    # (sample, think: bool) -> user text with one "<image>" per frame
     target: Callable    # sample -> "<think>...</think><answer>...</answer>" (SFT)
     reward: Callable    # (sample, completion, **opts) -> {"total": float, components...}
-    record: Callable    # (sample, completion, protocol="ours") -> JSON-serialisable eval record
+    record: Callable    # (sample, completion, **opts) -> JSON-serialisable eval record
 
 
 def _num(x):
-    """A number at 2 decimals, never "-0.00" (one spelling per value keeps the target easy to
-    learn)."""
+    """A number at 2 decimals, never "-0.00" (one spelling per value is easier to learn)."""
     s = f"{float(x):.2f}"
     return "0.00" if s == "-0.00" else s
 
@@ -80,15 +69,9 @@ def detection_reward(s: Sample, completion, iou_mode="paper", f1_iou=rewards.MAT
     return rewards.detection_reward(completion, s.boxes, iou_mode=iou_mode, f1_iou=f1_iou)
 
 
-def detection_record(s: Sample, completion, protocol="ours"):
-    published.check(protocol)
-    max_boxes = published.MAX_BOXES if protocol == "published" else rewards.MAX_BOXES
+def detection_record(s: Sample, completion, max_boxes=rewards.MAX_BOXES):
     pred = rewards.parse_detections(completion, max_boxes)
-    # parsed = the answer is a JSON list (an empty list is a valid "nothing here"); load_json is
-    # total
-    parsed = rewards.answered_list(completion, pred)
-    # iou_gt on a scene without objects: 1 for a parsed [] (as per-scene F1), 0 for boxes or no
-    # answer
+    parsed = rewards.answered_list(completion, pred)  # a JSON list, [] included ("nothing here")
     return {"counts": {str(t): rewards.match_by_label(pred, s.boxes, t) for t in (0.25, 0.5)},
             "n_pred": len(pred), "n_gt": len(s.boxes),
             "iou_gt": rewards.gt_iou(pred, s.boxes, parsed), "parsed": parsed}
@@ -101,9 +84,7 @@ def grounding_prompt(s: Sample, think=False):
 
 
 def grounding_target(s: Sample):
-    """The SFT answer: the target frame and the box in its camera. A row without a target frame
-    (ScanRefer val) has no answer to imitate: a ValueError naming the sample (grounding SFT needs
-    rows with frames)."""
+    """The target frame and the box in its camera; a row without a frame is a ValueError."""
     if s.target_frame is None:
         raise ValueError(f"sample {s.id}: grounding SFT needs a target frame and this row has none "
                          "(ScanRefer val rows have only the world box): train on rows with a "
@@ -114,20 +95,14 @@ def grounding_target(s: Sample):
 
 
 def grounding_reward(s: Sample, completion, frame_window="scaled", **_):
-    """rewards.grounding_reward with the sample's frame count S = len(s.frames). frame_window (from
-    the trainer's reward_opts): "scaled" (default) tau = 5 S / 32, or "fixed", the paper's tau = 5.
-    A row without a target frame gets no frame credit (the "frame" part is 0.0)."""
+    """frame_window: tau = 5 S / 32 for S = len(s.frames) frames ("scaled") or the paper's 5."""
     return rewards.grounding_reward(completion, s.world_box, s.target_frame, s.cam2global,
                                     s.axis_align, frame_window=frame_window, n_frames=len(s.frames))
 
 
-def grounding_record(s: Sample, completion, protocol="ours"):
-    """IoU in the aligned world (section 3), frames (frame_gt None when the row has no target
-    frame: eval leaves it out of frame accuracy), unique flag, and box_world: the predicted box
-    moved to the world (None when it cannot be), which eval.py --proposals replaces by a detector
-    proposal."""
-    published.check(protocol)
-    to_world = published.box_to_world if protocol == "published" else boxes.box_to_world
+def grounding_record(s: Sample, completion, to_world=boxes.box_to_world):
+    """IoU in the aligned world, frames (frame_gt None: no target frame), box_world: the predicted
+    box in the world (None if it cannot be), which eval.py --proposals may replace."""
     parsed, iou, world = rewards.parse_grounding(completion), 0.0, None
     if parsed is not None and s.cam2global is not None and 0 <= parsed[0] < len(s.cam2global):
         E = np.asarray(s.axis_align) @ np.asarray(s.cam2global[parsed[0]])
@@ -161,14 +136,10 @@ def spatial_reward(s: Sample, completion, **_):
     return rewards.spatial_reward(completion, s.ground_truth, s.options or None)
 
 
-def spatial_record(s: Sample, completion, protocol="ours"):
-    published.check(protocol)
-    if protocol == "published":  # VSI-Bench: exact letter match, or MRA of float(first token)
-        token = published.first_token(completion)
-        score = (float(token.lower() == str(s.ground_truth).lower()) if s.options
-                 else rewards.mra(token, s.ground_truth))
-    else:
-        score = spatial_reward(s, completion)["accuracy"]
+def spatial_record(s: Sample, completion, answer=rewards.parse_spatial):
+    ans = answer(completion)
+    score = (0.0 if ans is None else rewards.choice_accuracy(ans, str(s.ground_truth))
+             if s.options else rewards.mra(ans, s.ground_truth))
     return {"question_type": s.question_type, "score": float(score),
             "parsed": rewards.parse_spatial(completion) is not None}
 

@@ -18,10 +18,10 @@ What it does, and why:
     - the LLM weights (LoRA merged) are pushed into the engine before every rollout, so the engine
       always samples from the weights of the last optimiser step.
 
-Contents: 1. sampler() (grpo.grpo_step's one-line hook), close() (train.py's); 2. the engine: start,
+Contents: 1. sampler() (handed to grpo.grpo_step by train.py), close(); 2. the engine: start,
 requests, weight push; 3. the environment check and its message.
 
-Who calls it: grpo.grpo_step (train.py --rollout vllm), tests/test_vllm.py, bench.py. It imports
+Who calls it: train.py --rollout vllm (grpo.GRPOConfig.sampler), tests, bench.py. It imports
 nothing of rft3d: it drives the policy through model.qwen, model.image_embeds and model.config.
 vLLM lives in its own virtual environment (it pins torch and transformers): README.md says how.
 """
@@ -35,7 +35,6 @@ import weakref
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 INSTALL = ("--rollout vllm needs vLLM, which pins its own torch and transformers, so it goes in a "
            "virtual environment of its own: python3 -m venv .venv-vllm && . .venv-vllm/bin/activate"
@@ -49,22 +48,17 @@ _ENGINES = weakref.WeakKeyDictionary()  # policy (unwrapped VGLLM) -> its Engine
 # 1. The hook: sampler() gives grpo_step a function with VGLLM.generate's signature
 
 
-def sampler(model, tokenizer, args):
+def sampler(model, tokenizer, seed=0, bf16=False):
     """-> generate(batch, encodings, max_new_tokens, temperature, do_sample, synced_gpus=False,
-    return_logprobs=False) on this rank's engine, started at the first call (seed: args.seed +
-    rank, dtype: bf16 under --bf16, else the policy's)."""
-    if getattr(args, "fsdp", False) or getattr(args, "shard", "ddp") == "fsdp":
-        # FSDP keeps the merger's and the LLM's weights sharded between forwards; gathering them
-        # here for the push and the embeddings is not written (DDP holds them whole on every rank).
-        raise ValueError("--rollout vllm works with --shard ddp (or one process), not fsdp")
-    if model not in _ENGINES:
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        dtype = torch.bfloat16 if getattr(args, "bf16", False) else model.qwen.lm_head.weight.dtype
-        _ENGINES[model] = Engine(model, tokenizer, seed=getattr(args, "seed", 0) + rank,
-                                 dtype=dtype)
+    return_logprobs=False) on this rank's engine for `model`, started at the first call (seed: the
+    rank's, train.py passes --seed + rank; dtype: bf16 under --bf16, else the policy's). train.py
+    hands it to grpo.grpo_step through GRPOConfig.sampler."""
 
     def generate(batch, encodings, max_new_tokens, temperature=1.0, do_sample=True,
                  synced_gpus=False, return_logprobs=False):
+        if model not in _ENGINES:
+            dtype = torch.bfloat16 if bf16 else model.qwen.lm_head.weight.dtype
+            _ENGINES[model] = Engine(model, tokenizer, seed=seed, dtype=dtype)
         engine = _ENGINES[model]
         engine.push_weights()  # the optimiser stepped since the last rollout
         return engine.generate(batch, encodings, max_new_tokens, temperature, do_sample,

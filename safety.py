@@ -1,6 +1,7 @@
 """safety.py: what keeps a run from losing, mixing or silently corrupting work. Not needed to
 understand 3D-RFT: train.py calls each piece in one line.
 
+  0. the process: setup_distributed binds each torchrun rank to its GPU before the group starts
   1. stopping cleanly: every bad flag value stops with the flag, why and what to try (exit 2),
      before anything loads; a fresh run never writes into an --out that holds work; a bad data file
      or a damaged checkpoint is one line naming it (exit 1); a run of non-finite steps stops it
@@ -9,9 +10,11 @@ understand 3D-RFT: train.py calls each piece in one line.
      continues from the newest intact checkpoint (model, optimiser, every rank's RNG) and sets
      damaged ones aside as damaged-step-<k>
   3. logs: strict JSON lines (NaN/inf as null), cut back to the checkpoint on --resume;
-     <stage>/data.json records what each start of a stage read
-Also the CPU thread default (set_threads). Who calls it: train.py. It imports substrate
-(checkpoints.py) and, for --rollout vllm's install message, rollout_vllm.py (machinery).
+     <stage>/data.json records what each start of a stage read; what a stage prints as it starts
+     (announce), after each step (log_step) and evaluation (log_eval)
+Also the CPU thread default (set_threads). Who calls it: train.py (and eval.py, section 0). It
+imports substrate (checkpoints.py, data.py, scenes.py) and, for --rollout vllm's install message,
+rollout_vllm.py (machinery).
 """
 import contextlib
 import importlib.util
@@ -20,6 +23,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -27,9 +31,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+from tqdm import tqdm
 
 import checkpoints
+import data
 import rollout_vllm
+import scenes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,6 +110,20 @@ REAL = {
     "--f1-iou": (lambda v: 0 <= v < 1, "the F1 term's IoU threshold must be in [0, 1) (the "
                                        "paper's 0.25; 0.5 for F1@0.5)"),
 }
+
+
+def setup_distributed():
+    """-> (rank, world size, device); torchrun's env, else one process without a group.
+    train.py and eval.py start here."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:  # bind the rank to its GPU before the group starts, or every rank lands on cuda:0
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # SFT warm-up and GRPO run in one process: initialise once
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def check_args(args, p):
@@ -431,3 +452,54 @@ def open_logs(stage_dir, info, step):
     for name in ("metrics.jsonl", "samples.jsonl"):
         truncate_log(stage_dir / name, step)
     return open(stage_dir / "metrics.jsonl", "a"), open(stage_dir / "samples.jsonl", "a")
+
+
+def announce(args, world, device, model, per_rank, data_info):
+    """Rank 0, before a stage's first step: where it runs, its batch, every flag, the data."""
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"[{args.stage}/{args.task}] {world} rank(s) on {device}, {args.shard}; "
+          f"trainable {n_train:,} params")
+    if args.shard == "fsdp" and not args.fsdp:
+        print("  --shard fsdp outside torchrun: one process, nothing to shard; the model runs "
+              "unwrapped" + (" with bf16 autocast (--bf16)" if args.bf16 else ""))
+    note = None if args.data else scenes.image_size_note(model, args.image_size)
+    if note:
+        print("  " + note)
+    G, mb = args.G, args.micro_batch
+    if args.stage == "sft":
+        print(f"  batch: {per_rank} samples/rank x {world} ranks = {per_rank * world} per step, "
+              f"micro-batch {mb}")
+    else:
+        print(f"  batch: {per_rank} prompts/rank x G={G} = {per_rank * G} completions/rank, "
+              f"{per_rank * G * world} per step, micro-batch {mb} ({math.ceil(per_rank * G / mb)} "
+              f"micro-steps), mu={args.mu}, beta={args.beta}")
+    print("  " + json.dumps({k: v for k, v in vars(args).items() if k != "reward_opts"}))
+    for split in ("train", "val"):
+        for r in data_info[split]:
+            print(f"  {split} " + data.describe(r).replace("\n", "\n  "))
+
+
+def log_step(args, out, texts, log, samples_log, bar, first, t_first, n_val):
+    """Rank 0, after each step: the metrics line, the progress bar; 5 steps after the stage's
+    first (at time t_first), the time it will take; every --log-every steps a few completions."""
+    step = out["step"]
+    log.write(json_line(out))
+    log.flush()
+    bar.update(1)
+    bar.set_postfix({k: f"{out[k]:.3f}" for k in ("loss", "reward") if k in out})
+    if step == first + 5:  # said early (tqdm's estimate then keeps it current)
+        left, minutes = args.steps - first, (time.time() - t_first) / 5 * (args.steps - first) / 60
+        tqdm.write(f"[{args.stage}] {left} steps: about {minutes:.0f} min at the first steps' "
+                   f"pace, plus {math.ceil(left / args.eval_every)} evaluations on {n_val} scenes")
+    if texts and step % args.log_every == 0:
+        samples_log.write(json_line({"step": step, "completions": texts[: args.G]}))
+        samples_log.flush()
+
+
+def log_eval(log, step, metrics, primary):
+    """Rank 0, after each evaluation: the metrics line (eval/*) and a one-line summary."""
+    log.write(json_line({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}))
+    log.flush()
+    shown = [primary, "parse_rate", "iou_gt", "n_pred", "count_acc", "iou", "frame_acc"]
+    tqdm.write(f"step {step}: eval " + ", ".join(f"{k} {metrics[k]:.3f}" for k in shown
+                                                 if k in metrics))

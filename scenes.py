@@ -12,7 +12,8 @@ Sample i of a set is a pure function of (seed, i): the same scenes on every mach
 a new index.
 
 Sections: 1. the world (categories, layout, cameras, renderer)   2. ground truth per task
-(questions, referring expressions, camera boxes; make_sample)   3. SyntheticDataset   4. the command
+(questions, referring expressions, camera boxes; make_sample)   3. SyntheticDataset and the
+world's flags (train.py and eval.py declare them here)   4. the command
 line (`python scenes.py show|export|speed`: draw a sample's boxes, export scenes in VG-LLM's layout,
 time sample generation). To change the world (difficulty, new categories, another task) this is the
 file to edit. Builds on data.py (Sample, export, drawing) and boxes.py; nothing above them is
@@ -575,6 +576,34 @@ class SyntheticDataset(torch.utils.data.Dataset):
         if i not in self.cache:   # a fixed set is read many times over: render each scene once
             self.cache[i] = make_sample(self.task, self.seed, i, **self.kw)
         return self.cache[i]
+
+
+def add_world_args(p, shown=True):
+    """The synthetic world's flags, declared once for train.py and eval.py (give both the same).
+    shown=False: in --help-all only (train.py -h keeps to one screen). --frames is not here: it
+    also sets the frames per video of real data."""
+    h = (lambda text: text) if shown else (lambda text: argparse.SUPPRESS)
+    g = p.add_argument_group("synthetic scenes (train.py and eval.py take the same)").add_argument
+    g("--image-size", type=int, default=56, help=h("frame size in pixels (a loaded model resizes "
+      "frames to its own width and says so)"))
+    g("--pitch", type=float, default=0.0, help=h("camera pitch, deg (0: level, one box angle)"))
+    g("--max-objects", type=int, default=1, help=h("objects per scene, at most (1: the learnable "
+      "default; 3: multi-object scenes the tiny model does not bind; README)"))
+    g("--spelling", type=str, choices=["canonical", "random"], default="canonical",
+      help=h("target boxes/order spelled one way, or a random one of the equivalent spellings"))
+
+
+def world(args):
+    """SyntheticDataset's world keywords from the flags of add_world_args (and --frames)."""
+    return dict(frames=args.frames, size=args.image_size, pitch=args.pitch,
+                max_objects=args.max_objects, spelling=args.spelling)
+
+
+def image_size_note(model, size):
+    """What to say when a loaded model resizes frames of --image-size to its own width, or None."""
+    width = model.config["image_width"]
+    return None if width == size else (f"--image-size {size}: this model resizes every frame to "
+                                       f"{width} px wide (its config's image_width)")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,12 +1,11 @@
-"""data.py: box geometry against an independent derivation; the real-data readers read
-small fixtures in each layout (written here), round-trip our exporter, and reject bad rows
-with file + row in the message."""
+"""data.py: real-data readers, the exporter, bad rows named, frame sampling, --data mixes."""
 import hashlib
 import json
 import math
 import os
 import re
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -16,21 +15,8 @@ from PIL import Image
 import boxes
 import data
 import scenes
+import train
 from independent import R_zxy, same_box
-
-
-# ---- Euler angles --------------------------------------------------------------------------------
-def test_euler_round_trip():
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        a, c = rng.uniform(-math.pi, math.pi, 2)
-        b = rng.uniform(-math.pi / 2 + 1e-3, math.pi / 2 - 1e-3)
-        assert np.allclose(boxes.euler_to_matrix(a, b, c), R_zxy(a, b, c), atol=1e-12)
-        assert np.allclose(boxes.matrix_to_euler(R_zxy(a, b, c)), (a, b, c), atol=1e-9)
-    for b in (math.pi / 2, -math.pi / 2):   # gimbal lock: angles differ, the rotation must not
-        R = R_zxy(0.3, b, -1.1)
-        assert np.allclose(R_zxy(*boxes.matrix_to_euler(R)), R, atol=1e-9)
-
 
 
 # ---- export -> real readers ----------------------------------------------------------------------
@@ -78,13 +64,6 @@ def test_export_round_trip_of_a_grounding_row_without_a_target_frame(tmp_path):
     assert back[0].target_frame == ds[0].target_frame and back[1].target_frame is None
     assert_same(ds[1], back[1])
     assert back.report["no_target_frame"] == 1
-
-
-def test_main_export_and_show(tmp_path):
-    scenes.main(["export", "--task", "detection", "--n", "3", "--out", str(tmp_path / "x")])
-    assert len(json.load(open(tmp_path / "x" / "detection.json"))) == 3
-    scenes.main(["show", "--task", "grounding", "--seed", "0", "--out", str(tmp_path / "g.png")])
-    assert Image.open(tmp_path / "g.png").size == (4 * 56 * 4, 56 * 4)
 
 
 def test_draw_boxes_two_colours():
@@ -475,3 +454,56 @@ def test_report_says_what_was_read(tmp_path):
     assert (path in text and r["sha256"][:16] in text and "7 rows, 6 used" in text
             and "row 6:" in text)
     json.dumps(r)   # stored with the run as JSON
+
+
+# ---- frame sampling: VG-LLM floors np.linspace(0, N - 1, n) --------------------------------------
+def test_frame_indices_floor_like_vgllm_for_a_100_frame_video():
+    floor = [i * 99 // 31 for i in range(32)]   # exact integer arithmetic: floor(i * 99 / 31)
+    assert data.frame_indices(100, 32).tolist() == floor
+    rounded = [math.floor(Fraction(i * 99, 31) + Fraction(1, 2)) for i in range(32)]
+    # what rounding would change (the issue's count)
+    assert sum(f != r for f, r in zip(floor, rounded)) == 15
+    assert (data.frame_indices(100, 2).tolist() == [0, 99]
+            and data.frame_indices(100, 3).tolist() == [0, 49, 99])
+    assert (data.frame_indices(5, 8).tolist() == data.frame_indices(5, None).tolist()
+            == [0, 1, 2, 3, 4])
+
+
+# ---- --data mixes --------------------------------------------------------------------------------
+def test_parse_files(tmp_path):
+    assert (data.parse_files(["a.json:2", "b.json", "c.json:1"])
+            == [("a.json", 2), ("b.json", 1), ("c.json", 1)])
+    assert (data.parse_files([r"C:\data\x.json", "host:rows.json"])
+            == [(r"C:\data\x.json", 1), ("host:rows.json", 1)])
+    for bad in ("a.json:0", "a.json:1.5", "a.json:-2", "a.json:nan"):
+        with pytest.raises(ValueError, match="whole number"):
+            data.parse_files([bad])
+    with pytest.raises(SystemExit):
+        train.get_args(["--data", "a.json:0.5"])
+    a, b = tmp_path / "a.json", tmp_path / "b.json"   # train.py checks that the files exist
+    a.write_text("[]"), b.write_text("[]")
+    assert (train.get_args(["--data", f"{a}:3", str(b), "--val-data", str(b)]).data
+            == [(str(a), 3), (str(b), 1)])
+
+
+def test_mix_sampler_proportions_and_purity():
+    mix, per_rank, world = [(7, 2), (3, 1)], 4, 2
+    samplers = [data.StepSampler(10, per_rank, r, world, seed=5, start_step=0, mix=mix)
+                for r in range(world)]
+    # the global batches in order
+    stream = [i for step in range(300) for s in samplers for i in s.indices(step)]
+    from_a = [i for i in stream if i < 7]
+    assert len(from_a) == 2 * (len(stream) - len(from_a))  # 2:1 exactly (every block of 3 holds it)
+    for block in range(0, len(stream), 3):
+        assert sum(i < 7 for i in stream[block:block + 3]) == 2
+    for rows, part in ((range(7), from_a), (range(7, 10), [i for i in stream if i >= 7])):
+        counts = [part.count(i) for i in rows]  # epochs: every row equally often (+- 1)
+        assert max(counts) - min(counts) <= 1
+    assert stream[:30] != sorted(stream[:30])                       # shuffled
+    # a resumed run
+    later = data.StepSampler(10, per_rank, 1, world, seed=5, start_step=123, mix=mix)
+    assert next(iter(later)) == samplers[1].indices(123)
+    # no mix: the former sampler, unchanged
+    one = data.StepSampler(10, per_rank, 0, 1, seed=5, start_step=0)
+    first = (np.random.default_rng((5, 0)).permutation(10)).tolist()
+    assert one.indices(0) + one.indices(1) + [one.indices(2)[0], one.indices(2)[1]] == first

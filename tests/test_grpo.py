@@ -1,10 +1,16 @@
-"""GRPO loss pieces against independent float64 re-derivations (no model needed)."""
+"""grpo.py: the GRPO loss against float64 re-derivations, and steps on the real model."""
 import math
+import os
 
 import pytest
 import torch
 
+import checkpoints
+import decoding
 import grpo
+import rft3d
+import scenes
+from test_safety import varied
 
 
 def reference_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, max_len):
@@ -61,8 +67,9 @@ def test_loss_and_gradient_match_float64_rederivation(agg, beta, eps):
     logp64, old, ref, adv, mask = random_inputs(seed=hash((agg, beta, eps)) % 1000)
     n, T = logp64.shape
     lp32 = logp64.float().clone().requires_grad_(True)
-    loss, stats = grpo.grpo_loss(lp32, old.float(), ref.float(), adv.float(), mask.float(), eps[0],
-                                 eps[1], beta, agg, n_tokens=mask.sum().item(), n_seqs=n, max_len=T)
+    loss, stats = grpo.grpo_loss(lp32, old.float(), ref.float(), adv.float(), mask.float(),
+                                 eps_low=eps[0], eps_high=eps[1], beta=beta, agg=agg,
+                                 n_tokens=mask.sum().item(), n_seqs=n, max_len=T)
     loss.backward()
     lp64 = logp64.clone().requires_grad_(True)
     expected = reference_loss(lp64, old, ref, adv, mask, eps[0], eps[1], beta, agg, T)
@@ -95,8 +102,9 @@ def test_ratio_one_gives_plain_policy_gradient():
     """With mu = 1, logp_old = logp.detach(): ratio 1, gradient -A / N per token, no clipping."""
     logp, _, ref, adv, mask = random_inputs(seed=5)
     lp = logp.clone().requires_grad_(True)
-    loss, stats = grpo.grpo_loss(lp, lp.detach(), ref, adv, mask, 0.2, 0.2, 0.0, "token",
-                                 mask.sum().item(), 6, 9)
+    loss, stats = grpo.grpo_loss(lp, lp.detach(), ref, adv, mask, eps_low=0.2, eps_high=0.2,
+                                 beta=0.0, agg="token", n_tokens=mask.sum().item(), n_seqs=6,
+                                 max_len=9)
     loss.backward()
     torch.testing.assert_close(lp.grad, -adv[:, None].expand_as(mask) * mask / mask.sum())
     assert stats["clip_frac"] == 0 and stats["ratio"] == pytest.approx(mask.sum().item())
@@ -135,8 +143,8 @@ def test_zero_std_group_gives_exactly_zero_policy_gradient():
     adv, _ = grpo.group_advantages(torch.tensor([0.7, 0.7, 0.7, 0.7]), G=4)
     assert torch.equal(adv, torch.zeros(4))
     lp = logp.clone().requires_grad_(True)
-    loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, 0.2, 0.2, 0.0, "token", mask.sum().item(),
-                             4, 9)
+    loss, _ = grpo.grpo_loss(lp, old, ref, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.0,
+                             agg="token", n_tokens=mask.sum().item(), n_seqs=4, max_len=9)
     loss.backward()
     assert torch.count_nonzero(lp.grad) == 0
 
@@ -169,3 +177,96 @@ def test_completion_mask_keeps_eos_and_drops_what_follows():
                       [7, 8, 9, 9, 9]])        # truncated: no EOS, all tokens count
     m = grpo.completion_mask(c, eos, pad)
     assert m.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+# ---- GRPO pitfalls on the real model -------------------------------------------------------------
+
+
+def test_step0_ratio_is_one_and_kl_is_zero(init_dir):
+    """Policy == reference and pi_old == pi_theta at step 0, dropout off: ratio exactly
+    1, KL exactly 0 (mu = 2 stores logp_old from a separate no-grad pass, so this
+    compares two different forwards)."""
+    net, tok = checkpoints.load_pretrained(init_dir)
+    ref, _ = checkpoints.load_pretrained(init_dir)
+    ref.requires_grad_(False).eval()
+    samples = [scenes.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
+    hp = grpo.GRPOConfig(G=3, temperature=0.7, max_new_tokens=12, beta=0.1, mu=2, micro_batch=4)
+    opt = torch.optim.SGD(net.trainable_parameters(), lr=0.0)
+    out, texts = grpo.grpo_step(net, ref, tok, rft3d.TASKS["detection"], samples, opt, hp)
+    assert out["ratio"] == 1.0 and out["kl"] == 0.0 and out["clip_frac"] == 0.0
+    assert out["completion_tokens"] > 0 and len(texts) == 6
+
+
+def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
+    """The distribution the tokens were sampled from (transformers' processed scores at
+    temperature T) equals what model.forward scores at the same T: no temperature
+    mismatch, no off-by-one shift."""
+    net, tok = checkpoints.load_pretrained(init_dir)
+    net.eval()
+    samples = [scenes.SyntheticDataset("grounding", 2, seed=1, frames=2)[i] for i in range(2)]
+    enc = net.encode([s.frames for s in samples])
+    prompts = [rft3d.TASKS["grounding"].prompt(s, think=True) for s in samples]
+    batch = net.prompt_batch(tok, prompts, enc)
+    T = 0.6
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = net.qwen.generate(
+            **{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
+            generation_config=decoding.generation_config(net, 10, T), output_scores=True,
+            return_dict_in_generate=True, **net.mm_inputs(batch["image_grid_thw"], enc))
+    P = batch["input_ids"].shape[1]
+    completion = out.sequences[:, P:]
+    sampled = torch.stack([torch.log_softmax(s.float(), -1).gather(1, completion[:, j:j + 1])[:, 0]
+                           for j, s in enumerate(out.scores)], 1)  # [B, C]
+    seq, mask = grpo.sequence_batch(net, tok, prompts, enc, completion)
+    with torch.no_grad():
+        scored = net(**seq, encodings=enc, temperature=T)[:, P - 1:]
+    m = mask[:, P - 1:].bool()
+    assert m.sum() > 0
+    torch.testing.assert_close(scored[m], sampled[m], atol=2e-5, rtol=1e-5)
+
+
+def test_mu_above_one_logs_the_ratio_of_the_last_pass(init_dir):
+    net, tok = checkpoints.load_pretrained(init_dir)
+    samples = [scenes.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
+    task = rft3d.TASKS["detection"]._replace(reward=varied)
+    hp = grpo.GRPOConfig(G=4, max_new_tokens=12, beta=0.0, mu=3, micro_batch=8)
+    torch.manual_seed(0)
+    out, _ = grpo.grpo_step(net, None, tok, task, samples,
+                            torch.optim.SGD(net.trainable_parameters(), lr=50.0), hp)
+    # after 2 updates the policy is no longer the one that sampled (pass 0 logs 1 always)
+    assert out["ratio"] != 1.0
+
+
+# ---- distributed: each rank bound to its GPU, a non-finite gradient on one rank ------------------
+
+
+def _one_rank_nonfinite_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same weights on both ranks, as DDP would hold them
+        net = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in net.parameters()]
+        seen = []
+        for bad_rank in (1, None):  # step 1: rank 1's gradient alone is NaN; step 2: all finite
+            for p in net.parameters():
+                p.grad = torch.full_like(p, math.nan if rank == bad_rank else 1.0)
+            _, skipped = grpo.finish_step(net, opt, 1.0, max_grad_norm=1.0)
+            seen.append((skipped, all(torch.equal(a, b) for a, b in zip(before, net.parameters()))))
+        torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Two gloo ranks with local gradients (FSDP's shards, or a rank whose loss overflowed): rank
+    1's gradient is NaN, rank 0's finite. Both ranks skip (a rank that stepped alone would
+    desynchronise the replicas) and keep their weights; the next, finite step moves both."""
+    import torch.multiprocessing as mp
+    mp.start_processes(_one_rank_nonfinite_worker, args=(str(tmp_path / "init"), str(tmp_path)),
+                       nprocs=2, join=True, start_method="fork")
+    for rank in (0, 1):
+        seen = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert seen == [(True, True), (False, False)], rank

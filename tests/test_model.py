@@ -1,21 +1,17 @@
-"""Tests for model.py: VGGT layout at full size, preprocessing and token order against
-transformers' own Qwen ordering, fusion, chunked log-probs, sampling, LoRA and every checkpoint
-layout. Tiny sizes, CPU, seconds."""
+"""model.py: configs, preprocessing and token order, tokenizer, prompts, forward, generate."""
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoTokenizer
 from transformers.vision_utils import get_vision_position_ids
 
 import checkpoints as C
 import decoding
-import lora
 import model as M
-import vggt as V
+import train
+
 
 CORPUS = ['<think>Two objects.</think><answer>[{"label": "chair", "bbox_3d": [0.12, -1.5, 2.0, '
           '0.5, 0.5, 0.9, 0.0, 0.0, 0.0]}, {"label": "table", "bbox_3d": [1.0, 0.3, 2.5, 1.2, 0.8, '
@@ -25,28 +21,12 @@ CORPUS = ['<think>Two objects.</think><answer>[{"label": "chair", "bbox_3d": [0.
     "and its 3D bounding box."] * 10
 PROMPT = ("Frame-0: <image>Frame-1: <image>Frame-2: <image>Frame-3: <image>"
           "Detect the 3D bounding boxes.")
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return M.build_tiny_tokenizer(CORPUS, vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def cfg(tok):
-    # 4 x 4 patches of a 56 px frame: the shapes below
-    return M.tiny_config(len(tok), patch_size=14)
+# The fixtures tok, cfg and frames (shared with test_vggt, test_lora, test_checkpoints): conftest.py
 
 
 def make_model(cfg, seed=0):
     torch.manual_seed(seed)
     return M.VGLLM(cfg)
-
-
-@pytest.fixture(scope="module")
-def frames():
-    rng = np.random.RandomState(0)
-    return [rng.randint(0, 256, (4, 56, 56, 3), dtype=np.uint8) for _ in range(2)]
 
 
 def full_batch(model, tok, encodings, completions=None, prompts=None):
@@ -68,45 +48,8 @@ def naive_logits(model, ids, mask, types, grid, encodings):
 
 
 # --------------------------------------------------------------------------------------------------
-# VGGT aggregator
+# the real configs at full size
 # --------------------------------------------------------------------------------------------------
-
-def expected_vggt_layout(C=1024, depth=24, pe_depth=24, heads=16, R=4, grid=37, p=14, mlp=4):
-    """DESIGN section 5's key layout, written out independently of model.py."""
-    e = {"camera_token": (1, 2, 1, C), "register_token": (1, 2, R, C),
-         "patch_embed.cls_token": (1, 1, C), "patch_embed.pos_embed": (1, 1 + grid * grid, C),
-         "patch_embed.register_tokens": (1, R, C), "patch_embed.mask_token": (1, C),
-         "patch_embed.patch_embed.proj.weight": (C, 3, p, p),
-         "patch_embed.patch_embed.proj.bias": (C,), "patch_embed.norm.weight": (C,),
-         "patch_embed.norm.bias": (C,)}
-
-    def block(prefix, qk_norm):
-        shapes = {"norm1.weight": (C,), "norm1.bias": (C,), "attn.qkv.weight": (3 * C, C),
-                  "attn.qkv.bias": (3 * C,), "attn.proj.weight": (C, C), "attn.proj.bias": (C,),
-                  "ls1.gamma": (C,), "norm2.weight": (C,), "norm2.bias": (C,),
-                  "mlp.fc1.weight": (mlp * C, C), "mlp.fc1.bias": (mlp * C,),
-                  "mlp.fc2.weight": (C, mlp * C), "mlp.fc2.bias": (C,), "ls2.gamma": (C,)}
-        if qk_norm:
-            shapes.update({f"attn.{n}_norm.{w}": (C // heads,)
-                           for n in "qk" for w in ("weight", "bias")})
-        e.update({f"{prefix}.{k}": v for k, v in shapes.items()})
-
-    for i in range(pe_depth):
-        block(f"patch_embed.blocks.{i}", False)
-    for i in range(depth):
-        block(f"frame_blocks.{i}", True)
-        block(f"global_blocks.{i}", True)
-    return e
-
-
-def test_vggt_full_size_layout_on_meta():
-    with torch.device("meta"):
-        agg = V.VGGTAggregator(**V.VGGT_1B)
-    got = {k: tuple(v.shape) for k, v in agg.state_dict().items()}
-    assert got == expected_vggt_layout()
-    assert len(got) == 1210
-    assert sum(v.numel() for v in agg.state_dict().values()) == 909_112_320
-
 
 def test_real_configs_on_meta():
     counts = {}
@@ -123,80 +66,6 @@ def test_real_configs_on_meta():
     # embeddings), 7B-Instruct 8.29B
     assert counts["qwen2.5-vl-3b"] == 3_754_622_976
     assert counts["qwen2.5-vl-7b"] == 8_292_166_656
-
-
-def rope_reference(x, y_pos, x_pos, base=100.0):
-    """VGGT's 2D RoPE written pair by pair: head half 0 rotates with y, half 1 with x; in a half of
-    size d the pair (i, i + d/2) is rotated by angle pos * base^(-2i/d)."""
-    out = x.clone()
-    D = x.shape[-1]
-    d = D // 2
-    for half, pos in ((0, y_pos), (1, x_pos)):
-        for i in range(d // 2):
-            a, b = half * d + i, half * d + i + d // 2
-            theta = pos * base ** (-2 * i / d)
-            out[..., a] = x[..., a] * np.cos(theta) - x[..., b] * np.sin(theta)
-            out[..., b] = x[..., b] * np.cos(theta) + x[..., a] * np.sin(theta)
-    return out
-
-
-def test_rope_2d_formula_and_relative_invariance():
-    torch.manual_seed(0)
-    q, k = (torch.randn(1, 1, 1, 16, dtype=torch.float64),
-            torch.randn(1, 1, 1, 16, dtype=torch.float64))
-    pos = lambda y, x: torch.tensor([[[y, x]]])
-    assert torch.allclose(V.rope_2d(q, pos(3, 5)), rope_reference(q, 3, 5))
-    assert torch.allclose(V.rope_2d(q, pos(0, 0)), q)
-    dot = lambda p1, p2: (V.rope_2d(q, pos(*p1)) * V.rope_2d(k, pos(*p2))).sum()
-    base = dot((2, 7), (5, 1))
-    for shift in ((1, 0), (0, 3), (4, 9)):  # q.k depends only on the 2D offset
-        assert torch.allclose(base, dot((2 + shift[0], 7 + shift[1]), (5 + shift[0], 1 + shift[1])))
-    assert not torch.allclose(base, dot((2, 7), (5, 2)))
-
-
-def test_global_attention_equals_frame_attention_for_one_frame(cfg):
-    torch.manual_seed(0)
-    agg = V.VGGTAggregator(**cfg["vggt"])
-    block = agg.global_blocks[0]
-    x = torch.randn(2, 1, 5 + 16, 64)
-    pos = agg.positions(2, 4, 4, "cpu").view(2, 1, 21, 2)
-    assert torch.allclose(agg.frame_attention(block, x, pos), agg.global_attention(block, x, pos),
-                          atol=1e-6)
-    x2, pos2 = torch.randn(1, 2, 21, 64), agg.positions(2, 4, 4, "cpu").view(1, 2, 21, 2)
-    assert not torch.allclose(agg.frame_attention(block, x2, pos2),
-                              agg.global_attention(block, x2, pos2), atol=1e-4)
-
-
-def test_pos_embed_resampling_is_identity_at_native_grid():
-    torch.manual_seed(0)
-    for img_size in (56, 518):  # tiny 4x4 and VGGT-1B's 37x37
-        dino = V.DinoV2(img_size, 14, 8, 0, 2, 4.0, 4)
-        g = img_size // 14
-        assert torch.allclose(dino.resample_pos_embed(g, g), dino.pos_embed, atol=1e-5)
-        assert dino.resample_pos_embed(g - 1, g + 2).shape == (1, 1 + (g - 1) * (g + 2), 8)
-
-
-def test_aggregator_outputs_and_lean_path(cfg):
-    torch.manual_seed(0)
-    agg = V.VGGTAggregator(**cfg["vggt"]).eval().requires_grad_(False)
-    agg.camera_token.normal_()  # make the first-frame / other-frame tokens clearly different
-    agg.register_token.normal_()
-    images = torch.rand(1, 3, 3, 56, 70)  # non-square: 4 x 5 patches
-    outputs, start = agg(images)
-    assert start == 5 and len(outputs) == 2 and outputs[0].shape == (1, 3, 5 + 20, 128)
-    lean, _ = agg(images, keep_layer=-2)
-    assert torch.equal(lean, outputs[-2])
-    pos = agg.positions(1, 4, 5, "cpu")[0]  # specials at 0, patch (y, x) + 1 in raster order
-    assert pos[:5].abs().sum() == 0 and pos[5 + 2 * 5 + 3].tolist() == [3, 4]
-    # the reference frame is special: swapping frames 1 and 2 permutes
-    # outputs, swapping 0 and 1 changes them
-    swapped, _ = agg(images[:, [0, 2, 1]], keep_layer=-1)
-    assert torch.allclose(swapped[:, [0, 2, 1]], outputs[-1], atol=1e-5)
-    swapped0, _ = agg(images[:, [1, 0, 2]], keep_layer=-1)
-    assert not torch.allclose(swapped0[:, [1, 0, 2]], outputs[-1], atol=1e-4)
-    # the interface model.py uses: layer -2's patch tokens of one video and the patch grid
-    features, hw = agg.features(images[0])
-    assert hw == (4, 5) and agg.out_dim == 128 and torch.equal(features, outputs[-2][0, :, start:])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,7 +219,8 @@ def test_frozen_parts_get_no_gradient(tok, cfg, frames):
     assert all(p.grad is None and not p.requires_grad for p in model.qwen.model.visual.parameters())
     assert all(p.grad is None and not p.requires_grad for p in model.vggt.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.merger.parameters())
-    llm, merger = model.param_groups()
+    groups = train.build_optimizer(model, train.get_args([])).param_groups
+    llm, merger = (g["params"] for g in groups)
     assert len(merger) == 5 and all(p.grad is not None for p in llm)  # ln_q.weight, mlp.0, mlp.2
     assert {id(p) for p in llm + merger} == {id(p) for p in model.trainable_parameters()}
     assert not model.qwen.model.visual.training and not model.vggt.training and model.training
@@ -471,223 +341,3 @@ def test_generate_never_emits_suppressed_tokens(tok, cfg, frames):
         eos = (row == cfg["eos_token_id"]).nonzero()
         first = eos[0, 0].item() if len(eos) else len(row)
         assert not (row[:first] == cfg["pad_token_id"]).any()
-
-
-# --------------------------------------------------------------------------------------------------
-# LoRA
-# --------------------------------------------------------------------------------------------------
-
-def test_lora_starts_as_exact_noop_and_trains(tok, cfg, frames, tmp_path):
-    model = make_model(cfg)
-    enc = model.encode(frames)
-    _, inputs = full_batch(model, tok, enc)
-    before = model(*inputs, enc).detach()
-    # targets that can be sampled
-    text = ~torch.isin(inputs[0][:, 1:], torch.tensor(cfg["suppress_token_ids"]))
-    base = {k: v.clone() for k, v in model.qwen.state_dict().items()}
-    lora.apply_lora(model, rank=4, alpha=8)
-    assert torch.equal(model(*inputs, enc).detach(), before)
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names and all(".lora_" in n or n.startswith("merger.") for n in names)
-    assert len([n for n in names if n.endswith("lora_B")]) == 4 * 7
-    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.5)
-    for _ in range(2):
-        opt.zero_grad()
-        (-model(*inputs, enc)[text].mean()).backward()
-        opt.step()
-    after = model(*inputs, enc).detach()
-    assert after[text].mean() > before[text].mean() + 1e-3
-    lora_sd = model.qwen.state_dict()
-    assert all(torch.equal(lora_sd[k.replace("_proj.", "_proj.base.")]
-                           if k.replace("_proj.", "_proj.base.") in lora_sd
-                           else lora_sd[k], v) for k, v in base.items())  # base weights untouched
-    C.save_pretrained(model, tok, tmp_path / "a")  # merged on save, model unchanged
-    # a gathered (FSDP) state dict
-    C.save_pretrained(model, tok, tmp_path / "b", state_dict=model.state_dict())
-    for d in ("a", "b"):
-        loaded, _ = C.load_pretrained(tmp_path / d)
-        assert torch.allclose(loaded(*inputs, enc), after, atol=1e-5)
-    lora.merge_lora(model)
-    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())
-    assert torch.allclose(model(*inputs, enc), after, atol=1e-5)
-
-
-# --------------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------------
-
-def test_checkpoint_saved_before_the_vggt_split_loads_with_identical_logits():
-    """tests/fixtures/premove-micro was saved (with its logits on fixed inputs) by commit
-    2a6b898, when VGGT still lived inside model.py. The same bytes must load into today's
-    classes and give the same logits."""
-    from safetensors.torch import load_file
-    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "premove-micro")
-    net, tok = C.load_pretrained(fixture)
-    net.eval()
-    frames = np.random.RandomState(0).randint(0, 256, (2, 28, 28, 3), dtype=np.uint8)
-    enc = net.encode([frames])
-    b = net.prompt_batch(tok, ["<image><image>chair 0.12"], enc)
-    with torch.no_grad():
-        logits = net.qwen(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                          mm_token_type_ids=b["mm_token_type_ids"], use_cache=False,
-                          **net.mm_inputs(b["image_grid_thw"], enc)).logits
-    expected = load_file(os.path.join(fixture, "expected_logits.safetensors"))["logits"]
-    torch.testing.assert_close(logits[0, -8:], expected, rtol=0, atol=1e-6)
-    assert net.vggt is not None and net.merger is not None  # the geometry branch took part
-
-
-def test_save_load_identical_logits(tok, cfg, frames, tmp_path):
-    model = make_model(cfg)
-    enc = model.encode(frames)
-    _, inputs = full_batch(model, tok, enc)
-    with torch.no_grad():
-        ref = model(*inputs, enc)
-    C.save_pretrained(model, tok, tmp_path / "one")
-    C.save_pretrained(model, tok, tmp_path / "sharded", max_shard_bytes=1_000_000)
-    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
-    assert len([f for f in os.listdir(tmp_path / "sharded") if f.startswith("model-0000")]) > 1
-    for d in ("one", "sharded"):
-        loaded, tok2 = C.load_pretrained(tmp_path / d)
-        enc2 = loaded.encode(frames)  # encoders reload too
-        with torch.no_grad():
-            assert torch.equal(loaded(*inputs, enc2), ref)
-        assert tok2(PROMPT)["input_ids"] == tok(PROMPT)["input_ids"]
-        assert not any(p.requires_grad for p in loaded.vggt.parameters())
-    # tied embeddings (Qwen2.5-VL-3B style): stored once, tied again on load
-    tied_cfg = json.loads(json.dumps(cfg))
-    tied_cfg["qwen"]["tie_word_embeddings"] = True
-    tied = make_model(tied_cfg)
-    assert tied.qwen.lm_head.weight is tied.qwen.model.language_model.embed_tokens.weight
-    C.save_pretrained(tied, tok, tmp_path / "tied")
-    # both names, shared memory
-    C.save_pretrained(tied, tok, tmp_path / "tied_sd", state_dict=tied.state_dict())
-    for d in ("tied", "tied_sd"):
-        loaded, _ = C.load_pretrained(tmp_path / d)
-        assert loaded.qwen.lm_head.weight is loaded.qwen.model.language_model.embed_tokens.weight
-        with torch.no_grad():
-            assert torch.equal(loaded(*inputs, enc), tied(*inputs, enc))
-
-
-def to_4x_keys(qwen_state):
-    """transformers 5.x Qwen2.5-VL keys -> the 4.x layout of the released checkpoints."""
-    out = {}
-    for k, v in qwen_state.items():
-        k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
-        out[k] = v.clone()
-    return out
-
-
-def flat_4x_config(cfg):
-    """The released (transformers 4.x) config.json layout: text fields at the
-    top, mrope in rope_scaling."""
-    t, v = cfg["qwen"]["text_config"], cfg["qwen"]["vision_config"]
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "max_position_embeddings", "rms_norm_eps",
-            "bos_token_id", "eos_token_id")
-    flat = {k: t[k] for k in keys}
-    flat.update(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"],
-                torch_dtype="float32", rope_theta=t["rope_parameters"]["rope_theta"],
-                tie_word_embeddings=False,
-                rope_scaling={"type": "mrope",
-                              "mrope_section": t["rope_parameters"]["mrope_section"]},
-                vision_config={k: v[k] for k in ("depth", "hidden_size", "intermediate_size",
-                                                 "num_heads", "out_hidden_size", "window_size",
-                                                 "fullatt_block_indexes", "tokens_per_second",
-                                                 "spatial_merge_size", "temporal_patch_size",
-                                                 "patch_size", "hidden_act")} | {"in_chans": 3})
-    flat.update({k: cfg["qwen"][k] for k in ("image_token_id", "video_token_id",
-                                             "vision_start_token_id", "vision_end_token_id")})
-    return flat
-
-
-def write_dir(path, config, tensors, tok):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f)
-    keys = sorted(tensors)  # two shards + index, as released checkpoints are
-    shards = {"model-00001-of-00002.safetensors": keys[::2],
-              "model-00002-of-00002.safetensors": keys[1::2]}
-    for name, ks in shards.items():
-        save_file({k: tensors[k].contiguous() for k in ks}, os.path.join(path, name))
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}, f)
-    tok.save_pretrained(path)
-
-
-def vggt_with_heads(model):
-    state = {"aggregator." + k: v.clone() for k, v in model.vggt.state_dict().items()}
-    for head in ("camera_head", "point_head", "depth_head", "track_head"):
-        state[f"{head}.layer.weight"] = torch.randn(3, 3)
-    return state
-
-
-def assert_same_weights(loaded, source, skip=("merger.",)):
-    src = source.state_dict()
-    got = loaded.state_dict()
-    assert set(got) == set(src)
-    for k in src:
-        if not k.startswith(skip):
-            assert torch.equal(got[k], src[k]), k
-
-
-@pytest.mark.parametrize("qwen_layout,tied", [("4.x", False), ("5.x", False), ("4.x", True)])
-def test_layout_a_qwen_dir_and_vggt_file(tok, cfg, frames, tmp_path, qwen_layout, tied):
-    if tied:  # Qwen2.5-VL-3B: tie_word_embeddings, no lm_head.weight in the files
-        cfg = json.loads(json.dumps(cfg))
-        cfg["qwen"]["tie_word_embeddings"] = True
-    source = make_model(cfg, seed=1)
-    qwen_state = {k: v.clone() for k, v in source.qwen.state_dict().items()
-                  if not (tied and k == "lm_head.weight")}
-    qwen_state = to_4x_keys(qwen_state) if qwen_layout == "4.x" else qwen_state
-    write_dir(tmp_path / "qwen", flat_4x_config(cfg) | {"tie_word_embeddings": tied},
-              qwen_state, tok)
-    save_file(vggt_with_heads(source), str(tmp_path / "model.safetensors"))
-    torch.save(vggt_with_heads(source), tmp_path / "model.pt")
-    kw = dict(dtype=None, vggt_config=cfg["vggt"], merger_hidden=cfg["merger_hidden"],
-              image_width=56)
-    for vggt_file in ("model.safetensors", "model.pt"):
-        model, tok2 = C.from_qwen_and_vggt(str(tmp_path / "qwen"), str(tmp_path / vggt_file), **kw)
-        assert_same_weights(model, source)
-        assert model.config["suppress_token_ids"] == cfg["suppress_token_ids"]
-        assert (model.merger.mlp[0].weight.requires_grad
-                and model.merger.mlp[0].weight.abs().sum() > 0)  # fresh
-        model.merger.load_state_dict(source.merger.state_dict())
-        enc = model.encode(frames[:1])
-        _, inputs = full_batch(model, tok2, enc)
-        with torch.no_grad():
-            assert torch.equal(model(*inputs, enc), source(*inputs, source.encode(frames[:1])))
-    # a missing tensor and an unknown tensor both raise
-    missing = dict(qwen_state)
-    missing.pop(sorted(missing)[3])
-    write_dir(tmp_path / "missing", flat_4x_config(cfg) | {"tie_word_embeddings": tied},
-              missing, tok)
-    with pytest.raises(KeyError, match="1 missing"):
-        C.from_qwen_and_vggt(str(tmp_path / "missing"), str(tmp_path / "model.pt"), **kw)
-    extra = vggt_with_heads(source) | {"something_else.weight": torch.zeros(2)}
-    save_file(extra, str(tmp_path / "extra.safetensors"))
-    with pytest.raises(KeyError, match="1 unexpected"):
-        C.from_qwen_and_vggt(str(tmp_path / "qwen"), str(tmp_path / "extra.safetensors"), **kw)
-
-
-def test_layout_b_vgllm_dir(tok, cfg, frames, tmp_path):
-    source = make_model(cfg, seed=2)
-    state = to_4x_keys(source.qwen.state_dict())
-    state |= {"vggt.aggregator." + k: v.clone() for k, v in source.vggt.state_dict().items()}
-    state |= {"vggt.depth_head.proj.weight": torch.randn(4, 4),
-              "vggt.point_head.proj.weight": torch.randn(4, 4)}
-    state |= {"merger." + k: v.clone() for k, v in source.merger.state_dict().items()}
-    config = flat_4x_config(cfg) | {"use_vggt_feature": True,
-                                    "vggt_merger_hidden_dim": cfg["merger_hidden"],
-                                    "reference_frame": "first"}
-    write_dir(tmp_path / "vgllm", config, state, tok)
-    model, tok2 = C.from_vgllm(str(tmp_path / "vgllm"), dtype=None, vggt_config=cfg["vggt"],
-                               image_width=56)
-    assert_same_weights(model, source, skip=())
-    enc = model.encode(frames)
-    _, inputs = full_batch(model, tok2, enc)
-    with torch.no_grad():
-        assert torch.equal(model(*inputs, enc), source(*inputs, source.encode(frames)))
-    state.pop("merger.mlp.2.bias")
-    write_dir(tmp_path / "broken", config, state, tok)
-    with pytest.raises(KeyError, match="merger.mlp.2.bias"):
-        C.from_vgllm(str(tmp_path / "broken"), dtype=None, vggt_config=cfg["vggt"], image_width=56)

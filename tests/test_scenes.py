@@ -1,11 +1,11 @@
-"""scenes.py: synthetic labels agree with the rendered pixels and with independent
-recomputations (camera boxes, referring expressions, spatial answers), samples are
-deterministic, the knobs work."""
+"""scenes.py: synthetic labels agree with the pixels and independent recomputations."""
+import json
 import math
 import re
 
 import numpy as np
 import torch
+from PIL import Image
 
 import boxes
 import data
@@ -210,7 +210,6 @@ def test_knobs():
     assert len(s.boxes) == 3
 
 
-
 def test_box_spellings():
     """Camera boxes follow DESIGN's convention; a level camera needs one angle; the
     camera's pitch is b; the random spelling writes the same solids (same corners) as the
@@ -247,3 +246,10 @@ def test_box_spellings():
         changed += any(not np.allclose(b["bbox_3d"], c["bbox_3d"])
                        for b, c in zip(r.boxes, s.boxes))
     assert changed >= 10  # most scenes are spelled differently
+
+
+def test_main_export_and_show(tmp_path):
+    scenes.main(["export", "--task", "detection", "--n", "3", "--out", str(tmp_path / "x")])
+    assert len(json.load(open(tmp_path / "x" / "detection.json"))) == 3
+    scenes.main(["show", "--task", "grounding", "--seed", "0", "--out", str(tmp_path / "g.png")])
+    assert Image.open(tmp_path / "g.png").size == (4 * 56 * 4, 56 * 4)

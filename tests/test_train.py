@@ -1,8 +1,9 @@
-"""Training end to end on the tiny default: GRPO pitfalls on a real model, DDP == 1 process,
-FSDP2 == DDP, exact resume, and SFT -> GRPO -> eval.py exiting cleanly with finite metrics."""
+"""train.py: training end to end on the tiny default (DDP, FSDP2, SFT -> GRPO -> eval)."""
+import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,25 +14,18 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
-import compare
-import decoding
+import data
 import eval as evaluation
 import grpo
 import rft3d
 import scenes
 import train
 
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2",
         "--warmup", "1", "--test-size", "0"]
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory):
-    """A tiny random model + tokenizer, built once for this module."""
-    out = tmp_path_factory.mktemp("init")
-    args = train.get_args(["--out", str(out), "--frames", "2"])
-    return train.tiny_init(args, rank=0)
+# init_dir (the tiny default's init/, built once per module): conftest.py
 
 
 def params(run_dir):
@@ -47,6 +41,13 @@ def assert_same_params(a, b, atol):
     assert pa.keys() == pb.keys()
     worst = max((pa[k].float() - pb[k].float()).abs().max().item() for k in pa)
     assert worst <= atol, f"max parameter difference {worst}"
+
+
+def assert_bit_identical(a, b):
+    pa, pb = params(a), params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
 
 
 def assert_resume_exact(common, stage, tmp_path):
@@ -70,57 +71,7 @@ def torchrun(nproc, argv, tmp, script="train.py"):
 
 
 # ------------------------------------------------------------------------------------------------
-# GRPO pitfalls on the real model
-
-
-def test_step0_ratio_is_one_and_kl_is_zero(init_dir):
-    """Policy == reference and pi_old == pi_theta at step 0, dropout off: ratio exactly
-    1, KL exactly 0 (mu = 2 stores logp_old from a separate no-grad pass, so this
-    compares two different forwards)."""
-    net, tok = checkpoints.load_pretrained(init_dir)
-    ref, _ = checkpoints.load_pretrained(init_dir)
-    ref.requires_grad_(False).eval()
-    samples = [scenes.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
-    args = SimpleNamespace(G=3, temperature=0.7, max_new_tokens=12, beta=0.1, eps_low=0.2,
-                           eps_high=0.2, mu=2, adv_scale="group", agg="token", micro_batch=4,
-                           max_grad_norm=1.0, reward_opts={})
-    opt = torch.optim.SGD(net.trainable_parameters(), lr=0.0)
-    out = grpo.grpo_step(net, ref, tok, rft3d.TASKS["detection"], samples, opt, args)
-    assert out["ratio"] == 1.0 and out["kl"] == 0.0 and out["clip_frac"] == 0.0
-    assert out["completion_tokens"] > 0 and len(out["_texts"]) == 6
-
-
-def test_sampling_logprobs_equal_scoring_logprobs(init_dir):
-    """The distribution the tokens were sampled from (transformers' processed scores at
-    temperature T) equals what model.forward scores at the same T: no temperature
-    mismatch, no off-by-one shift."""
-    net, tok = checkpoints.load_pretrained(init_dir)
-    net.eval()
-    samples = [scenes.SyntheticDataset("grounding", 2, seed=1, frames=2)[i] for i in range(2)]
-    enc = net.encode([s.frames for s in samples])
-    prompts = [rft3d.TASKS["grounding"].prompt(s, think=True) for s in samples]
-    batch = net.prompt_batch(tok, prompts, enc)
-    T = 0.6
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = net.qwen.generate(
-            **{k: batch[k] for k in ("input_ids", "attention_mask", "mm_token_type_ids")},
-            generation_config=decoding.generation_config(net, 10, T), output_scores=True,
-            return_dict_in_generate=True, **net.mm_inputs(batch["image_grid_thw"], enc))
-    P = batch["input_ids"].shape[1]
-    completion = out.sequences[:, P:]
-    sampled = torch.stack([torch.log_softmax(s.float(), -1).gather(1, completion[:, j:j + 1])[:, 0]
-                           for j, s in enumerate(out.scores)], 1)  # [B, C]
-    seq, mask = grpo.sequence_batch(net, tok, prompts, enc, completion)
-    with torch.no_grad():
-        scored = net(**seq, encodings=enc, temperature=T)[:, P - 1:]
-    m = mask[:, P - 1:].bool()
-    assert m.sum() > 0
-    torch.testing.assert_close(scored[m], sampled[m], atol=2e-5, rtol=1e-5)
-
-
-# ------------------------------------------------------------------------------------------------
-# Distributed equivalence and exact resume (train.py as users run it)
+# Distributed equivalence (train.py as users run it)
 
 
 def test_ddp_two_processes_equal_one_with_accumulation(init_dir, tmp_path):
@@ -147,20 +98,6 @@ def test_grpo_runs_under_torchrun(init_dir, tmp_path, shard):
     lines = [json.loads(x) for x in (tmp_path / "grpo/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if "reward" in x] == [1, 2]
     assert all(math.isfinite(x["loss"]) for x in lines if "loss" in x)
-
-
-def test_resume_is_bit_exact(init_dir, tmp_path, monkeypatch):
-    """GRPO stopped after 1 step and resumed equals 2 uninterrupted steps, bit for bit
-    (CPU): optimiser moments, sampling RNG and data position all come back. An untrained
-    model earns reward 0 everywhere (no gradient at all), so a stand-in reward that varies
-    with the text makes the steps move."""
-    task = rft3d.TASKS["detection"]
-    varied = lambda sample, text, **_: {"total": (len(text) % 7) / 7, "format": 0.0}
-    monkeypatch.setitem(rft3d.TASKS, "detection", task._replace(reward=varied))
-    common = ["--stage", "grpo", "--task", "detection", "--model", init_dir, "--G", "2",
-              "--prompts-per-rank", "2", "--eval-every", "100", "--save-every", "1", "--lr", "1e-2",
-              "--mu", "2", *FAST]
-    assert_resume_exact(common, "grpo", tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,6 +166,23 @@ def test_sft_then_grpo_then_eval(tmp_path, capsys):
     assert len(list((tmp_path / "ev").glob("viz-*.png"))) == 2
 
 
+def test_mix_trains_and_resumes_bit_exactly(init_dir, tmp_path):
+    a = data.export_vgllm(scenes.SyntheticDataset("detection", 5, seed=11, frames=2),
+                          str(tmp_path / "a"))
+    b = data.export_vgllm(scenes.SyntheticDataset("detection", 3, seed=12, frames=2),
+                          str(tmp_path / "b"))
+    common = ["--stage", "sft", "--task", "detection", "--model", init_dir, "--data", f"{a}:2",
+              f"{b}:1", "--val-data", str(b), "--batch-size", "3", "--save-every", "1",
+              "--eval-every", "100", "--lr", "1e-2", *FAST]
+    assert_resume_exact(common, "sft", tmp_path)
+    starts = json.loads((tmp_path / "b/sft/data.json").read_text())["starts"]
+    assert [s["step"] for s in starts] == [0, 1] and starts[1]["mix"] == [[5, 2], [3, 1]]
+    for start in starts:
+        assert [f["sha256"] for f in start["train"]] == [
+            hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (a, b)]
+        assert [f["rows"] for f in start["train"]] == [5, 3] and start["val"][0]["rows"] == 3
+
+
 def test_batch_defaults_are_per_step_over_ranks(monkeypatch):
     """The defaults keep 16 SFT samples / 4 GRPO prompts per optimiser step whatever
     torchrun's world size, so `--nproc_per_node 2` is the README recipe run faster; an
@@ -269,7 +223,8 @@ def _fsdp_bf16_worker(rank, init_dir, init_file, out_dir):
                    for i in range(2)]  # B = 2
         opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.0)
         torch.manual_seed(rank)
-        grpo.grpo_step(policy, None, tok, rft3d.TASKS["detection"], samples, opt, args)
+        hp = train.grpo_config(args, None, tok, rank)
+        grpo.grpo_step(policy, None, tok, rft3d.TASKS["detection"], samples, opt, hp)
         torch.save({"prefilled": prefilled, "merged": len(merged)},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -292,53 +247,41 @@ def test_fsdp_bf16_keeps_encode_once_and_shared_prefill(init_dir, tmp_path):
         assert r["merged"] == 2 + 2, r
 
 
+def test_fsdp_flag_in_one_process_runs_bf16_and_says_so(tmp_path, capsys):
+    """`python train.py --shard fsdp --bf16` (no torchrun) has nothing to shard. It ran fp32
+    (autocast was off for FSDP, and no FSDP cast applied) and said nothing; now it runs as the
+    one-process model with bf16 autocast, exactly as --shard ddp --bf16 does, and says so."""
+    common = ["--stage", "sft", "--task", "detection", "--steps", "1", "--batch-size", "2",
+              "--train-size", "4", "--bf16", *FAST]
+    train.main([*common, "--out", str(tmp_path / "ddp")])
+    shutil.copytree(tmp_path / "ddp/init", tmp_path / "fsdp/init")
+    capsys.readouterr()
+    train.main([*common, "--shard", "fsdp", "--out", str(tmp_path / "fsdp")])
+    assert "--shard fsdp outside torchrun" in capsys.readouterr().out
+    shutil.copytree(tmp_path / "ddp/init", tmp_path / "fp32/init")
+    train.main([*[c for c in common if c != "--bf16"], "--out", str(tmp_path / "fp32")])
+    assert_bit_identical(tmp_path / "fsdp/sft/final", tmp_path / "ddp/sft/final")
+    assert params(tmp_path / "fsdp/sft/final").keys() == params(tmp_path / "fp32/sft/final").keys()
+    assert any(not torch.equal(a, b) for a, b in zip(params(tmp_path / "fsdp/sft/final").values(),
+                                                     params(tmp_path / "fp32/sft/final").values()))
+
+
+def test_validation_computes_in_the_training_dtype(tmp_path, init_dir, monkeypatch):
+    """With --bf16 the periodic evaluation runs under the same bf16 autocast as the training steps
+    (FSDP's bf16 parameters do the same there); it used to run outside it, in fp32, under DDP."""
+    seen = []
+
+    def evaluate(*args, **kw):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return {"metrics": {"f1@0.25/micro": 0.0}, "records": []}
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    train.main(["--stage", "sft", "--task", "detection", "--model", str(init_dir), "--steps", "1",
+                "--batch-size", "2", "--bf16", "--out", str(tmp_path), *FAST])
+    assert seen == [True]
+
+
 # ------------------------------------------------------------------------------------------------
-# eval.py under torchrun: each rank on its own device, every record gathered once
-
-
-class Started(Exception):
-    pass
-
-
-@pytest.mark.parametrize("main", [train.main, evaluation.main], ids=["train", "eval"])
-def test_each_rank_is_bound_to_its_gpu_before_the_process_group(init_dir, tmp_path, monkeypatch,
-                                                                main):
-    """As torchrun's rank 1 of 2 on a (pretended) GPU machine: the process binds cuda:1
-    (torch.cuda.set_device) before the process group starts, and tells the group its device. eval.py
-    did neither, so every rank's NCCL all_gather_object landed on cuda:0 and NCCL refused."""
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_device",
-                        lambda d: calls.append(("set_device", torch.device(d))))
-
-    def init_process_group(backend, **kw):
-        calls.append(("init", backend, kw.get("device_id")))
-        raise Started
-    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
-    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
-        monkeypatch.setenv(k, v)
-    argv = {train.main: ["--stage", "sft", "--model", init_dir, "--out", str(tmp_path), *FAST],
-            evaluation.main: ["--ckpt", init_dir, "--test-size", "2", "--frames", "2"]}[main]
-    with pytest.raises(Started):
-        main(argv)
-    assert calls == [("set_device", torch.device("cuda", 1)),
-                     ("init", "nccl", torch.device("cuda", 1))]
-
-
-def test_eval_two_ranks_gather_every_record_once(init_dir, tmp_path):
-    """torchrun --nproc_per_node 2 eval.py on 5 scenes (an odd count: rank 1's shard is padded with
-    a repeat that must be dropped): predictions.jsonl holds each scene exactly once, in order, and
-    the same greedy completions as one process decoding all 5."""
-    common = ["--ckpt", init_dir, "--task", "detection", "--test-size", "5", "--frames", "2",
-              "--max-new-tokens", "12", "--batch-size", "2"]
-    torchrun(2, [*common, "--out", str(tmp_path / "two")], tmp_path, script="eval.py")
-    evaluation.main([*common, "--out", str(tmp_path / "one")])
-    read = lambda d: [json.loads(x)
-                      for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
-    two, one = read("two"), read("one")
-    assert [r["index"] for r in two] == [0, 1, 2, 3, 4]
-    assert [r["completion"] for r in two] == [r["completion"] for r in one]
-    assert json.loads((tmp_path / "two/metrics.json").read_text())["n"] == 5
+# The README's real-data recipe on fakes in the real layouts, under torchrun
 
 
 def test_readme_real_data_commands_on_fakes_in_the_real_layouts(init_dir, tmp_path):
@@ -375,84 +318,7 @@ def test_readme_real_data_commands_on_fakes_in_the_real_layouts(init_dir, tmp_pa
 
 
 # ------------------------------------------------------------------------------------------------
-# What RL does to the policy: greedy, sampled and best of G
-
-
-def test_sampled_evaluation_at_a_vanishing_temperature_is_greedy(init_dir):
-    """eval.evaluate(samples=n): n records per scene, ordered by (scene, sample), decoded from the
-    prompt repeated n times. At T = 1e-5 the tempered distribution puts all its mass on the argmax,
-    so every sample is the greedy completion; at T = 1 the samples differ from each other."""
-    net, tok = checkpoints.load_pretrained(init_dir)
-    test = scenes.SyntheticDataset("detection", 3, seed=2, frames=2)
-    greedy = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12)["records"]
-    torch.manual_seed(0)
-    cold = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12, samples=4,
-                               temperature=1e-5, batch_size=5)["records"]
-    assert [(r["index"], r["sample"]) for r in cold] == [(i, j) for i in range(3) for j in range(4)]
-    assert [r["completion"] for r in cold] == [g["completion"] for g in greedy for _ in range(4)]
-    hot = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12, samples=4)["records"]
-    assert len({r["completion"] for r in hot}) > 3
-
-
-def test_eval_command_samples(init_dir, tmp_path):
-    """eval.py --samples 3: three records per scene in predictions.jsonl, metrics over all nine."""
-    evaluation.main(["--ckpt", init_dir, "--test-size", "3", "--frames", "2", "--max-new-tokens",
-                     "8", "--samples", "3", "--temperature", "0.7", "--out", str(tmp_path)])
-    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert [(r["index"], r["sample"]) for r in rows] == [(i, j) for i in range(3) for j in range(3)]
-    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 9
-    with pytest.raises(SystemExit):
-        evaluation.main(["--ckpt", init_dir, "--samples", "-1"])
-
-
-def test_eval_command_scores_a_shifted_world(init_dir, tmp_path):
-    """eval.py's world flags (bench.py's shifted test worlds): the test scenes are drawn with the
-    given pitch, objects and frames (checked against the scenes drawn directly), and metrics.json
-    says which world it scored."""
-    world = dict(frames=3, pitch=15.0, max_objects=2)
-    evaluation.main(["--ckpt", init_dir, "--test-size", "8", "--frames", "3", "--pitch", "15",
-                     "--max-objects", "2", "--max-new-tokens", "8", "--out", str(tmp_path)])
-    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    drawn = scenes.SyntheticDataset("detection", 8, seed=2, **world)
-    assert [r["n_gt"] for r in rows] == [len(s.boxes) for s in drawn]
-    assert {len(s.boxes) for s in drawn} == {1, 2} and all(len(s.frames) == 3 for s in drawn)
-    report = json.loads((tmp_path / "metrics.json").read_text())["data"][0]
-    assert {k: report[k] for k in world} == world
-
-
-def test_f1_iou_flag_reaches_the_detection_reward():
-    """train.py --f1-iou 0.5: the reward GRPO computes (task.reward with reward_opts) counts F1 at
-    IoU 0.5; a box at IoU 3/7 (unit cubes 0.4 apart) is a hit by default and a miss there."""
-    s = scenes.SyntheticDataset("detection", 1, seed=0)[0]
-    box = list(s.boxes[0]["bbox_3d"])
-    size = box[3:6]
-    box[0] += 0.4 * size[0]  # shifted by 0.4 of its own width along x: IoU (1 - 0.4) / (1 + 0.4)
-    assert box[6:] == [0, 0, 0]  # axis-aligned (this scene's box), so the shift's IoU is exact
-    text = ('<think>t</think><answer>[{"label": "%s", "bbox_3d": %s}]</answer>'
-            % (s.boxes[0]["label"], json.dumps(box)))
-    reward = rft3d.TASKS["detection"].reward
-    paper = reward(s, text, **train.get_args(["--out", "/tmp/never-written"]).reward_opts)
-    strict = reward(s, text, **train.get_args(["--f1-iou", "0.5",
-                                               "--out", "/tmp/never-written"]).reward_opts)
-    assert paper["iou"] == strict["iou"] == pytest.approx(0.6 / 1.4)
-    assert (paper["f1"], strict["f1"]) == (1.0, 0.0)
-
-
-def test_sampled_mean_and_best_of_n_per_scene():
-    """compare.sampled: per-scene metrics of n samples -> their mean, and best of n: the one sample
-    with the highest main metric, every metric that sample's own (2 scenes x 3 samples of a
-    spatial score, written out; then the issue's detection scene: a 3-box answer at IoU 0.8 over
-    GT and a 1-box answer at 0.1 is best at 0.8 with 3 boxes and the count wrong, never a mix)."""
-    scores = [0.0, 1.0, 0.5, 0.2, 0.2, 0.2]
-    records = [{"score": x, "parsed": True} for x in scores]
-    mean, best = compare.sampled("spatial", records, 3)
-    assert mean["score"].tolist() == pytest.approx([0.5, 0.2])
-    assert best["score"].tolist() == [1.0, 0.2] and mean["parse"].tolist() == [1.0, 1.0]
-    det = lambda n_pred, iou: {"counts": {"0.25": {}, "0.5": {}}, "n_pred": n_pred, "n_gt": 1,
-                               "iou_gt": iou, "parsed": True}
-    mean, best = compare.sampled("detection", [det(3, 0.8), det(1, 0.1)], 2)
-    assert (best["iou_gt"][0], best["boxes"][0], best["count"][0]) == (0.8, 3.0, 0.0)
-    assert mean["count"][0] == 0.5
+# What RL does to the policy: the closing report
 
 
 def test_closing_report_starts_where_training_did(init_dir, tmp_path, monkeypatch):
@@ -483,40 +349,87 @@ def test_closing_report_starts_where_training_did(init_dir, tmp_path, monkeypatc
     assert json.loads((out / "grpo/report.json").read_text())["start"] == str(tmp_path / "vgllm")
 
 
-def test_eval_samples_are_seeded_per_rank(init_dir, tmp_path):
-    """eval.py --samples --seed 3 under torchrun: rank r draws from seed 3 + r (unseeded, every rank
-    drew torch's one default stream), so each rank's samples equal an in-process evaluation of its
-    scene after torch.manual_seed(3 + r); --viz writes one PNG per sample, not one per scene."""
-    torchrun(2, ["--ckpt", init_dir, "--task", "detection", "--test-size", "2", "--frames", "2",
-                 "--max-new-tokens", "10", "--samples", "2", "--batch-size", "2", "--viz", "4",
-                 "--seed", "3", "--out", str(tmp_path)], tmp_path, script="eval.py")
-    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    net, tok = checkpoints.load_pretrained(init_dir)
-    test = scenes.SyntheticDataset("detection", 2, seed=2, frames=2)
-    for rank in (0, 1):  # scene r is rank r's shard
-        torch.manual_seed(3 + rank)
-        alone = evaluation.evaluate(net, tok, "detection", [test[rank]], max_new_tokens=10,
-                                    samples=2, batch_size=2)["records"]
-        assert [r["completion"] for r in rows if r["index"] == rank] == [
-            r["completion"] for r in alone], rank
-    assert len(list(tmp_path.glob("viz-*.png"))) == 4
+# ------------------------------------------------------------------------------------------------
+# Flags, the tiny default, the schedule
 
 
-def test_training_curves_draw_every_term(tmp_path):
-    """curves.png from a metrics.jsonl with reward terms, KL, entropy, a skipped step's nulls and an
-    evaluation line: the figure has the five panels and each reward term's line."""
-    rows = [{"step": k, "reward": 1 + k / 10, "reward_format": 0.9, "reward_iou": 0.1 * k,
-             "reward_std": 0.3, "kl": None if k == 2 else 0.01 * k, "entropy": 1.0}
-            for k in range(1, 6)] + [{"step": 5, "eval/f1@0.25/micro": 50.0}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    drawn = []
+def test_image_size_is_what_the_tiny_model_sees(tmp_path):
+    """--image-size 112 builds a tiny model for 112 px frames: 16 x 16 patches of 7 px -> 64 image
+    tokens a frame after the 2 x 2 merge (at 56 px: 16). It used to resize every frame back to
+    56 px."""
+    few = scenes.SyntheticDataset
+    # a 3-scene tokenizer corpus: time, not the corpus, matters here
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(compare, "plot", lambda path, panels, **kw: drawn.extend(panels))
-        compare.training_curves(tmp_path / "c.png", tmp_path / "metrics.jsonl", "f1@0.25/micro",
-                                "detection", 100, smooth=2)
-    titles = [t for t, _ in drawn]
-    assert len(drawn) == 5 and set(drawn[1][1]) == {"format", "iou"}, titles
-    assert drawn[2][1]["KL"][1] == pytest.approx([0.01, 0.01, 0.03, 0.035, 0.045])
-    compare.training_curves(tmp_path / "c.png", tmp_path / "metrics.jsonl", "f1@0.25/micro",
-                            "detection", 100)
-    assert (tmp_path / "c.png").stat().st_size > 0
+        m.setattr(scenes, "SyntheticDataset", lambda task, n, **kw: few(task, 3, **kw))
+        init = train.tiny_init(train.get_args(["--out", str(tmp_path), "--frames", "2",
+                                               "--image-size", "112"]), 0)
+    net, _ = checkpoints.load_pretrained(init)
+    frames = scenes.SyntheticDataset("detection", 1, seed=0, frames=2, size=112)[0].frames
+    assert frames.shape[1:3] == (112, 112)
+    assert net.encode([frames])[0].n_tokens_per_image == [(112 // 7) ** 2 // 4] * 2
+
+
+def test_explicit_values_are_kept_and_the_warmup_is_full_finetuning():
+    args = train.get_args(["--warmup", "0", "--train-size", "0", "--beta", "0", "--lora-rank", "4"])
+    assert (args.warmup, args.train_size, args.beta, args.lora_rank) == (0, 0, 0.0, 4)
+    warm = train.get_args(["--lora-rank", "4", "--resume"], stage="sft")
+    assert warm.lora_rank == 0 and warm.resume and warm.stage == "sft"
+
+
+def test_frame_window_flag_reaches_the_grounding_reward():
+    assert train.get_args(["--task", "grounding"]).reward_opts == {"frame_window": "scaled"}
+    assert (train.get_args(["--task", "grounding", "--frame-window", "fixed"]).reward_opts
+            == {"frame_window": "fixed"})
+    assert (train.get_args(["--task", "detection"]).reward_opts
+            == {"iou_mode": "paper", "f1_iou": 0.25})
+
+
+def test_f1_iou_flag_reaches_the_detection_reward():
+    """train.py --f1-iou 0.5: the reward GRPO computes (task.reward with reward_opts) counts F1 at
+    IoU 0.5; a box at IoU 3/7 (unit cubes 0.4 apart) is a hit by default and a miss there."""
+    s = scenes.SyntheticDataset("detection", 1, seed=0)[0]
+    box = list(s.boxes[0]["bbox_3d"])
+    size = box[3:6]
+    box[0] += 0.4 * size[0]  # shifted by 0.4 of its own width along x: IoU (1 - 0.4) / (1 + 0.4)
+    assert box[6:] == [0, 0, 0]  # axis-aligned (this scene's box), so the shift's IoU is exact
+    text = ('<think>t</think><answer>[{"label": "%s", "bbox_3d": %s}]</answer>'
+            % (s.boxes[0]["label"], json.dumps(box)))
+    reward = rft3d.TASKS["detection"].reward
+    paper = reward(s, text, **train.get_args(["--out", "/tmp/never-written"]).reward_opts)
+    strict = reward(s, text, **train.get_args(["--f1-iou", "0.5",
+                                               "--out", "/tmp/never-written"]).reward_opts)
+    assert paper["iou"] == strict["iou"] == pytest.approx(0.6 / 1.4)
+    assert (paper["f1"], strict["f1"]) == (1.0, 0.0)
+
+
+def test_skip_bad_reaches_the_reader(tmp_path):
+    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2),
+                             str(tmp_path))
+    rows = json.loads(Path(path).read_text())
+    Path(path).write_text(json.dumps(rows + [{"images": 5}]))
+    args = train.get_args(["--stage", "sft", "--data", path, "--val-data", path, "--skip-bad",
+                           "--out", str(tmp_path / "o")])
+    train_set, _, info = train.datasets(args)
+    assert len(train_set) == 2 and info["train"][0]["skipped_rows"][0]["row"] == 2
+
+
+def test_cosine_does_not_decay_during_warmup():
+    args = SimpleNamespace(warmup=10, steps=30, schedule="cosine")
+    assert [train.lr_factor(s, args) for s in range(10)] == [(s + 1) / 10 for s in range(10)]
+    assert train.lr_factor(10, args) == 1.0  # the cosine starts where the warm-up ends
+    assert train.lr_factor(20, args) == pytest.approx(0.5)  # half-way through the 20 cosine steps
+    assert train.lr_factor(30, args) == pytest.approx(0.0, abs=1e-12)
+    assert train.lr_factor(5, SimpleNamespace(warmup=0, steps=10, schedule="constant")) == 1.0
+
+
+def test_help_is_one_screen_and_help_all_has_every_flag(capsys):
+    """`-h` keeps to the common flags (one screen); `--help-all` lists every flag train.py takes."""
+    every = {o for a in train.parser(full=True)._actions for o in a.option_strings}
+    with pytest.raises(SystemExit):
+        train.get_args(["-h"])
+    short = capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.get_args(["--help-all"])
+    full = capsys.readouterr().out
+    assert len(short.splitlines()) <= 55 and "--stage" in short and "--keep" not in short
+    assert all(flag in full for flag in every) and len(every) > 50

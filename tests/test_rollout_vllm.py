@@ -1,8 +1,4 @@
-"""--rollout vllm (rollout_vllm.py) against rft3d's own decode loop on the tiny default: the same
-greedy tokens (with and without geometry), the same sampling distribution (vLLM's log-prob of each
-sampled token equals the policy's forward), and after GRPO steps with the weight push the engine
-still answers as the updated policy. Needs vLLM (its own venv, README); skipped without it, except
-the first test: without vLLM, --rollout vllm says what to install."""
+"""rollout_vllm.py: --rollout vllm against rft3d's own decode loop (vLLM in its own venv)."""
 import json
 import sys
 from types import SimpleNamespace
@@ -18,6 +14,7 @@ import rollout_vllm
 import scenes
 import train
 from test_train import torchrun
+
 
 # fp32 on both sides, the same weights, the same fused embeddings: the two differ only in the order
 # of float32 sums (vLLM's attention and matmul kernels vs transformers'). Measured on the tiny
@@ -148,19 +145,18 @@ def test_grpo_steps_then_engine_answers_as_the_updated_policy(geo):
     one): the policy moved, and the engine's greedy answer and its sampled log-probs are the
     updated policy's."""
     net, tok, engine = geo
-    rollout_vllm._ENGINES[net] = engine  # grpo_step's sampler finds this engine for this policy
+    rollout_vllm._ENGINES[net] = engine  # the sampler finds this engine for this policy
     before = {k: v.clone() for k, v in rollout_vllm.llm_weights(net)}
     samples = [scenes.SyntheticDataset("detection", 4, seed=7, frames=2)[i] for i in range(2)]
-    args = SimpleNamespace(G=3, temperature=1.0, max_new_tokens=NEW_TOKENS, beta=0.0,
-                           eps_low=0.2, eps_high=0.2, mu=1, adv_scale="group", agg="token",
-                           micro_batch=6, max_grad_norm=1.0, reward_opts={}, rollout="vllm")
+    hp = grpo.GRPOConfig(G=3, max_new_tokens=NEW_TOKENS, beta=0.0, micro_batch=6,
+                         sampler=rollout_vllm.sampler(net, tok))
     # The random tiny model earns the detection reward of 0 on every sample, so every advantage
     # would be 0 and nothing would move: reward the completion's length instead, which varies.
     task = SimpleNamespace(prompt=rft3d.TASKS["detection"].prompt,
                            reward=lambda sample, text: {"total": float(len(text))})
     opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-3)
     for _ in range(3):
-        out = grpo.grpo_step(net, None, tok, task, samples, opt, args)
+        out, _ = grpo.grpo_step(net, None, tok, task, samples, opt, hp)
         assert out["completion_tokens"] > 0
     net.eval()
     moved = max((v - before[k]).abs().max().item() for k, v in rollout_vllm.llm_weights(net))

@@ -1,8 +1,4 @@
-"""Tests for model.py's decode loop (VGLLM.generate): greedy tokens equal transformers' own
-generate on the same inputs, sampled tokens are scored by forward() with the sampler's own
-log-probs, the suppressed tokens, EOS and padding, inverse-CDF sampling against hand-computed
-intervals, FSDP-style lock-step across two processes, and the CUDA-graph path as far as a CPU can
-check it. Tiny models, CPU, seconds."""
+"""decoding.py: the decode loop against transformers' generate, sampling, lock-step, graphs."""
 import os
 
 import numpy as np
@@ -14,6 +10,7 @@ import torch.multiprocessing as mp
 import decoding as D
 import lora
 import model as M
+
 
 CORPUS = ['<think>Two objects.</think><answer>[{"label": "chair", "bbox_3d": [0.12, -1.5, 2.0, '
           '0.5, 0.5, 0.9, 0.0, 0.0, 0.0]}]</answer>'] * 20 + [

@@ -1,5 +1,4 @@
-"""rft3d.py: prompts are VG-LLM's templates with one placeholder per frame, SFT targets earn the
-maximal reward, records have the agreed fields and never raise."""
+"""rft3d.py: prompts are VG-LLM's, SFT targets earn the maximal reward, records never raise."""
 import json
 import math
 
@@ -7,8 +6,9 @@ import numpy as np
 import pytest
 
 import data
-import scenes
 import rft3d
+import scenes
+
 
 DET = ("Detect the 3D bounding boxes in the camera coordinate system of the first frame.",
        'Output a json list where each entry contains the object name in "label" and its 3D '

@@ -1,37 +1,29 @@
-"""Robustness of the main command (issue 12): kills at any moment and `--resume` give the same
-final weights as an uninterrupted run, damaged checkpoints are named and skipped, bad flags stop
-with exit code 2 and a message naming the flag, logs are strict JSON without duplicate steps, and
-the review fixes (schedule, warm-up LoRA, mu > 1 logs, rewards on empty scenes and out-of-video
-frames, file modes, thread default)."""
+"""safety.py: kills and --resume, damaged checkpoints, atomic dirs, bad flags, strict logs."""
 import inspect
 import json
 import math
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import checkpoints
 import data
-import grpo
-import rewards
+import eval as evaluation
 import rft3d
 import safety
 import scenes
 import train
+from test_checkpoints import corrupt_tensor_bytes
+from test_train import FAST, ROOT, assert_bit_identical, assert_resume_exact, params
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--val-size", "2", "--frames", "2", "--max-new-tokens", "16", "--micro-batch", "2",
-        "--warmup", "1", "--test-size", "0"]
+
 # The main command at toy size: an SFT warm-up of 6 steps (a checkpoint and an evaluation every
 # step), then 3 GRPO steps with a checkpoint every step.
 MAIN = ["--stage", "grpo", "--task", "detection", "--sft-steps", "6", "--steps", "3",
@@ -57,20 +49,6 @@ def main_with_varied_reward(argv):
     with pytest.MonkeyPatch.context() as m:
         m.setitem(rft3d.TASKS, "detection", rft3d.TASKS["detection"]._replace(reward=varied))
         train.main(argv)
-
-
-def params(model_dir):
-    state = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        state.update(load_file(f))
-    return state
-
-
-def assert_bit_identical(a, b):
-    pa, pb = params(a), params(b)
-    assert pa.keys() == pb.keys()
-    for k in pa:
-        assert torch.equal(pa[k], pb[k]), k
 
 
 def strict_jsonl(path):
@@ -100,13 +78,6 @@ def kill_when(out, argv, marker):
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
-
-
-@pytest.fixture(scope="module")
-def init_dir(tmp_path_factory):
-    """The tiny default's init/ (tokenizer + random model), built once for this module."""
-    out = tmp_path_factory.mktemp("init")
-    return Path(train.tiny_init(train.get_args(["--out", str(out), "--frames", "2"]), rank=0))
 
 
 def fresh_out(tmp_path, init_dir):
@@ -173,6 +144,20 @@ def test_kill_during_grpo_then_resume(tmp_path, init_dir, reference):
     assert [drop(r) for r in rows] == [drop(r) for r in ref_rows]
 
 
+def test_resume_is_bit_exact(init_dir, tmp_path, monkeypatch):
+    """GRPO stopped after 1 step and resumed equals 2 uninterrupted steps, bit for bit
+    (CPU): optimiser moments, sampling RNG and data position all come back. An untrained
+    model earns reward 0 everywhere (no gradient at all), so a stand-in reward that varies
+    with the text makes the steps move."""
+    task = rft3d.TASKS["detection"]
+    varied = lambda sample, text, **_: {"total": (len(text) % 7) / 7, "format": 0.0}
+    monkeypatch.setitem(rft3d.TASKS, "detection", task._replace(reward=varied))
+    common = ["--stage", "grpo", "--task", "detection", "--model", init_dir, "--G", "2",
+              "--prompts-per-rank", "2", "--eval-every", "100", "--save-every", "1", "--lr", "1e-2",
+              "--mu", "2", *FAST]
+    assert_resume_exact(common, "grpo", tmp_path)
+
+
 # ------------------------------------------------------------------------------------------------
 # Damaged checkpoints: --resume falls back to the newest intact one
 # and says which it skipped and why
@@ -190,20 +175,6 @@ def sft_runs(tmp_path_factory, init_dir):
     train.main([*SFT, "--model", init, "--steps", "3", "--out", str(base / "full")])
     train.main([*SFT, "--model", init, "--steps", "2", "--out", str(base / "stopped")])
     return init, base
-
-
-def corrupt_tensor_bytes(path, value=float("nan")):
-    """Overwrite the first float32 tensor of a safetensors file with `value`, in
-    place (header parsed by hand)."""
-    raw = bytearray(Path(path).read_bytes())
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    name, info = next((k, v) for k, v in sorted(header.items())
-                      if k != "__metadata__" and v["dtype"] == "F32")
-    start, end = (8 + n + o for o in info["data_offsets"])
-    raw[start:end] = struct.pack("<f", value) * ((end - start) // 4)
-    Path(path).write_bytes(bytes(raw))
-    return name
 
 
 def tear(path):
@@ -235,21 +206,6 @@ def test_damaged_latest_checkpoint_falls_back(sft_runs, tmp_path, capsys, damage
     assert_bit_identical(out / "sft" / "final", base / "full" / "sft" / "final")
     steps = [r["step"] for r in strict_jsonl(out / "sft" / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3]
-
-
-def test_nan_weights_are_refused_naming_the_file(tmp_path):
-    net = __import__("model").VGLLM(__import__("model").tiny_config(64))
-    checkpoints.save_pretrained(net, None, tmp_path)
-    checkpoints.load_pretrained(tmp_path)  # intact: loads
-    name = corrupt_tensor_bytes(tmp_path / "model.safetensors")
-    with pytest.raises(checkpoints.CheckpointError, match="model.safetensors") as e:
-        checkpoints.load_pretrained(tmp_path)  # caught by the checksum written at save time
-    assert str(tmp_path) in str(e.value) and "sha256" in str(e.value)
-    # a file from elsewhere: no checksums, the finiteness check catches it
-    (tmp_path / "checksums.json").unlink()
-    with pytest.raises(checkpoints.CheckpointError, match="NaN") as e:
-        checkpoints.load_pretrained(tmp_path)
-    assert str(tmp_path / "model.safetensors") in str(e.value) and name in str(e.value)
 
 
 def test_torn_init_is_named(tmp_path, capsys):
@@ -313,55 +269,6 @@ def test_a_kill_between_the_renames_loses_nothing(tmp_path, monkeypatch):
     assert not (sft / ".old-best").exists()
 
 
-def test_image_size_is_what_the_tiny_model_sees(tmp_path):
-    """--image-size 112 builds a tiny model for 112 px frames: 16 x 16 patches of 7 px -> 64 image
-    tokens a frame after the 2 x 2 merge (at 56 px: 16). It used to resize every frame back to
-    56 px."""
-    few = scenes.SyntheticDataset
-    # a 3-scene tokenizer corpus: time, not the corpus, matters here
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(scenes, "SyntheticDataset", lambda task, n, **kw: few(task, 3, **kw))
-        init = train.tiny_init(train.get_args(["--out", str(tmp_path), "--frames", "2",
-                                               "--image-size", "112"]), 0)
-    net, _ = checkpoints.load_pretrained(init)
-    frames = scenes.SyntheticDataset("detection", 1, seed=0, frames=2, size=112)[0].frames
-    assert frames.shape[1:3] == (112, 112)
-    assert net.encode([frames])[0].n_tokens_per_image == [(112 // 7) ** 2 // 4] * 2
-
-
-def test_fsdp_flag_in_one_process_runs_bf16_and_says_so(tmp_path, capsys):
-    """`python train.py --shard fsdp --bf16` (no torchrun) has nothing to shard. It ran fp32
-    (autocast was off for FSDP, and no FSDP cast applied) and said nothing; now it runs as the
-    one-process model with bf16 autocast, exactly as --shard ddp --bf16 does, and says so."""
-    common = ["--stage", "sft", "--task", "detection", "--steps", "1", "--batch-size", "2",
-              "--train-size", "4", "--bf16", *FAST]
-    train.main([*common, "--out", str(tmp_path / "ddp")])
-    shutil.copytree(tmp_path / "ddp/init", tmp_path / "fsdp/init")
-    capsys.readouterr()
-    train.main([*common, "--shard", "fsdp", "--out", str(tmp_path / "fsdp")])
-    assert "--shard fsdp outside torchrun" in capsys.readouterr().out
-    shutil.copytree(tmp_path / "ddp/init", tmp_path / "fp32/init")
-    train.main([*[c for c in common if c != "--bf16"], "--out", str(tmp_path / "fp32")])
-    assert_bit_identical(tmp_path / "fsdp/sft/final", tmp_path / "ddp/sft/final")
-    assert params(tmp_path / "fsdp/sft/final").keys() == params(tmp_path / "fp32/sft/final").keys()
-    assert any(not torch.equal(a, b) for a, b in zip(params(tmp_path / "fsdp/sft/final").values(),
-                                                     params(tmp_path / "fp32/sft/final").values()))
-
-
-def test_validation_computes_in_the_training_dtype(tmp_path, init_dir, monkeypatch):
-    """With --bf16 the periodic evaluation runs under the same bf16 autocast as the training steps
-    (FSDP's bf16 parameters do the same there); it used to run outside it, in fp32, under DDP."""
-    seen = []
-
-    def evaluate(*args, **kw):
-        seen.append(torch.is_autocast_enabled("cpu"))
-        return {"metrics": {"f1@0.25/micro": 0.0}, "records": []}
-    monkeypatch.setattr(train, "evaluate", evaluate)
-    train.main(["--stage", "sft", "--task", "detection", "--model", str(init_dir), "--steps", "1",
-                "--batch-size", "2", "--bf16", "--out", str(tmp_path), *FAST])
-    assert seen == [True]
-
-
 def test_lora_resume_starts_fresh_moments_and_says_so(tmp_path, init_dir, monkeypatch, capsys):
     """A LoRA checkpoint holds merged weights; --resume re-applies fresh adapters. AdamW's saved
     moments belonged to the merged-away adapters (same shapes, so loading them raised nothing): the
@@ -397,48 +304,8 @@ def test_skipped_steps_are_logged_and_counted(tmp_path, init_dir, monkeypatch):
         train.main([*common, "--steps", "3", "--max-bad-steps", "2", "--out", str(tmp_path / "b")])
 
 
-def _one_rank_nonfinite_worker(rank, init_file, out_dir):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(0)  # the same weights on both ranks, as DDP would hold them
-        net = torch.nn.Linear(3, 2)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        before = [p.detach().clone() for p in net.parameters()]
-        seen = []
-        for bad_rank in (1, None):  # step 1: rank 1's gradient alone is NaN; step 2: all finite
-            for p in net.parameters():
-                p.grad = torch.full_like(p, math.nan if rank == bad_rank else 1.0)
-            _, skipped = grpo.finish_step(net, opt, 1.0, max_grad_norm=1.0)
-            seen.append((skipped, all(torch.equal(a, b) for a, b in zip(before, net.parameters()))))
-        torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_a_nonfinite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path):
-    """Two gloo ranks with local gradients (FSDP's shards, or a rank whose loss overflowed): rank
-    1's gradient is NaN, rank 0's finite. Both ranks skip (a rank that stepped alone would
-    desynchronise the replicas) and keep their weights; the next, finite step moves both."""
-    import torch.multiprocessing as mp
-    mp.start_processes(_one_rank_nonfinite_worker, args=(str(tmp_path / "init"), str(tmp_path)),
-                       nprocs=2, join=True, start_method="fork")
-    for rank in (0, 1):
-        seen = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert seen == [(True, True), (False, False)], rank
-
-
-def test_saved_files_get_ordinary_permissions(tmp_path):
-    net = __import__("model").VGLLM(__import__("model").tiny_config(64))
-    checkpoints.save_pretrained(net, None, tmp_path)
-    mask = os.umask(0)
-    os.umask(mask)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
-    assert modes and set(modes.values()) == {0o666 & ~mask}, modes
-
-
 # ------------------------------------------------------------------------------------------------
-# Flags: exit code 2, the flag named, no traceback; an explicit 0 is never replaced by a default
+# Flags, a used --out, a bad data file: exit code 2 or 1, the cause named, no traceback
 
 
 BAD_FLAGS = [
@@ -498,32 +365,6 @@ def test_fresh_run_into_a_used_out_refuses_and_keeps_everything(tmp_path, capsys
             and (tmp_path / "sft" / "metrics.jsonl").read_text() == '{"step": 1}\n')
 
 
-def test_explicit_values_are_kept_and_the_warmup_is_full_finetuning():
-    args = train.get_args(["--warmup", "0", "--train-size", "0", "--beta", "0", "--lora-rank", "4"])
-    assert (args.warmup, args.train_size, args.beta, args.lora_rank) == (0, 0, 0.0, 4)
-    warm = train.get_args(["--lora-rank", "4", "--resume"], stage="sft")
-    assert warm.lora_rank == 0 and warm.resume and warm.stage == "sft"
-
-
-def test_frame_window_flag_reaches_the_grounding_reward():
-    assert train.get_args(["--task", "grounding"]).reward_opts == {"frame_window": "scaled"}
-    assert (train.get_args(["--task", "grounding", "--frame-window", "fixed"]).reward_opts
-            == {"frame_window": "fixed"})
-    assert (train.get_args(["--task", "detection"]).reward_opts
-            == {"iou_mode": "paper", "f1_iou": 0.25})
-
-
-def test_skip_bad_reaches_the_reader(tmp_path):
-    path = data.export_vgllm(scenes.SyntheticDataset("detection", 2, seed=3, frames=2),
-                             str(tmp_path))
-    rows = json.loads(Path(path).read_text())
-    Path(path).write_text(json.dumps(rows + [{"images": 5}]))
-    args = train.get_args(["--stage", "sft", "--data", path, "--val-data", path, "--skip-bad",
-                           "--out", str(tmp_path / "o")])
-    train_set, _, info = train.datasets(args)
-    assert len(train_set) == 2 and info["train"][0]["skipped_rows"][0]["row"] == 2
-
-
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
 def test_a_truncated_data_file_ends_in_one_line_naming_it(tmp_path, init_dir, script):
     """A truncated --data JSON ends like a bad flag: one line on stderr naming the file, no
@@ -556,7 +397,7 @@ def test_real_data_without_validation_data_is_refused(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------
-# Logs, schedule, GRPO statistics, rewards, threads
+# Logs, threads
 
 
 def test_log_lines_are_strict_json_and_truncated_on_resume(tmp_path):
@@ -568,50 +409,6 @@ def test_log_lines_are_strict_json_and_truncated_on_resume(tmp_path):
                    '{"step": 2, "eval/f1": 1}\n{"step": 4, "lo')
     safety.truncate_log(log, 2)
     assert strict_jsonl(log) == [{"step": 1, "loss": None}, {"step": 2}, {"step": 2, "eval/f1": 1}]
-
-
-def test_cosine_does_not_decay_during_warmup():
-    args = SimpleNamespace(warmup=10, steps=30, schedule="cosine")
-    assert [train.lr_factor(s, args) for s in range(10)] == [(s + 1) / 10 for s in range(10)]
-    assert train.lr_factor(10, args) == 1.0  # the cosine starts where the warm-up ends
-    assert train.lr_factor(20, args) == pytest.approx(0.5)  # half-way through the 20 cosine steps
-    assert train.lr_factor(30, args) == pytest.approx(0.0, abs=1e-12)
-    assert train.lr_factor(5, SimpleNamespace(warmup=0, steps=10, schedule="constant")) == 1.0
-
-
-def test_mu_above_one_logs_the_ratio_of_the_last_pass(init_dir):
-    net, tok = checkpoints.load_pretrained(init_dir)
-    samples = [scenes.SyntheticDataset("detection", 4, seed=5, frames=2)[i] for i in range(2)]
-    task = rft3d.TASKS["detection"]._replace(reward=varied)
-    args = SimpleNamespace(G=4, temperature=1.0, max_new_tokens=12, beta=0.0, eps_low=0.2,
-                           eps_high=0.2, mu=3, adv_scale="group", agg="token", micro_batch=8,
-                           max_grad_norm=1.0, reward_opts={})
-    torch.manual_seed(0)
-    out = grpo.grpo_step(net, None, tok, task, samples,
-                         torch.optim.SGD(net.trainable_parameters(), lr=50.0), args)
-    # after 2 updates the policy is no longer the one that sampled (pass 0 logs 1 always)
-    assert out["ratio"] != 1.0
-
-
-def test_detection_reward_on_an_empty_scene():
-    tagged = lambda a: f"<think>t</think><answer>{a}</answer>"
-    assert rewards.detection_reward("garbage, no JSON", [])["total"] == 0.0  # was R_F1 = 1
-    assert rewards.detection_reward(tagged("[{]"), [])["f1"] == 0.0
-    # saying "nothing" is right: format + F1
-    assert rewards.detection_reward(tagged("[]"), [])["total"] == 2.0
-    # bare VG-LLM answer: F1 without format
-    assert rewards.detection_reward("```json\n[]\n```", [])["f1"] == 1.0
-
-
-def test_grounding_frame_outside_the_video_earns_nothing():
-    box = [0, 0, 0, 1, 1, 1, 0, 0, 0]
-    text = lambda f: f'<think>t</think><answer>{{"frame": {f}, "bbox_3d": {box}}}</answer>'
-    poses = [[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]] * 2
-    assert rewards.format_reward(text(2), "grounding", n_frames=2) == 0.0
-    assert rewards.format_reward(text(1), "grounding", n_frames=2) == 1.0
-    # was format 1 + frame 0.8
-    assert rewards.grounding_reward(text(2), box, 1, poses)["total"] == 0.0
-    assert rewards.grounding_reward(text(1), box, 1, poses)["total"] == pytest.approx(3.0)
 
 
 def test_thread_default(monkeypatch, capsys):
@@ -629,3 +426,35 @@ def test_thread_default(monkeypatch, capsys):
         assert torch.get_num_threads() == 2 and "OMP_NUM_THREADS=2" in capsys.readouterr().out
     finally:
         torch.set_num_threads(before)
+
+
+# ---- the process: each torchrun rank bound to its GPU before the group starts -------------------
+
+
+class Started(Exception):
+    pass
+
+
+@pytest.mark.parametrize("main", [train.main, evaluation.main], ids=["train", "eval"])
+def test_each_rank_is_bound_to_its_gpu_before_the_process_group(init_dir, tmp_path, monkeypatch,
+                                                                main):
+    """As torchrun's rank 1 of 2 on a (pretended) GPU machine: the process binds cuda:1
+    (torch.cuda.set_device) before the process group starts, and tells the group its device. eval.py
+    did neither, so every rank's NCCL all_gather_object landed on cuda:0 and NCCL refused."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: calls.append(("set_device", torch.device(d))))
+
+    def init_process_group(backend, **kw):
+        calls.append(("init", backend, kw.get("device_id")))
+        raise Started
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    for k, v in {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    argv = {train.main: ["--stage", "sft", "--model", init_dir, "--out", str(tmp_path), *FAST],
+            evaluation.main: ["--ckpt", init_dir, "--test-size", "2", "--frames", "2"]}[main]
+    with pytest.raises(Started):
+        main(argv)
+    assert calls == [("set_device", torch.device("cuda", 1)),
+                     ("init", "nccl", torch.device("cuda", 1))]

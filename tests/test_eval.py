@@ -1,10 +1,20 @@
-"""Tests of eval.py's metric aggregation against hand-computed numbers
-(VG-LLM / ScanRefer / VSI-Bench)."""
+"""eval.py: metric aggregation against hand-computed numbers, and the eval command."""
+import hashlib
+import json
+import math
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
+import checkpoints
 import compare as C
+import data
 import eval as E
+import eval as evaluation
+import scenes
+from test_train import torchrun
 
 
 def test_class_lists_are_vgllms():
@@ -138,119 +148,102 @@ def test_print_table_shows_every_class(capsys):
     assert chair[0][1:4] == ["1", "0", "1"] and abs(float(chair[0][-1]) - 100 * 2 / 3) < 0.01
 
 
-def test_per_scene_and_paired_differences():
-    """Per-scene detection metrics from the records (hand-computed F1 per scene), paired
-    differences with the standard error of the per-scene differences (written out),
-    seeds averaged per scene first."""
-    import math
-
-    import numpy as np
-    records = [det_record({"chair": [2, 1, 1], "lamp": [1, 0, 0]}, {"chair": [1, 2, 2]}, 4, 4, 0.5),
-               det_record({"chair": [1, 0, 2], "sofa": [0, 3, 0]}, {}, 4, 3, 0.25),
-               det_record({}, {}, 0, 0, 0.0, parsed=False)]
-    m = C.per_scene("detection", records)
-    # scene 1: TP 3 FP 1 FN 1 -> 6/8; scene 2: TP 1 FP 3 FN 2 -> 2/7; scene 3: an empty
-    # scene with an answer that does not parse -> 0 (only a said "nothing", a parsed [], is
-    # perfect there, as in the reward)
-    assert m["f1_25"].tolist() == pytest.approx([6 / 8, 2 / 7, 0.0])
-    assert m["f1_50"].tolist() == pytest.approx([2 / 6, 1.0, 0.0])  # 0.5: scene 1 TP 1 FP 2 FN 2
-    # scene 3's answer did not parse: it names no count, so it is not a right count of 0 boxes
-    assert m["count"].tolist() == [1.0, 0.0, 0.0] and m["boxes"].tolist() == [4, 4, 0]
-    assert m["iou_gt"].tolist() == [0.5, 0.25, 0.0] and m["parse"].tolist() == [1, 1, 0]
-    a, b = np.array([0.5, 0.25, 0.0, 1.0]), np.array([0.25, 0.25, 0.5, 0.0])
-    d = [0.25, 0.0, -0.5, 1.0]
-    mean = sum(d) / 4
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / 3) / 2
-    assert C.paired(a, b) == pytest.approx((mean, se, 3))
-    # two seeds of one arm, 0.2 apart, no interaction: the error adds the spread of the seed
-    # means (var 0.02, /2); Satterthwaite's dof from the two mean squares (seeds 4 x 0.02 with 1
-    # dof, scenes 2 var(d) with 3)
-    seeds = np.stack([a, a + 0.2])
-    var_d = sum((x - mean) ** 2 for x in d) / 3
-    dof = (0.08 + 2 * var_d) ** 2 / (0.08 ** 2 + (2 * var_d) ** 2 / 3)
-    assert C.paired(seeds, b) == pytest.approx((mean + 0.1, math.sqrt(se ** 2 + 0.02 / 2), dof))
-    # a scene where the metric is undefined (NaN: a grounding row without a target
-    # frame) is left out of the pair
-    assert C.paired(np.append(a, math.nan), np.append(b, 1.0)) == pytest.approx((mean, se, 3))
+# ---- eval.py end to end: two ranks, samples, shifted test worlds ---------------------------------
+def test_eval_two_ranks_gather_every_record_once(init_dir, tmp_path):
+    """torchrun --nproc_per_node 2 eval.py on 5 scenes (an odd count: rank 1's shard is padded with
+    a repeat that must be dropped): predictions.jsonl holds each scene exactly once, in order, and
+    the same greedy completions as one process decoding all 5."""
+    common = ["--ckpt", init_dir, "--task", "detection", "--test-size", "5", "--frames", "2",
+              "--max-new-tokens", "12", "--batch-size", "2"]
+    torchrun(2, [*common, "--out", str(tmp_path / "two")], tmp_path, script="eval.py")
+    evaluation.main([*common, "--out", str(tmp_path / "one")])
+    read = lambda d: [json.loads(x)
+                      for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+    two, one = read("two"), read("one")
+    assert [r["index"] for r in two] == [0, 1, 2, 3, 4]
+    assert [r["completion"] for r in two] == [r["completion"] for r in one]
+    assert json.loads((tmp_path / "two/metrics.json").read_text())["n"] == 5
 
 
-@pytest.mark.parametrize("mix", ["interaction", "seeds", "scenes"])
-def test_paired_standard_error_and_claim_rate_over_variance_mixes(mix):
-    """Monte Carlo: d[s, i] = seed_s + scene_i + interaction_si, S = 3 training seeds on the same
-    N = 400 scenes, no effect. The standard deviation of the mean over many draws is the truth:
-    the root mean square standard error must reach it within 15% whatever the mix (the old formula
-    counted the interaction twice: 1.41x with interaction only), and claim() must call a zero
-    effect "better" in at most 1% of draws (3 standard errors with the 2 degrees of freedom that
-    seed-dominated noise leaves fire in ~5%: shown as the reason for the t critical value)."""
-    import math
-
-    import numpy as np
-    sd_seed, sd_scene, sd_inter = {"interaction": (0, 0, 1), "seeds": (0.1, 0, 1),
-                                   "scenes": (0, 1, 0.3)}[mix]
-    rng = np.random.default_rng(1)
-    S, N, reps = 3, 400, 1500
-    d = (rng.normal(0, sd_seed, (reps, S, 1)) + rng.normal(0, sd_scene, (reps, 1, N))
-         + rng.normal(0, sd_inter, (reps, S, N)))
-    truth = math.sqrt(sd_seed ** 2 / S + sd_scene ** 2 / N + sd_inter ** 2 / (N * S))
-    assert d.mean((1, 2)).std() == pytest.approx(truth, rel=0.06)
-    out = np.array([C.paired(x, np.zeros(N)) for x in d])  # [reps, (mean, se, dof)]
-    assert math.sqrt((out[:, 1] ** 2).mean()) == pytest.approx(truth, rel=0.15)
-    z = out[:, 0] / out[:, 1]
-    better = np.mean([zi > C.t_critical(dof) for zi, dof in zip(z, out[:, 2])])
-    assert better <= 0.01
-    if mix != "scenes":  # few degrees of freedom: a normal 3 SE rule would fire far too often
-        assert np.mean(z > 3) > 0.02 and np.median(out[:, 2]) < 3
+def test_sampled_evaluation_at_a_vanishing_temperature_is_greedy(init_dir):
+    """eval.evaluate(samples=n): n records per scene, ordered by (scene, sample), decoded from the
+    prompt repeated n times. At T = 1e-5 the tempered distribution puts all its mass on the argmax,
+    so every sample is the greedy completion; at T = 1 the samples differ from each other."""
+    net, tok = checkpoints.load_pretrained(init_dir)
+    test = scenes.SyntheticDataset("detection", 3, seed=2, frames=2)
+    greedy = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12)["records"]
+    torch.manual_seed(0)
+    cold = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12, samples=4,
+                               temperature=1e-5, batch_size=5)["records"]
+    assert [(r["index"], r["sample"]) for r in cold] == [(i, j) for i in range(3) for j in range(4)]
+    assert [r["completion"] for r in cold] == [g["completion"] for g in greedy for _ in range(4)]
+    hot = evaluation.evaluate(net, tok, "detection", test, max_new_tokens=12, samples=4)["records"]
+    assert len({r["completion"] for r in hot}) > 3
 
 
-def test_t_critical_against_closed_forms():
-    """Student's t quantiles with closed forms: 1 dof is Cauchy (tan), 2 dof is
-    (2p - 1) / sqrt(2p(1 - p)); many dof is the normal's 3; the default tail is 3 normal SEs'."""
-    import math
-    p = 1 - 0.5 * math.erfc(3 / math.sqrt(2))  # 0.99865
-    assert C.t_critical(1) == pytest.approx(math.tan(math.pi * (p - 0.5)), rel=1e-3)
-    assert C.t_critical(2) == pytest.approx((2 * p - 1) / math.sqrt(2 * p * (1 - p)), rel=1e-3)
-    assert C.t_critical(1e9) == pytest.approx(3.0, abs=1e-3)
-    assert 3.0 < C.t_critical(400) < C.t_critical(30) < C.t_critical(5) < C.t_critical(2)
+def test_eval_command_samples(init_dir, tmp_path):
+    """eval.py --samples 3: three records per scene in predictions.jsonl, metrics over all nine."""
+    evaluation.main(["--ckpt", init_dir, "--test-size", "3", "--frames", "2", "--max-new-tokens",
+                     "8", "--samples", "3", "--temperature", "0.7", "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [(r["index"], r["sample"]) for r in rows] == [(i, j) for i in range(3) for j in range(3)]
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 9
+    with pytest.raises(SystemExit):
+        evaluation.main(["--ckpt", init_dir, "--samples", "-1"])
 
 
-def test_claim_follows_the_three_standard_error_rule():
-    """Many degrees of freedom: 3 standard errors; few (3 seeds' worth): Student's t at the same
-    tail, so 4 SE is not enough at 2 dof (k = 19.2)."""
-    import math
-    diff = lambda d, se, count=(0.0, 0.01, 400), f1=(0.0, 0.01, 400), dof=1e6: {
-        "iou_gt": (d, se, dof), "count": count, "f1_25": f1}
-    assert C.claim("detection", diff(0.031, 0.01)).startswith("better")
-    assert C.claim("detection", diff(0.029, 0.01)).startswith("no claim")
-    assert C.claim("detection", diff(0.04, 0.01, dof=2)).startswith("no claim")
-    assert C.claim("detection", diff(0.2, 0.01, dof=2)).startswith("better")
-    # lost the count guard
-    assert C.claim("detection", diff(0.05, 0.01, count=(-0.02, 0.01, 400))).startswith("no claim")
-    assert C.claim("detection", diff(-0.04, 0.01)).startswith("worse")
-    assert C.claim("detection", diff(0.0, 0.0)).startswith("no claim")  # nothing varied
-    assert C.claim("detection", diff(0.05, math.nan, dof=30)).startswith("no claim")  # undefined
-    # a row that asks about another metric (bench.py's F1@0.5 row)
-    f1_50 = {**diff(-0.01, 0.01), "f1_50": (0.04, 0.01, 1e6)}
-    assert C.claim("detection", f1_50, main="f1_50").startswith("better: f1_50")
-    assert C.claim("detection", f1_50).startswith("no claim: iou_gt")
+def test_eval_command_scores_a_shifted_world(init_dir, tmp_path):
+    """eval.py's world flags (bench.py's shifted test worlds): the test scenes are drawn with the
+    given pitch, objects and frames (checked against the scenes drawn directly), and metrics.json
+    says which world it scored."""
+    world = dict(frames=3, pitch=15.0, max_objects=2)
+    evaluation.main(["--ckpt", init_dir, "--test-size", "8", "--frames", "3", "--pitch", "15",
+                     "--max-objects", "2", "--max-new-tokens", "8", "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    drawn = scenes.SyntheticDataset("detection", 8, seed=2, **world)
+    assert [r["n_gt"] for r in rows] == [len(s.boxes) for s in drawn]
+    assert {len(s.boxes) for s in drawn} == {1, 2} and all(len(s.frames) == 3 for s in drawn)
+    report = json.loads((tmp_path / "metrics.json").read_text())["data"][0]
+    assert {k: report[k] for k in world} == world
 
 
-def test_runs_reads_every_run_and_pairs_each_with_its_own_start(tmp_path, capsys):
-    """compare.py runs: three main-command runs (their grpo/per_scene.json) whose GRPO is its own
-    start + 0.1 IoU on every scene, while the starts differ by run: GRPO - start is +0.100 with no
-    error (each run paired with its own start, not another run's), the start's range is printed."""
-    import json
-    rng = np.random.default_rng(0)
-    dirs = []
-    for k in range(3):
-        start = {m: (rng.uniform(0, 1, 50) + k).tolist()
-                 for m, _, _ in C.SCENE_METRICS["detection"]}
-        grpo = {m: [x + 0.1 for x in v] for m, v in start.items()}
-        run = {way: {"SFT start": start, "GRPO": grpo} for way in ("greedy", "sampled")}
-        (tmp_path / f"r{k}" / "grpo").mkdir(parents=True)
-        (tmp_path / f"r{k}" / "grpo" / "per_scene.json").write_text(json.dumps(run))
-        dirs.append(str(tmp_path / f"r{k}"))
-    C.across_runs(dirs)
-    out = capsys.readouterr().out
-    assert "3 runs of the main command (detection)" in out and "range" in out
-    sampled = next(line for line in out.splitlines() if line.strip().startswith("sampled"))
-    assert "+0.100 +- 0.000" in sampled
+def test_eval_samples_are_seeded_per_rank(init_dir, tmp_path):
+    """eval.py --samples --seed 3 under torchrun: rank r draws from seed 3 + r (unseeded, every rank
+    drew torch's one default stream), so each rank's samples equal an in-process evaluation of its
+    scene after torch.manual_seed(3 + r); --viz writes one PNG per sample, not one per scene."""
+    torchrun(2, ["--ckpt", init_dir, "--task", "detection", "--test-size", "2", "--frames", "2",
+                 "--max-new-tokens", "10", "--samples", "2", "--batch-size", "2", "--viz", "4",
+                 "--seed", "3", "--out", str(tmp_path)], tmp_path, script="eval.py")
+    rows = [json.loads(x) for x in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    net, tok = checkpoints.load_pretrained(init_dir)
+    test = scenes.SyntheticDataset("detection", 2, seed=2, frames=2)
+    for rank in (0, 1):  # scene r is rank r's shard
+        torch.manual_seed(3 + rank)
+        alone = evaluation.evaluate(net, tok, "detection", [test[rank]], max_new_tokens=10,
+                                    samples=2, batch_size=2)["records"]
+        assert [r["completion"] for r in rows if r["index"] == rank] == [
+            r["completion"] for r in alone], rank
+    assert len(list(tmp_path.glob("viz-*.png"))) == 4
+
+
+# ---- eval.py end to end: protocol, proposals, what was read --------------------------------------
+def test_eval_main_records_protocol_data_and_refined_metrics(init_dir, tmp_path):
+    ds = scenes.SyntheticDataset("grounding", 3, seed=13, frames=2)
+    path = data.export_vgllm(ds, str(tmp_path / "d"))
+    scenes_in_file = {Path(r["images"][0]).parent.name for r in json.load(open(path))}
+    props = tmp_path / "props.json"
+    props.write_text(json.dumps({sc: [[0, 0, 1, 1, 1, 1]] for sc in scenes_in_file}))
+    argv = ["--ckpt", init_dir, "--task", "grounding", "--data", path, "--frames", "2",
+            "--max-new-tokens", "8", "--protocol", "published", "--proposals", str(props),
+            "--out", str(tmp_path / "ev")]
+    evaluation.main(argv)
+    m = json.loads((tmp_path / "ev/metrics.json").read_text())
+    assert (m["protocol"] == "published"
+            and m["data"][0]["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest())
+    assert (m["data"][0]["rows"] == 3 and m["proposals"]["scenes"] == 3
+            and m["proposals"]["boxes"] == 3)
+    for key in ("acc@0.25", "acc@0.5", "acc@0.25/refined", "acc@0.5/refined", "replaced_rate"):
+        assert math.isfinite(m[key]), key
+    props.write_text(json.dumps({"elsewhere": []}))
+    with pytest.raises(SystemExit, match="no proposals for scene"):  # one line, no traceback
+        evaluation.main(argv)
