@@ -153,6 +153,7 @@ def finish_args(p, args, stage=None):
     user's value (check_args refuses it where it makes no sense). The flags as given stay as
     they are: main() completes them twice, for the warm-up and for GRPO."""
     args = copy.copy(args)
+    del args.help_all  # parse() has acted on it
     try:  # --data a.json:2 b.json -> [("a.json", 2), ("b.json", 1)]
         args.data, args.val_data = (data.parse_files(x) if x else None
                                     for x in (args.data, args.val_data))
