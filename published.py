@@ -75,7 +75,7 @@ RECORD_OPTS = {"detection": {"max_boxes": MAX_BOXES}, "grounding": {"to_world": 
 def record_opts(task, protocol):
     """The keyword options of task `task`'s record under `protocol`: none for ours."""
     check(protocol)
-    return RECORD_OPTS[task] if protocol == "published" else {}
+    return RECORD_OPTS.get(task, {}) if protocol == "published" else {}  # a new task: no quirks
 
 
 # --------------------------------------------------------------------------------------------------
