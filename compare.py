@@ -202,9 +202,12 @@ def claim(task_name, diff, main=None):
     k = t_critical(dof)
     guards = {"detection": ("count", "f1_25"), "grounding": ("frame",), "spatial": ()}[task_name]
     lost = [g for g in guards if diff[g][0] < -diff[g][1]]
-    # z in standard errors; an error of exactly 0 (nothing varied) decides by the sign alone, an
-    # undefined (NaN) one decides nothing
-    z = d / se if se > 0 else ((math.copysign(math.inf, d) if d else 0.0) if se == 0 else math.nan)
+    if se > 0:  # z: d in standard errors
+        z = d / se
+    elif se == 0:  # nothing varied: the sign alone decides
+        z = math.copysign(math.inf, d) if d else 0.0
+    else:  # an undefined (NaN) error decides nothing
+        z = math.nan
     said = f"{main} {d:+.3f} +- {se:.3f} ({z:+.1f} SE; k = {k:.1f} at {dof:.0f} dof)"
     if z > k and not lost:
         return f"better: {said}, no guard metric lost more than 1 SE"

@@ -350,29 +350,23 @@ def restore_rng(rng):
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def unwrap(policy):
-    """The model inside DDP's wrapper (FSDP2 shards in place: the module is its own model)."""
-    return getattr(policy, "module", policy)
-
-
-def full_state(policy):
+def full_state(model):
     """The full (unsharded) model state dict on CPU, on every rank; for plain, DDP and FSDP2."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(unwrap(policy), options=opts)
+    return get_model_state_dict(model, options=opts)
 
 
-def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, extra):
+def save_checkpoint(model, tokenizer, optimizer, step, stage_dir, args, rank, extra):
     """step-<k>/ = model/ + state.pt, written to a temp dir and renamed: a kill mid-save keeps the
     last good one. state.pt is covered by the step's checksums.json (model/ has its own); the
-    newest --keep of them stay."""
+    newest --keep of them stay. model: the unwrapped one (train.py's; FSDP2 shards in place)."""
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = full_state(policy)
-    optim_state = get_optimizer_state_dict(unwrap(policy), optimizer, options=opts)
+    model_state = full_state(model)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=opts)
     rngs = rng_states()  # every rank's sampling stream, so resume continues all of them
     if rank == 0:
         with atomic_dir(stage_dir / f"step-{step}") as tmp:
-            checkpoints.save_pretrained(unwrap(policy), tokenizer, tmp / "model",
-                                        state_dict=model_state)
+            checkpoints.save_pretrained(model, tokenizer, tmp / "model", state_dict=model_state)
             torch.save({"optimizer": optim_state, "step": step, "rng": rngs, "extra": extra},
                        tmp / "state.pt")
             checkpoints.seal(tmp)
@@ -381,12 +375,12 @@ def save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank, e
         dist.barrier()
 
 
-def save_model(policy, tokenizer, path, rank):
+def save_model(model, tokenizer, path, rank):
     """A plain model directory (LoRA merged), written to a temp dir and renamed over the old one."""
-    state = full_state(policy)
+    state = full_state(model)
     if rank == 0:
         with atomic_dir(path) as tmp:
-            checkpoints.save_pretrained(unwrap(policy), tokenizer, tmp, state_dict=state)
+            checkpoints.save_pretrained(model, tokenizer, tmp, state_dict=state)
     if dist.is_initialized():
         dist.barrier()
 

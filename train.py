@@ -159,20 +159,20 @@ def finish_args(p, args, stage=None):
                                     for x in (args.data, args.val_data))
     except ValueError as e:
         p.error(str(e))
-    if stage == "sft":
-        args.stage, args.steps, args.lora_rank = "sft", args.sft_steps, 0
-        args.lr = args.lr_merger = args.schedule = args.eval_every = args.save_every = None
+    if stage == "sft":  # the GRPO command line's own steps, rates and schedule are not SFT's
+        args.stage, args.lora_rank = "sft", 0
+        args.steps = args.lr = args.lr_merger = args.schedule = None
+        args.eval_every = args.save_every = None
     sft = args.stage == "sft"
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # batch defaults are per step, whatever the ranks
-    defaults = dict(steps=args.sft_steps if sft else 200, lr=1e-3 if sft else 1e-4,
-                    schedule="cosine" if sft else "constant", batch_size=max(16 // ranks, 1),
-                    prompts_per_rank=max(4 // ranks, 1), out=f"runs/{args.task}",
-                    max_new_tokens=rft3d.MAX_NEW_TOKENS[args.task])
-    for k, v in defaults.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
-    for k, v in dict(lr_merger=2 * args.lr, eval_every=max(args.steps // 5, 1),
-                     save_every=max(args.steps // 5, 1)).items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    fill = lambda defaults: vars(args).update(
+        {k: v for k, v in defaults.items() if getattr(args, k) is None})
+    fill(dict(steps=args.sft_steps if sft else 200, lr=1e-3 if sft else 1e-4,
+              schedule="cosine" if sft else "constant", batch_size=max(16 // ranks, 1),
+              prompts_per_rank=max(4 // ranks, 1), out=f"runs/{args.task}",
+              max_new_tokens=rft3d.MAX_NEW_TOKENS[args.task]))
+    fill(dict(lr_merger=2 * args.lr, eval_every=max(args.steps // 5, 1),
+              save_every=max(args.steps // 5, 1)))  # these follow the ones above
     safety.check_args(args, p)
     args.reward_opts = {"detection": {"iou_mode": args.iou_mode, "f1_iou": args.f1_iou},
                         "grounding": {"frame_window": args.frame_window}, "spatial": {}}[args.task]
@@ -209,7 +209,7 @@ def datasets(args):
     def split(files, n, seed):
         if files:
             return data.load_files(args.task, [path for path, _ in files], args.media_root,
-                                   args.frames, getattr(args, "skip_bad", False))  # bench: no flag
+                                   args.frames, args.skip_bad)
         return (scenes.SyntheticDataset(args.task, n or 10**9, seed=seed, **scenes.world(args)),
                 [{"source": "synthetic", "task": args.task, "seed": seed,
                   "n": n or "fresh scenes", **scenes.world(args)}])
@@ -340,12 +340,12 @@ def train(args):
             value = validate(model, tokenizer, val_set, args, autocast, step, log, rank)
             if value > best["value"]:
                 best = {"value": value, "step": step}
-                safety.save_model(policy, tokenizer, stage_dir / "best", rank)
+                safety.save_model(model, tokenizer, stage_dir / "best", rank)
         if step % args.save_every == 0 or step == args.steps:
-            safety.save_checkpoint(policy, tokenizer, optimizer, step, stage_dir, args, rank,
+            safety.save_checkpoint(model, tokenizer, optimizer, step, stage_dir, args, rank,
                                    {"best": best})
     bar.close()
-    safety.save_model(policy, tokenizer, stage_dir / "final", rank)
+    safety.save_model(model, tokenizer, stage_dir / "final", rank)
     if rank == 0:
         print(f"[{args.stage}] done: {stage_dir / 'final'} (best {PRIMARY_METRIC[args.task]} "
               f"{best['value']:.4f} at step {best.get('step')})")
