@@ -99,7 +99,7 @@ AT_LEAST = {
 # (argparse takes "nan").
 REAL = {
     "--lr": (lambda v: v > 0, "must be > 0: 0 trains nothing and < 0 climbs the loss (try 1e-4 "
-                              "for GRPO, 1e-3 for SFT; ~5e-6 for real models)"),
+                              "for GRPO, 3e-4 for SFT; ~5e-6 for real models)"),
     "--lr-merger": (lambda v: v > 0, "must be > 0 (default: 2 x --lr)"),
     "--temperature": (lambda v: v > 0, "the sampling temperature must be > 0 (try 1.0)"),
     "--beta": (lambda v: v >= 0, "the KL weight must be >= 0 (0 turns the reference model off)"),

@@ -82,7 +82,7 @@ def parser(full=False):
     scenes.add_world_args(p, shown=full)
     a = p.add_argument_group("optimisation (batch defaults: per step, over all ranks)").add_argument
     a("--steps", type=int, help="optimiser steps (sft: --sft-steps, grpo: 200)")
-    a("--lr", type=float, help="LLM lr (sft 1e-3, grpo 1e-4; real models ~5e-6)")
+    a("--lr", type=float, help="LLM lr (sft 3e-4, grpo 1e-4; real models ~5e-6)")
     a("--batch-size", type=int, help="SFT samples per rank (default: 16 a step)")
     a("--prompts-per-rank", type=int, help="GRPO prompts per rank, x G (default: 4 a step)")
     a("--micro-batch", type=int, default=16, help="sequences per forward (accumulating gradients)")
@@ -167,7 +167,7 @@ def finish_args(p, args, stage=None):
     ranks = int(os.environ.get("WORLD_SIZE", 1))  # batch defaults are per step, whatever the ranks
     fill = lambda defaults: vars(args).update(
         {k: v for k, v in defaults.items() if getattr(args, k) is None})
-    fill(dict(steps=args.sft_steps if sft else 200, lr=1e-3 if sft else 1e-4,
+    fill(dict(steps=args.sft_steps if sft else 200, lr=3e-4 if sft else 1e-4,
               schedule="cosine" if sft else "constant", batch_size=max(16 // ranks, 1),
               prompts_per_rank=max(4 // ranks, 1), out=f"runs/{args.task}",
               max_new_tokens=rft3d.MAX_NEW_TOKENS[args.task]))
