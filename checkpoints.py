@@ -262,23 +262,28 @@ def load_pretrained(path, dtype=None):
     save has them); any failure is a CheckpointError naming the file or directory."""
     verify(path)
     config = read_json(os.path.join(path, "config.json"))
+    tokenizer = None
+    if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # tokenizers / transformers raise many types on a damaged file
+            raise CheckpointError(f"{path}: cannot load its tokenizer "
+                                  f"({type(e).__name__}: {e})") from None
+        _check_tokenizer(path, config, tokenizer)
     try:
         model = _build(config, _read_safetensors(path), dtype)
     except (KeyError, TypeError, RuntimeError) as e:  # keys, config fields or shapes that don't fit
         raise CheckpointError(f"{path}: the weights do not fit the model in its config.json "
                               f"({e})") from None
-    if not os.path.exists(os.path.join(path, "tokenizer_config.json")):
-        return model, None
+    return model, tokenizer
+
+
+def _check_tokenizer(path, config, tokenizer):
+    """model.check_tokenizer before any weight is read; a mismatch is a CheckpointError."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # tokenizers / transformers raise many types on a damaged file
-        raise CheckpointError(f"{path}: cannot load its tokenizer "
-                              f"({type(e).__name__}: {e})") from None
-    try:
-        check_tokenizer(model.config, tokenizer)
+        check_tokenizer(config, tokenizer)  # the ids prompts are built with
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return model, tokenizer
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +331,7 @@ def from_qwen_and_vggt(qwen_dir, vggt_file, dtype=torch.bfloat16, vggt_config=No
     tokenizer = AutoTokenizer.from_pretrained(qwen_dir)
     vggt = (vggt_config or dict(VGGT_1B)) if vggt_file else None
     config = _qwen_dir_config(qwen_dir, tokenizer, vggt, merger_hidden, image_width)
+    _check_tokenizer(qwen_dir, config, tokenizer)
     state = {_qwen_key(k): v for k, v in _read_safetensors(qwen_dir).items()}
     ignored = []
     if vggt_file:
@@ -335,7 +341,6 @@ def from_qwen_and_vggt(qwen_dir, vggt_file, dtype=torch.bfloat16, vggt_config=No
     model = _build(config, state, dtype, fresh=("merger.",))
     print(f"from_qwen_and_vggt: {len(state)} tensors loaded, {len(ignored)} VGGT head tensors "
           "ignored, merger fresh")
-    check_tokenizer(model.config, tokenizer)  # the ids prompts are built with
     return model, tokenizer
 
 
@@ -349,6 +354,7 @@ def from_vgllm(path, dtype=torch.bfloat16, vggt_config=None, image_width=518):
     vggt = (vggt_config or dict(VGGT_1B)) if use_vggt else None
     config = _qwen_dir_config(path, tokenizer, vggt, raw.get("vggt_merger_hidden_dim", 4096),
                               image_width)
+    _check_tokenizer(path, config, tokenizer)
     state, vggt_state = {}, {}
     for k, v in _read_safetensors(path).items():
         if k.startswith("vggt."):
@@ -362,7 +368,6 @@ def from_vgllm(path, dtype=torch.bfloat16, vggt_config=None, image_width=518):
     state.update({"unexpected.vggt." + k: v for k, v in unexpected.items()})  # reported by _assign
     model = _build(config, state, dtype)
     print(f"from_vgllm: {len(state)} tensors loaded, {len(ignored)} VGGT head tensors ignored")
-    check_tokenizer(model.config, tokenizer)
     return model, tokenizer
 
 

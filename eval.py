@@ -187,6 +187,8 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
     Each rank decodes a strided shard; shards are padded to equal length (the padding is dropped) so
     every rank runs the same number of generate calls, which FSDP needs (synced_gpus). protocol:
     "ours" or "published"; proposals (grounding): from published.load_proposals."""
+    if proposals is not None and task_name != "grounding":
+        raise ValueError("proposals refine grounding boxes only")
     task, opts = rft3d.TASKS[task_name], published.record_opts(task_name, protocol)
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -202,6 +204,8 @@ def evaluate(model, tokenizer, task_name, dataset, max_new_tokens, batch_size=16
                       disable=not progress or rank != 0):
         idx = shard[start:start + step]
         items = [dataset[i] for i in idx]
+        if proposals is not None:  # before decoding: a wrong proposals file fails at once
+            published.check_scenes(items, proposals)
         encodings = model.encode([s.frames for s in items])  # once per scene
         enc = [e for e in encodings for _ in range(reps)]  # a scene's n rows share one prefill
         prompts = [task.prompt(s, think=think) for s in items for _ in range(reps)]
@@ -342,9 +346,10 @@ def run(args, rank, device):
         dataset, reports = data.load_files(args.task, args.files, media_root=args.media_root,
                                            frames=args.frames, skip_bad=args.skip_bad)
     else:
-        dataset = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **scenes.world(args))
+        world = scenes.world(args)
+        dataset = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **world)
         reports = [{"source": "synthetic test scenes", "task": args.task, "seed": 2,
-                    "n": args.test_size, **scenes.world(args)}]
+                    "n": args.test_size, **world}]
     proposals, info = None, {"protocol": args.protocol, "data": reports}
     if args.proposals:
         proposals = published.load_proposals(args.proposals)

@@ -175,9 +175,11 @@ def grpo_loss(logp, logp_old, logp_ref, adv, mask, *, eps_low, eps_high, beta, a
         loss = (per_token * mask).sum() / (n_seqs * max_len)
     else:
         raise ValueError(f"unknown aggregation {agg!r}")
-    clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
-    return loss, {"kl": (kl * mask).sum().item(), "clip_frac": (clipped * mask).sum().item(),
-                  "ratio": (ratio * mask).sum().item()}  # sums over this micro-batch, for logs
+    with torch.no_grad():  # sums over this micro-batch, for the logs: no graph
+        clipped = ((ratio < 1 - eps_low) & (A < 0)) | ((ratio > 1 + eps_high) & (A > 0))
+        stats = {"kl": (kl * mask).sum().item(), "clip_frac": (clipped * mask).sum().item(),
+                 "ratio": (ratio * mask).sum().item()}
+    return loss, stats
 
 
 @torch.no_grad()

@@ -62,6 +62,12 @@ def first_token(text):
     return raw.split(" ")[0].rstrip(".").strip()
 
 
+def letter_match(token, gt_letter):
+    """VSI-Bench's multiple-choice score: the first token equals the letter (case-insensitive), with
+    nothing more stripped ("A." before a newline scores 0; ours strips it)."""
+    return float(token.lower() == gt_letter.lower())
+
+
 def check(protocol):
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -69,7 +75,7 @@ def check(protocol):
 
 # The quirks as rft3d's record options (the records' defaults are ours).
 RECORD_OPTS = {"detection": {"max_boxes": MAX_BOXES}, "grounding": {"to_world": box_to_world},
-               "spatial": {"answer": first_token}}
+               "spatial": {"answer": first_token, "letter": letter_match}}
 
 
 def record_opts(task, protocol):
@@ -122,15 +128,19 @@ def scene_of(sample):
     return str(m.get("scene_id") or m.get("scene") or m.get("scene_name") or sample.id)
 
 
+def check_scenes(samples, proposals):
+    """Every sample's scene has proposals, or a DataError naming the first that has none (eval.py
+    checks each batch before decoding it)."""
+    for scene in map(scene_of, samples):
+        if scene not in proposals:
+            raise DataError(f"--proposals: no proposals for scene {scene!r} (the file has "
+                            f"{len(proposals)} scenes, e.g. {sorted(proposals)[:3]})")
+
+
 def refined(record, sample, proposals):
-    """A grounding eval record plus iou_refined and the proposal used (eval.py --proposals)."""
-    if "box_world" not in record:
-        raise ValueError("proposals refine grounding boxes only")
-    scene = scene_of(sample)
-    if scene not in proposals:
-        raise DataError(f"--proposals: no proposals for scene {scene!r} (the file has "
-                        f"{len(proposals)} scenes, e.g. {sorted(proposals)[:3]})")
-    iou, k = refine(record["box_world"], sample.world_box, proposals[scene])
+    """A grounding eval record plus iou_refined and the proposal used (eval.py --proposals; its
+    scene checked by check_scenes)."""
+    iou, k = refine(record["box_world"], sample.world_box, proposals[scene_of(sample)])
     return {**record, "iou_refined": iou, "proposal": k}
 
 

@@ -313,9 +313,12 @@ def grounding_reward(text, gt_box, gt_frame, cam2global, axis_align=None, frame_
 def spatial_reward(text, ground_truth, options=None):
     """R = format + accuracy: exact option-letter match when there are options, else MRA."""
     fmt = format_reward(text, "spatial")
-    ans = parse_spatial(text)
-    if ans is None:
-        acc = 0.0
-    else:
-        acc = choice_accuracy(ans, str(ground_truth)) if options else mra(ans, ground_truth)
+    acc = spatial_accuracy(parse_spatial(text), ground_truth, options)
     return {"total": fmt + acc, "format": fmt, "accuracy": acc}
+
+
+def spatial_accuracy(ans, ground_truth, options=None, letter=choice_accuracy):
+    """letter(ans, ground_truth) when there are options, else MRA; an unparsed answer (None) 0."""
+    if ans is None:
+        return 0.0
+    return float(letter(ans, str(ground_truth)) if options else mra(ans, ground_truth))

@@ -136,11 +136,10 @@ def spatial_reward(s: Sample, completion, **_):
     return rewards.spatial_reward(completion, s.ground_truth, s.options or None)
 
 
-def spatial_record(s: Sample, completion, answer=rewards.parse_spatial):
-    ans = answer(completion)
-    score = (0.0 if ans is None else rewards.choice_accuracy(ans, str(s.ground_truth))
-             if s.options else rewards.mra(ans, s.ground_truth))
-    return {"question_type": s.question_type, "score": float(score),
+def spatial_record(s: Sample, completion, answer=rewards.parse_spatial,
+                   letter=rewards.choice_accuracy):
+    score = rewards.spatial_accuracy(answer(completion), s.ground_truth, s.options, letter)
+    return {"question_type": s.question_type, "score": score,
             "parsed": rewards.parse_spatial(completion) is not None}
 
 

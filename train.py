@@ -134,12 +134,13 @@ def parser(full=False):
 
 def parse(argv=None):
     """-> (parser, the flags as given); --help-all prints every flag and exits."""
-    argv = sys.argv[1:] if argv is None else argv
-    if "--help-all" in argv:
+    p = parser()
+    args = p.parse_args(argv)
+    if args.help_all:
         parser(full=True).print_help()
         sys.exit(0)
-    p = parser()
-    return p, p.parse_args(argv)
+    del args.help_all  # not a flag of the run
+    return p, args
 
 
 def get_args(argv=None, stage=None):
@@ -153,7 +154,6 @@ def finish_args(p, args, stage=None):
     user's value (check_args refuses it where it makes no sense). The flags as given stay as
     they are: main() completes them twice, for the warm-up and for GRPO."""
     args = copy.copy(args)
-    del args.help_all  # parse() has acted on it
     try:  # --data a.json:2 b.json -> [("a.json", 2), ("b.json", 1)]
         args.data, args.val_data = (data.parse_files(x) if x else None
                                     for x in (args.data, args.val_data))
@@ -210,9 +210,10 @@ def datasets(args):
         if files:
             return data.load_files(args.task, [path for path, _ in files], args.media_root,
                                    args.frames, args.skip_bad)
-        return (scenes.SyntheticDataset(args.task, n or 10**9, seed=seed, **scenes.world(args)),
+        world = scenes.world(args)
+        return (scenes.SyntheticDataset(args.task, n or 10**9, seed=seed, **world),
                 [{"source": "synthetic", "task": args.task, "seed": seed,
-                  "n": n or "fresh scenes", **scenes.world(args)}])
+                  "n": n or "fresh scenes", **world}])
     train_set, train_info = split(args.data, args.train_size, 1000 + args.data_seed)
     val_set, val_info = split(args.val_data, args.val_size, 1)
     mix = ([(r["kept"], w) for r, (_, w) in zip(train_info, args.data)]  # StepSampler's weights
@@ -296,7 +297,7 @@ def train(args):
     # 1. The models: the start point, or with --resume the newest intact checkpoint (state.pt).
     policy, ref, tokenizer, state = start_models(args, rank, device, stage_dir)
     model = grpo.unwrap(policy)
-    hp = grpo_config(args, model, tokenizer, rank)
+    hp = grpo_config(args, model, tokenizer, rank) if args.stage == "grpo" else None
 
     # 2. Optimiser: AdamW, the LLM at --lr, the geometry merger at --lr-merger.
     optimizer = build_optimizer(policy, args)

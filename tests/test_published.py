@@ -96,7 +96,7 @@ def test_vsibench_first_token_without_stripping():
     score = lambda s, text, p: record("spatial", s, text, p)["score"]
     for text, ours, pub in ((" A", 1.0, 0.0), ("A", 1.0, 1.0), ("a.", 1.0, 1.0),
                             ("A. left", 1.0, 1.0), ("<answer> A</answer>", 1.0, 0.0),
-                            ("B", 0.0, 0.0), ("\nA", 1.0, 1.0)):
+                            ("B", 0.0, 0.0), ("\nA", 1.0, 1.0), ("A.\n", 1.0, 0.0)):
         assert (score(mc, text, "ours"), score(mc, text, "published")) == (ours, pub), text
     # numbers: MRA of the first token; 5 vs 4 is within 1 - t for t = 0.50..0.75: 6 of 10 thresholds
     for text, ours, pub in ((" 4", 1.0, 0.0), ("4", 1.0, 1.0), ("4 chairs", 1.0, 1.0),
