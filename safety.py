@@ -66,7 +66,7 @@ def fail_on(error, init):
 # or written.
 AT_LEAST = {
     "--steps": (1, "optimiser steps (default: sft --sft-steps, grpo 200)"),
-    "--sft-steps": (1, "steps of the SFT warm-up (default 1200)"),
+    "--sft-steps": (1, "steps of the SFT warm-up (default 1600)"),
     "--batch-size": (1, "SFT samples per rank per step (default: 16 per step over all ranks)"),
     "--prompts-per-rank": (1, "GRPO prompts per rank per step (default: 4 per step over all "
                               "ranks)"),

@@ -86,7 +86,7 @@ def parser(full=False):
     a("--batch-size", type=int, help="SFT samples per rank (default: 16 a step)")
     a("--prompts-per-rank", type=int, help="GRPO prompts per rank, x G (default: 4 a step)")
     a("--micro-batch", type=int, default=16, help="sequences per forward (accumulating gradients)")
-    a("--sft-steps", type=int, default=1200, help=rare("warm-up SFT steps when GRPO finds none"))
+    a("--sft-steps", type=int, default=1600, help=rare("warm-up SFT steps when GRPO finds none"))
     a("--lr-merger", type=float, help=rare("geometry-merger learning rate (default: 2 x --lr)"))
     a("--warmup", type=int, default=20, help=rare("linear warm-up steps"))
     a("--schedule", type=str, choices=["cosine", "constant"],
