@@ -709,7 +709,7 @@ def learning_task(task, args):
                   in {"main": (1, []), **(KNOB_STARTS if task == "detection" else {})}.items()}
     print(f"[{task}] start: SFT warm-up of {n_start} steps")
     yield start_arms["main"].jobs()
-    start_model = {k: a.dir / "sft" / "best" for k, a in start_arms.items()}
+    start_model = {k: a.dir / "sft" / "final" for k, a in start_arms.items()}
 
     def arm(name, stage, lr, seed, extra=(), start="main"):
         # a seed draws its own training scenes and samples (--seed alone varies GRPO's sampling

@@ -399,7 +399,7 @@ def validate(model, tokenizer, val_set, args, autocast, step, log, rank):
 
 
 def report(args, start, rank, device):
-    """The main command's closing table: the SFT start and GRPO (each the best on validation) on
+    """The main command's closing table: the SFT start and GRPO (its best on validation) on
     the same unseen test scenes, paired per scene (compare.py), greedy, sampled and best of G."""
     test = scenes.SyntheticDataset(args.task, args.test_size, seed=2, **scenes.world(args))
     grpo_dir = Path(args.out) / "grpo"
@@ -438,12 +438,13 @@ def float_path(device):
 
 
 def start_point(args):
-    """--model; for GRPO the SFT warm-up's best/ (the paper's RL start); else None (the Qwen +
-    VGGT pair or the tiny default)."""
+    """--model; for GRPO the SFT warm-up's final/ (the paper's RL start); else None (the Qwen +
+    VGGT pair or the tiny default). final/, not best/: the cosine ends at lr 0, and best/'s pick
+    by F1@0.25 on 100 one-object validation scenes moves in steps of one scene (RESULTS.md)."""
     if args.model or args.qwen or args.stage != "grpo":
         return args.model
-    safety.recover(Path(args.out) / "sft" / "best")
-    return str(Path(args.out) / "sft" / "best")
+    safety.recover(Path(args.out) / "sft" / "final")
+    return str(Path(args.out) / "sft" / "final")
 
 
 def main(argv=None):

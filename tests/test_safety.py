@@ -246,27 +246,27 @@ def test_replace_dir_replaces_a_full_directory(tmp_path):
 
 
 def test_a_kill_between_the_renames_loses_nothing(tmp_path, monkeypatch):
-    """replace_dir moves best/ aside, then renames the new one in: a kill between the two
-    left .old-best and no best/. The next reader (a GRPO run starting from sft/best, a later
+    """replace_dir moves final/ aside, then renames the new one in: a kill between the two
+    left .old-final and no final/. The next reader (a GRPO run starting from sft/final, a later
     save) puts the old one back."""
     sft = tmp_path / "sft"
-    (sft / "best").mkdir(parents=True)
-    (sft / "best" / "config.json").write_text("old")
-    (sft / ".tmp-best").mkdir()
+    (sft / "final").mkdir(parents=True)
+    (sft / "final" / "config.json").write_text("old")
+    (sft / ".tmp-final").mkdir()
     real_replace = os.replace
 
     def killed_after_first(src, dst):
         real_replace(src, dst)
-        if Path(dst).name == ".old-best":
+        if Path(dst).name == ".old-final":
             raise KeyboardInterrupt
     monkeypatch.setattr(os, "replace", killed_after_first)
     with pytest.raises(KeyboardInterrupt):
-        safety.replace_dir(sft / ".tmp-best", sft / "best")
+        safety.replace_dir(sft / ".tmp-final", sft / "final")
     monkeypatch.setattr(os, "replace", real_replace)
-    assert not (sft / "best").exists()  # the window
+    assert not (sft / "final").exists()  # the window
     start = train.start_point(train.get_args(["--stage", "grpo", "--out", str(tmp_path)]))
-    assert Path(start) == sft / "best" and (sft / "best" / "config.json").read_text() == "old"
-    assert not (sft / ".old-best").exists()
+    assert Path(start) == sft / "final" and (sft / "final" / "config.json").read_text() == "old"
+    assert not (sft / ".old-final").exists()
 
 
 def test_lora_resume_starts_fresh_moments_and_says_so(tmp_path, init_dir, monkeypatch, capsys):

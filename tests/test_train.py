@@ -112,7 +112,7 @@ def test_sft_then_grpo_then_eval(tmp_path, capsys):
     out = tmp_path / "run"
     train.main(["--stage", "sft", "--task", "grounding", "--steps", "2", "--batch-size", "2",
                 "--out", str(out), *FAST])
-    # starts from the SFT model in out/sft/best
+    # starts from the SFT model in out/sft/final (the warm-up's end)
     train.main(["--stage", "grpo", "--task", "grounding", "--steps", "2", "--G", "2",
                 "--prompts-per-rank", "2", "--out", str(out), *FAST, "--test-size", "3"])
     # one run is one training seed: each table says so and claims nothing (DESIGN.md section 9)
@@ -133,7 +133,7 @@ def test_sft_then_grpo_then_eval(tmp_path, capsys):
     # greedy and sampled means over every record; best of 2 per scene the sample with the
     # higher IoU, every metric that sample's own
     test = scenes.SyntheticDataset("grounding", 3, seed=2, frames=2)
-    for name, path in (("SFT start", out / "sft/best"), ("GRPO", out / "grpo/best")):
+    for name, path in (("SFT start", out / "sft/final"), ("GRPO", out / "grpo/best")):
         net, tok = checkpoints.load_pretrained(path)
         run = lambda **kw: evaluation.evaluate(net, tok, "grounding", test, max_new_tokens=16,
                                                **kw)["records"]
