@@ -645,18 +645,19 @@ def run_job(job):
 class Arm:
     """One training run from a start and its evaluations: the test scenes greedy ("test"), and
     whatever a row adds to `evals` (sampled, shifted worlds). Cached: a finished run or evaluation
-    is read back, never rerun."""
+    is read back, never rerun. ckpt: the model it stands for, best/ or (a GRPO start, as in
+    train.start_point) final/."""
 
-    def __init__(self, root, name, task, stage, argv, test_argv):
+    def __init__(self, root, name, task, stage, argv, test_argv, ckpt="best"):
         self.dir, self.name, self.task, self.stage = root / name, name, task, stage
-        self.argv, self.evals = argv, {"test": test_argv}  # folder -> eval.py flags
+        self.argv, self.evals, self.ckpt = argv, {"test": test_argv}, ckpt  # evals: folder -> flags
 
     def jobs(self):
         todo = [k for k in self.evals if not (self.dir / k / "predictions.jsonl").exists()]
         if not todo:
             return []
         self.dir.mkdir(parents=True, exist_ok=True)
-        cmds = [["eval.py", "--ckpt", self.dir / self.stage / "best", "--task", self.task,
+        cmds = [["eval.py", "--ckpt", self.dir / self.stage / self.ckpt, "--task", self.task,
                  *self.evals[k], "--out", self.dir / k] for k in todo]
         if not (self.dir / self.stage / "final").exists():  # train (or finish training) first
             resume = ["--resume"] if (self.dir / self.stage).exists() else []
@@ -668,9 +669,11 @@ class Arm:
         return [json.loads(x) for x in open(self.dir / self.stage / "metrics.jsonl")]
 
     def val(self):
-        """The best validation value of the primary metric (what train.py's best/ was chosen by)."""
-        return max(r[f"eval/{PRIMARY_METRIC[self.task]}"] for r in self.rows()
-                   if f"eval/{PRIMARY_METRIC[self.task]}" in r)
+        """The validation value of the primary metric of its model: the best (what train.py's
+        best/ was chosen by) or, for final/, the last (train.py evaluates the last step)."""
+        values = [r[f"eval/{PRIMARY_METRIC[self.task]}"] for r in self.rows()
+                  if f"eval/{PRIMARY_METRIC[self.task]}" in r]
+        return values[-1] if self.ckpt == "final" else max(values)
 
     def test(self, folder="test", samples=0):
         """Per-scene metrics of an evaluation; samples=n (eval.py --samples n): (the mean over the
@@ -704,12 +707,12 @@ def learning_task(task, args):
     n_start = cfg.get("sft_steps", sft_default)
     start_arms = {k: Arm(root, f"start-{k}", task, "sft",
                          ["--steps", round(n_start * frac), "--val-size", cfg["val"], *flags],
-                         test_argv)
+                         test_argv, ckpt="final")
                   for k, (frac, flags)
                   in {"main": (1, []), **(KNOB_STARTS if task == "detection" else {})}.items()}
     print(f"[{task}] start: SFT warm-up of {n_start} steps")
     yield start_arms["main"].jobs()
-    start_model = {k: a.dir / "sft" / "final" for k, a in start_arms.items()}
+    start_model = {k: a.dir / "sft" / a.ckpt for k, a in start_arms.items()}
 
     def arm(name, stage, lr, seed, extra=(), start="main"):
         # a seed draws its own training scenes and samples (--seed alone varies GRPO's sampling
@@ -771,7 +774,7 @@ def three_arm_table(task, cfg, seeds, test_n, n_start, start, arms, lr):
     best = "start" if start.val() >= sft_val else "SFT->SFT"
     print(f"\n== {task}: three arms from one start, {cfg['arm_steps']} optimiser updates per arm, "
           f"seeds {seeds}, {test_n} test scenes (seed 2), paired per scene ==")
-    print(f"start = best-on-validation of the main command's SFT warm-up ({n_start} steps); best "
+    print(f"start = the end (final/) of the main command's SFT warm-up ({n_start} steps); best "
           f"SFT on validation ({PRIMARY_METRIC[task]}): start {start.val():.2f}, SFT->SFT "
           f"{sft_val:.2f} -> {best}")
     for stage, name in (("sft", "SFT->SFT"), ("grpo", "SFT->GRPO")):
